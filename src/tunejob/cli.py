@@ -1,0 +1,150 @@
+"""The `tunejob` command: a thin map from command names to library functions.
+
+Each command parses its options, calls one importable function, and prints. Data goes to stdout
+(reports, JSON), status to stderr. Any TunejobError becomes its message on stderr and exit code 2;
+an unexpected exception is one line too (TUNEJOB_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tunejob.errors import TunejobError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Run LLM fine-tuning jobs and judge them: validate, plan, train, watch, report.",
+)
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class DataFormat(str, Enum):
+    openai = "openai"
+    bedrock = "bedrock"
+
+
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="JSONL dataset (chat messages or prompt/completion).")],
+    format: Annotated[DataFormat, typer.Option("--format", help="Rules to check: openai, or bedrock's stricter ones.")] = DataFormat.openai,
+    model: Annotated[Optional[str], typer.Option(help="Model whose tokenizer and context limit apply (default: gpt-4o family's o200k_base).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    min_examples: Annotated[int, typer.Option(help="Fewer valid examples than this is an error.")] = 10,
+) -> None:
+    """Check every line of a dataset; list problems with line numbers. Exit 0 clean, 2 on errors."""
+    from tunejob.validate import render_text, validate_file
+
+    report = validate_file(path, format=format.value, model=model, min_examples=min_examples)
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render_text(report))
+    raise typer.Exit(0 if report.ok else 2)
+
+
+@app.command()
+def split(
+    path: Annotated[Path, typer.Argument(help="JSONL dataset to split.")],
+    val_fraction: Annotated[float, typer.Option(help="Share held out for validation.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same split.")] = 42,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Where to write (default: beside the input).")] = None,
+) -> None:
+    """Write a deterministic train/validation split: NAME.train.jsonl and NAME.val.jsonl."""
+    from tunejob.dataset import split_file
+
+    train, val, n_train, n_val = split_file(path, out_dir, val_fraction, seed)
+    print(f"{train}\t{n_train}")
+    print(f"{val}\t{n_val}")
+
+
+@app.command()
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="The job spec.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec field: key.sub=value (repeatable).")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the last checkpoint (default: when one exists).")] = None,
+) -> None:
+    """Run a fine-tuning job; prints the summary as JSON on stdout."""
+    from tunejob.runner import run_job
+    from tunejob.spec import load_spec
+
+    summary = run_job(load_spec(spec_path, set_), resume=resume)
+    print(json.dumps(summary, indent=2))
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option(help="Run directory (an existing one is resumed).")] = Path("runs/demo"),
+    question: Annotated[str, typer.Option(help="Asked of the base and the fine-tuned model at the end.")] = "Prep me for the Globex call.",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field of the demo spec.")] = None,
+) -> None:
+    """Fine-tune the embedded SmolLM2-135M on the Sales Companion data, then compare answers."""
+    from tunejob.demo import run_demo
+
+    result = run_demo(output_dir, question, set_ or [])
+    print(json.dumps(result, indent=2))
+
+
+@app.command()
+def chat(
+    target: Annotated[str, typer.Argument(metavar="RUN_DIR|CHECKPOINT", help="A run directory (its best checkpoint) or a checkpoint.")],
+    message: Annotated[str, typer.Argument(help="The user message.")],
+    system: Annotated[Optional[str], typer.Option(help="System prompt (default: the one the run trained with, if any).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 200,
+) -> None:
+    """Answer with the base model plus the run's adapter (greedy decoding)."""
+    from tunejob.chat import answer, load_for_chat
+
+    model, tokenizer = load_for_chat(target)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    print(answer(model, tokenizer, messages, max_new_tokens))
+
+
+@app.command()
+def export(
+    target: Annotated[str, typer.Argument(metavar="RUN_DIR|CHECKPOINT")],
+    merge: Annotated[Path, typer.Option("--merge", help="Write the base model with the adapter folded in here.")],
+) -> None:
+    """Write a merged full model (base + adapter) that plain transformers loads."""
+    from tunejob.chat import export_merged
+
+    print(export_merged(target, merge))
+
+
+@app.command()
+def version() -> None:
+    """Print tunejob's version."""
+    from importlib.metadata import version as _v
+
+    print(_v("tunejob"))
+
+
+def main() -> None:
+    try:
+        app()
+    except TunejobError as exc:
+        _err(f"error: {exc}")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a bug of ours: still one line, the traceback on request
+        if os.environ.get("TUNEJOB_DEBUG"):
+            raise
+        _err(f"internal error: {exc.__class__.__name__}: {exc} (set TUNEJOB_DEBUG=1 for the traceback; please report it)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The job spec: one YAML file that describes a fine-tuning job, as typed, validated models.
+
+    tunejob plan examples/sales_companion.yaml --set hyperparameters.epochs=2
+
+Everything is checked before any work starts, and every problem is reported at once, each with
+the YAML line, the key, the value and the fix. Data paths are relative to the spec file (so a spec
+and its data travel together); `output_dir` is relative to the working directory.
+
+Defaults follow the guide's "starting point" table (epochs 2-4 -> 3, batch size 4-16 -> 8). The
+guide's learning rate, 1e-5 to 5e-5, is for full fine-tuning; LoRA adapters start at zero and
+learn at 1e-4 to 3e-4 (the QLoRA paper used 2e-4), so `auto` resolves to 2e-4 on the local backend
+and to the provider's own default on API backends.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunejob.errors import SpecError
+
+Auto = Literal["auto"]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+LORA_DEFAULT_LR = 2e-4
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class DataSpec(_Section):
+    train: Path = Field(description="Training JSONL file (OpenAI chat or prompt/completion format).")
+    validation: Path | None = Field(None, description="Validation JSONL; if absent, split from train.")
+    val_fraction: float = Field(0.1, gt=0, le=0.5, description="Share of train held out for validation.")
+    seed: int = Field(42, description="Seed of the train/validation split.")
+
+
+class Hyperparameters(_Section):
+    learning_rate: PositiveFloat | Auto = Field("auto", description="Local backend: peak learning rate.")
+    learning_rate_multiplier: PositiveFloat | Auto = Field(
+        "auto", description="API backends: multiplier of the provider's base learning rate."
+    )
+    epochs: PositiveInt | Auto = Field(3, description="Full passes over the training data.")
+    batch_size: PositiveInt | Auto = Field(8, description="Examples per optimizer step (effective batch).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup: float = Field(0.03, ge=0, description="Warm-up: a fraction of steps if < 1, else steps.")
+    max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Tokens per example; longer ones are truncated.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = Field(42, description="Training seed (initialisation, shuffling, dropout).")
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Compute the loss on assistant tokens only, or on every token."
+    )
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, ge=1, le=1024, description="Rank of the adapter matrices (start at 16; 32-64 to learn more).")
+    alpha: float | None = Field(None, gt=0, description="Scaling; defaults to 2 x r.")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Literal["attention", "all-linear"] | list[str] = Field(
+        "attention", description="'attention' = q_proj+v_proj, 'all-linear', or module names."
+    )
+
+    @model_validator(mode="after")
+    def _targets(self) -> "LoraSpec":
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("target_modules: empty list; name at least one module or use 'attention'")
+        return self
+
+    @property
+    def resolved_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.r
+
+
+class Checkpointing(_Section):
+    eval_steps: int = Field(100, ge=1, description="Evaluate on the validation split every N steps.")
+    save_steps: int = Field(100, ge=1, description="Write a checkpoint every N steps.")
+    early_stopping_patience: int | None = Field(
+        2, ge=1, description="Stop after N evaluations without improvement; null disables."
+    )
+    keep_best: bool = Field(True, description="The checkpoint with the lowest validation loss is the result.")
+    keep_last: int | None = Field(None, ge=1, description="Keep only the last N checkpoints (plus best).")
+
+
+class JobSpec(_Section):
+    name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    backend: Literal["local", "openai", "bedrock"] = "local"
+    model: str = Field("default", min_length=1, description="'default' (embedded SmolLM2-135M), a path, or an API model id.")
+    data: DataSpec
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: Literal["none", "4bit"] = "none"
+    checkpointing: Checkpointing = Field(default_factory=Checkpointing)
+    output_dir: Path | None = Field(None, description="Run directory; defaults to runs/<name>.")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "JobSpec":
+        problems = _combination_problems(self)
+        if problems:
+            raise ValueError(" | ".join(problems))
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+    def resolved_learning_rate(self) -> float:
+        lr = self.hyperparameters.learning_rate
+        return LORA_DEFAULT_LR if lr == "auto" else float(lr)
+
+    def to_yaml(self) -> str:
+        """The resolved spec, as saved beside every run."""
+        data = self.model_dump(mode="json")
+        data["lora"]["alpha"] = self.lora.resolved_alpha
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# Bedrock's documented ranges (shared/reference/api-fine-tuning-facts.md, 2026-11).
+BEDROCK_RANGES = {"epochs": (1, 10), "batch_size": (4, 256), "learning_rate_multiplier": (0.1, 2.0)}
+OPENAI_RANGES = {"epochs": (1, 50)}
+
+
+def _combination_problems(spec: JobSpec) -> list[str]:
+    """Settings that are each valid alone but impossible together."""
+    hp, problems = spec.hyperparameters, []
+    set_fields = spec.model_fields_set
+    if spec.backend != "local":
+        if spec.quantization != "none":
+            problems.append(f"quantization: '{spec.quantization}' applies to backend 'local' only; remove it for '{spec.backend}'")
+        if "lora" in set_fields:
+            problems.append(f"lora: the {spec.backend} service chooses its own adapter; remove the lora section or use backend 'local'")
+        if hp.learning_rate != "auto":
+            problems.append("hyperparameters.learning_rate: API backends take learning_rate_multiplier instead; set that (or 'auto')")
+        if spec.model == "default":
+            example = "gpt-4o-mini-2024-07-18" if spec.backend == "openai" else "anthropic.claude-3-haiku-20240307-v1:0"
+            problems.append(f"model: name the {spec.backend} base model to fine-tune, e.g. {example}")
+        ranges = OPENAI_RANGES if spec.backend == "openai" else BEDROCK_RANGES
+        for key, (lo, hi) in ranges.items():
+            value = getattr(hp, key)
+            if value != "auto" and not lo <= value <= hi:
+                problems.append(f"hyperparameters.{key}: {value} is outside {spec.backend}'s range {lo}-{hi}")
+    else:
+        if hp.learning_rate_multiplier != "auto":
+            problems.append("hyperparameters.learning_rate_multiplier: only for API backends; set learning_rate for 'local'")
+        if isinstance(hp.batch_size, int) and hp.batch_size % hp.gradient_accumulation:
+            problems.append(
+                f"hyperparameters.batch_size: {hp.batch_size} is not divisible by gradient_accumulation "
+                f"{hp.gradient_accumulation}; batch_size is the effective batch (micro-batch x accumulation)"
+            )
+    ck = spec.checkpointing
+    if ck.keep_best and ck.save_steps % ck.eval_steps:
+        fixed = ck.eval_steps * max(1, round(ck.save_steps / ck.eval_steps))
+        problems.append(
+            f"checkpointing.save_steps: {ck.save_steps} is not a multiple of eval_steps {ck.eval_steps}, so a checkpoint "
+            f"could lack a validation loss to rank it by; set save_steps: {fixed}"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------- loading, overrides, errors
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML job spec, apply `key.sub=value` overrides, validate, resolve data paths."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such job spec file; check the path (examples/ has samples)") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory; pass the job spec YAML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the job spec ({exc.__class__.__name__}: {exc})") from None
+    return parse_spec(text, source=str(path), base_dir=path.parent, overrides=overrides, default_name=path.stem)
+
+
+def parse_spec(
+    text: str,
+    source: str = "<spec>",
+    base_dir: Path | None = None,
+    overrides: list[str] | None = None,
+    default_name: str | None = None,
+) -> JobSpec:
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{where}: invalid YAML: {problem}; fix the syntax at that line") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}:1: a job spec is a YAML mapping (key: value), got {type(raw).__name__}")
+    lines = _key_lines(node)
+    for item in overrides or []:
+        _apply_override(raw, item)
+    if default_name and "name" not in raw:
+        raw["name"] = _safe_name(default_name)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, source, lines, raw)) from None
+    if base_dir is not None:
+        spec.data.train = _resolve(base_dir, spec.data.train)
+        if spec.data.validation is not None:
+            spec.data.validation = _resolve(base_dir, spec.data.validation)
+    return spec
+
+
+def _safe_name(stem: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).lstrip("._-")
+    return cleaned[:64] or "job"
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    return p if p.is_absolute() else base / p
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {item!r}: write it as key.sub=value, e.g. --set hyperparameters.epochs=2")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {item!r}: '{part}' is a value, not a section; set '{part}' itself")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _key_lines(node: Any, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map each key path of the YAML document to its 1-based line, for error messages."""
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = prefix + (key_node.value,)
+            out[path] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[prefix + (i,)] = item.start_mark.line + 1
+            out.update(_key_lines(item, prefix + (i,)))
+    return out
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _trim_loc(loc: tuple) -> tuple:
+    """Cut pydantic's union-member parts ('int', "literal['auto']") off an error location."""
+    model: type[BaseModel] | None = JobSpec
+    out: list = []
+    for part in loc:
+        if model is None:
+            if isinstance(part, int):  # list index, e.g. target_modules.0
+                out.append(part)
+                continue
+            break
+        field = model.model_fields.get(str(part))
+        if field is None:
+            out.append(part)  # an unknown key: keep it, it is the subject of the error
+            break
+        out.append(part)
+        annotation = field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return tuple(out)
+
+
+def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int], raw: dict) -> str:
+    problems: list[str] = []
+    invalid: dict[tuple, tuple[str, str, list[str]]] = {}  # key -> (where, input, messages)
+    for err in exc.errors():
+        loc = _trim_loc(err["loc"])
+        key = ".".join(str(p) for p in loc)
+        line = _line_for(lines, loc)
+        where = f"{source}:{line}" if line else source
+        kind, msg = err["type"], err["msg"]
+        if kind == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(f"{where}: {key}: unknown key; {hint}allowed here: {', '.join(allowed)}")
+        elif kind == "missing":
+            problems.append(f"{where}: {key}: required key is missing; add it (see examples/)")
+        elif kind == "value_error":
+            # Cross-field checks arrive joined by ' | '; each names its own key.
+            for part in msg.removeprefix("Value error, ").split(" | "):
+                full = f"{key}.{part}" if key and not part.startswith(key) else part
+                sub = tuple(full.split(":", 1)[0].split("."))
+                sub_line = _line_for(lines, sub)
+                problems.append(f"{source}:{sub_line}: {full}" if sub_line else f"{source}: {full}")
+        else:
+            entry = invalid.setdefault(loc, (where, repr(err.get("input")), []))
+            entry[2].append(msg[0].lower() + msg[1:] if msg else msg)
+    for loc, (where, shown, msgs) in invalid.items():
+        key = ".".join(str(p) for p in loc)
+        problems.append(f"{where}: {key}: {shown} is invalid: {' or '.join(dict.fromkeys(msgs))}{_fix_hint(loc)}")
+    unique = list(dict.fromkeys(problems))
+    head = f"{source}: {len(unique)} problem{'s' if len(unique) != 1 else ''} in the job spec:"
+    return "\n".join([head] + [f"  - {p}" for p in unique])
+
+
+def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return None
+
+
+def _fix_hint(loc: tuple) -> str:
+    model: type[BaseModel] = JobSpec
+    field = None
+    for part in loc:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        if field is None:
+            break
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+    if field is not None and field.description:
+        return f" (expected: {field.description})"
+    return ""
