@@ -1,0 +1,71 @@
+"""Talking to a trained run: base model + the best (or a chosen) LoRA adapter, and merged export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunejob import checkpoint as ckpt
+from tunejob.errors import ModelError
+from tunejob.models import load_tokenizer, resolve_model_path
+
+
+def run_checkpoint(run_or_ckpt: str | Path) -> Path:
+    """A checkpoint directory: the path itself if it is one, else the run's best."""
+    p = Path(run_or_ckpt)
+    if (p / "adapter_config.json").is_file():
+        return p
+    if not p.exists():
+        raise ModelError(f"{p}: no such run directory or checkpoint")
+    best = ckpt.best_checkpoint(p)
+    if best is None:
+        raise ModelError(f"{p}: no checkpoint here yet; run `tunejob run` first")
+    return best
+
+
+def base_model_of(checkpoint_dir: Path) -> str:
+    spec = yaml.safe_load((checkpoint_dir / "config.yaml").read_text())
+    return resolve_model_path(spec.get("model", "default"))
+
+
+def load_for_chat(run_or_ckpt: str | Path | None = None, base: str | None = None):
+    """(model, tokenizer) for a run's adapter on its base model, or the bare base model."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint_dir = run_checkpoint(run_or_ckpt) if run_or_ckpt is not None else None
+    base_path = base or (base_model_of(checkpoint_dir) if checkpoint_dir else resolve_model_path("default"))
+    tokenizer = load_tokenizer(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if checkpoint_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(checkpoint_dir))
+    model.eval()
+    return model, tokenizer
+
+
+def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 160) -> str:
+    """Greedy answer to a conversation (deterministic, so base and fine-tuned compare fairly)."""
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def export_merged(run_or_ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Fold the adapter into the base weights and save a plain transformers model folder."""
+    model, tokenizer = load_for_chat(run_or_ckpt)
+    merged = model.merge_and_unload()
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp")
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        raise ModelError(f"{out}: already exists; choose a new directory for the merged model")
+    tmp.rename(out)
+    return out

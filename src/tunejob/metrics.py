@@ -1,0 +1,94 @@
+"""The metric stream: one record type shared by every backend, and the sinks that read it.
+
+Field names follow OpenAI's fine-tuning `metrics` events (step, train_loss,
+train_mean_token_accuracy, valid_loss, valid_mean_token_accuracy, full_valid_loss, ...), so a
+local run and an API job produce the same stream. A record has `kind` "train" (one optimizer
+step) or "eval" (the whole validation split). tunejob always evaluates on the full split, so an
+eval record carries the same value as valid_loss and full_valid_loss.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Protocol
+
+
+class Sink(Protocol):
+    def write(self, record: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """metrics.jsonl: one JSON object per line, flushed after each so a killed run keeps them."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = Path(path)
+        if truncate_after_step is not None and self.path.exists():
+            # On resume, records past the checkpoint were produced by the lost part of the run.
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(self.path)
+        self._f = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class LineSink:
+    """Plain progress lines on stderr (the rich live view replaces this on a terminal)."""
+
+    def __init__(self, total_steps: int, stream=None):
+        self.total = total_steps
+        self.stream = stream or sys.stderr
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        if record["kind"] == "train":
+            line = (
+                f"step {step}/{self.total}  train_loss {record['train_loss']:.4f}  "
+                f"acc {record['train_mean_token_accuracy']:.3f}  lr {record['learning_rate']:.2e}  "
+                f"{record['tokens_per_second']:.0f} tok/s"
+            )
+        elif record["kind"] == "eval":
+            line = f"step {step}/{self.total}  valid_loss {record['valid_loss']:.4f}  acc {record['valid_mean_token_accuracy']:.3f}"
+        else:
+            line = f"step {step}: {record.get('message', record['kind'])}"
+        print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class Stream:
+    """Fan a record out to every sink."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
+
+    def emit(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All complete records of a metrics.jsonl (a torn last line from a kill is skipped)."""
+    out = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
