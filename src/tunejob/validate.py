@@ -192,6 +192,9 @@ def validate_file(
         except json.JSONDecodeError as exc:
             report.add("invalid_json", raw.number, f"{exc.msg} at column {exc.colno}")
             continue
+        except ValueError as exc:  # e.g. an integer over Python's 4,300-digit limit
+            report.add("invalid_json", raw.number, str(exc).split(";")[0])
+            continue
         except RecursionError:
             report.add("invalid_json", raw.number, "JSON nested too deeply")
             continue
@@ -241,13 +244,13 @@ def _check_example(obj: object, kind: str, fmt: Format, line: int, report: Repor
         report.add("data_type", line, f"expected a JSON object, got {type(obj).__name__}")
         return False
     if kind == "invalid":
-        report.add("missing_messages_list", line, f"no \"messages\" key (keys: {', '.join(sorted(obj)) or 'none'})")
+        report.add("missing_messages_list", line, f"no \"messages\" key (keys: {', '.join(_show(k) for k in sorted(obj)) or 'none'})")
         return False
     if kind == "prompt_completion":
         extra = set(obj) - {"prompt", "completion"}
         bad = [k for k in ("prompt", "completion") if not isinstance(obj.get(k), str)]
         if bad or extra:
-            what = f"{' and '.join(bad)} missing or not a string" if bad else f"unexpected key(s) {', '.join(sorted(extra))}"
+            what = f"{' and '.join(bad)} missing or not a string" if bad else f"unexpected key(s) {', '.join(_show(k) for k in sorted(extra))}"
             report.add("prompt_completion_invalid", line, what)
         elif not obj["completion"].strip():
             report.add("missing_content", line, "completion is empty")
@@ -258,7 +261,7 @@ def _check_example(obj: object, kind: str, fmt: Format, line: int, report: Repor
         return False
     allowed_top = {"system", "messages"} if fmt == "bedrock" else CHAT_TOP_KEYS
     for key in set(obj) - allowed_top:
-        report.add("bedrock_unrecognized_key" if fmt == "bedrock" else "example_unrecognized_key", line, f"unrecognized top-level key \"{key}\"")
+        report.add("bedrock_unrecognized_key" if fmt == "bedrock" else "example_unrecognized_key", line, f"unrecognized top-level key {_show(key)}")
     if fmt == "bedrock" and "system" in obj and not isinstance(obj["system"], str):
         report.add("bedrock_unrecognized_key", line, "\"system\" must be a string")
     for i, msg in enumerate(messages, 1):
@@ -289,19 +292,26 @@ def _check_message(msg: object, i: int, fmt: Format, line: int, report: Report) 
             report.add("message_missing_key", line, f"{where} has no \"{key}\"")
     allowed = {"role", "content"} if fmt == "bedrock" else MESSAGE_KEYS
     for key in set(msg) - allowed:
-        report.add("bedrock_unrecognized_key" if fmt == "bedrock" else "message_unrecognized_key", line, f"{where} has unrecognized key \"{key}\"")
+        report.add("bedrock_unrecognized_key" if fmt == "bedrock" else "message_unrecognized_key", line, f"{where} has unrecognized key {_show(key)}")
     role = msg.get("role")
-    if "role" in msg and role not in ROLES:
-        report.add("unrecognized_role", line, f"{where} has role {role!r}")
+    if "role" in msg and not (isinstance(role, str) and role in ROLES):
+        report.add("unrecognized_role", line, f"{where} has role {_show(role)}")
     has_calls = bool(msg.get("tool_calls") or msg.get("function_call"))
     content = msg.get("content")
     # An assistant turn that only calls a tool has content null; anything else needs text.
     if "content" in msg and not (content is None and has_calls) and not _text_of(content).strip():
-        report.add("missing_content", line, f"{where} ({role}) has empty or non-text content")
+        report.add("missing_content", line, f"{where} ({_show(role)}) has empty or non-text content")
     if "weight" in msg and (msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool) or role != "assistant"):
-        report.add("invalid_weight", line, f"{where} has weight {msg['weight']!r} on a {role} message")
+        report.add("invalid_weight", line, f"{where} has weight {_show(msg['weight'])} on a {_show(role)} message")
     if "tool_calls" in msg and not _valid_tool_calls(msg["tool_calls"]):
         report.add("invalid_tool_calls", line, f"{where} has malformed tool_calls")
+
+
+def _show(value: object) -> str:
+    """A value from the file, safe to print: JSON-escaped, so control characters (terminal
+    escapes) and lone surrogates cannot reach the terminal raw; long values are cut."""
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _text_of(content: object) -> str:
