@@ -84,6 +84,43 @@ def run(
 
 
 @app.command()
+def cost(
+    model: Annotated[str, typer.Option(help="API model id, e.g. gpt-4o-mini-2024-07-18.")],
+    data: Annotated[Optional[Path], typer.Option(help="Training JSONL to count.")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Tokens per epoch, instead of --data.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: OpenAI's auto rule from the example count).")] = None,
+    price_per_1m: Annotated[Optional[float], typer.Option("--price-per-1m", help="Training price in USD per 1M tokens (overrides the table).")] = None,
+    queries_per_day: Annotated[Optional[float], typer.Option(help="Inference load, for the daily serving cost.")] = None,
+    tokens_per_query: Annotated[Optional[float], typer.Option(help="Prompt + answer tokens per query.")] = None,
+    output_fraction: Annotated[float, typer.Option(help="Share of a query's tokens that are the answer.")] = 0.25,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Training cost (tokens/1,000 x price per 1K x epochs) and fine-tuned inference cost."""
+    from tunejob.plan import cost_report
+    from tunejob.render import render_cost
+
+    result = cost_report(model, data, tokens, epochs, price_per_1m, queries_per_day, tokens_per_query, output_fraction)
+    print(json.dumps(result, indent=2) if as_json else render_cost(result))
+
+
+@app.command()
+def plan(
+    spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec field: key.sub=value.")] = None,
+    gpu_memory: Annotated[Optional[float], typer.Option(help="GPU memory in GB: estimate for CUDA and say whether it fits.")] = None,
+    price_per_1m: Annotated[Optional[float], typer.Option("--price-per-1m")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Everything before the job runs: data, tokens, steps, cost or memory/time, parameters."""
+    from tunejob.plan import plan_job
+    from tunejob.render import render_plan
+    from tunejob.spec import load_spec
+
+    result = plan_job(load_spec(spec_path, set_), gpu_memory, price_per_1m)
+    print(json.dumps(result, indent=2) if as_json else render_plan(result))
+
+
+@app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Run directory (an existing one is resumed).")] = Path("runs/demo"),
     question: Annotated[str, typer.Option(help="Asked of the base and the fine-tuned model at the end.")] = "Prep me for the Globex call.",

@@ -27,9 +27,8 @@ from tunejob.errors import BackendError, DataError, ModelError
 from tunejob.metrics import JsonlSink, LineSink, Stream
 from tunejob.models import load_tokenizer, resolve_model_path
 from tunejob.sequences import IGNORE, encode_examples
+from tunejob.shapes import resolve_targets, shape_of
 from tunejob.spec import JobSpec
-
-ATTENTION_TARGETS = [("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("query_key_value",), ("Wqkv",)]
 
 
 def _say(msg: str) -> None:
@@ -56,30 +55,6 @@ def load_splits(spec: JobSpec) -> tuple[list[dict], list[dict]]:
 
 
 # ---------------------------------------------------------------- model
-
-
-def resolve_targets(model, target: str | list[str]) -> list[str] | str:
-    """Module names for the spec's target_modules, or a clear error naming what exists."""
-    linear_names = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod)})
-    if target == "all-linear":
-        return "all-linear"
-    if target == "attention":
-        for group in ATTENTION_TARGETS:
-            if all(g in linear_names for g in group):
-                return list(group)
-        raise ModelError(f"lora.target_modules: no attention projections found; linear modules here: {', '.join(linear_names)}")
-    missing = [t for t in target if t not in linear_names]
-    if missing:
-        raise ModelError(
-            f"lora.target_modules: {', '.join(missing)} not found in the base model; linear modules here: {', '.join(linear_names)}"
-        )
-    return list(target)
-
-
-def _is_linear(mod) -> bool:
-    if isinstance(mod, torch.nn.Linear):
-        return True
-    return type(mod).__name__ in {"Linear4bit", "Linear8bitLt", "Conv1D"}
 
 
 def disable_bnb_avx512bf16(model) -> int:
@@ -125,7 +100,7 @@ def add_lora(spec: JobSpec, model):
         r=spec.lora.r,
         lora_alpha=spec.lora.resolved_alpha,
         lora_dropout=spec.lora.dropout,
-        target_modules=resolve_targets(model, spec.lora.target_modules),
+        target_modules=resolve_targets(shape_of(model).linear_names, spec.lora.target_modules),
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)

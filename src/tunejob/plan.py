@@ -1,0 +1,142 @@
+"""`tunejob plan` / `tunejob cost`: everything worth knowing before a job runs.
+
+For API models: billed tokens (tiktoken, capped per example), epochs (OpenAI's auto rule unless
+given), training and inference cost, and OpenAI's wind-down dates. For local models: token counts
+with the model's own tokenizer and chat template, steps, trainable parameters, memory and time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tunejob import catalog, cost
+from tunejob.errors import DataError
+from tunejob.spec import JobSpec
+
+
+def _validated(path: Path, fmt: str = "openai", model: str | None = None):
+    from tunejob.validate import validate_file
+
+    report = validate_file(path, format=fmt, model=model, min_examples=1)
+    if not report.ok:
+        first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
+        raise DataError(f"{path}:{first.line or ''}: {first.message} ({report.errors} error(s)); run `tunejob validate {path}` for all of them")
+    return report
+
+
+def token_counts(path: Path, model: str) -> tuple[list[int], bool]:
+    """Per-example token counts of a chat file for an API model (cookbook arithmetic)."""
+    from tunejob.dataset import load_examples
+    from tunejob.tokens import counter_for
+
+    counter = counter_for(model)
+    examples = [ex["messages"] for ex in load_examples(path)]
+    return [total for total, _ in counter.count(examples)], counter.approximate
+
+
+def cost_report(model: str, data: Path | None = None, tokens: int | None = None, epochs: int | None = None, price_per_1m: float | None = None,
+                queries_per_day: float | None = None, tokens_per_query: float | None = None, output_fraction: float = 0.25) -> dict:
+    counts, approx = (None, False)
+    if data is not None:
+        _validated(data, model=model)
+        counts, approx = token_counts(data, model)
+    est = cost.estimate(model, tokens_per_example=counts, total_tokens=tokens, epochs=epochs, price_per_1m=price_per_1m,
+                        queries_per_day=queries_per_day, tokens_per_query=tokens_per_query, output_fraction=output_fraction,
+                        tokens_approximate=approx)
+    out = est.to_dict()
+    info = catalog.lookup(model)
+    if info and info.provider == "openai":
+        out["notes"] = ["validation tokens are not billed on OpenAI"]
+        out["openai_wind_down"] = catalog.openai_wind_down()
+    return out
+
+
+def plan_job(spec: JobSpec, gpu_memory_gb: float | None = None, price_per_1m: float | None = None) -> dict:
+    if spec.backend == "local":
+        return _plan_local(spec, gpu_memory_gb)
+    return _plan_api(spec, price_per_1m)
+
+
+def _plan_api(spec: JobSpec, price_per_1m: float | None) -> dict:
+    fmt = "bedrock" if spec.backend == "bedrock" else "openai"
+    report = _validated(spec.data.train, fmt, spec.model)
+    out: dict = {"backend": spec.backend, "model": spec.model, "train_examples": report.examples,
+                 "validation": str(spec.data.validation) if spec.data.validation else f"{spec.data.val_fraction:.0%} of train (split by the provider or tunejob)",
+                 "warnings": _warnings(report.examples, 0, 0)}
+    epochs = None if spec.hyperparameters.epochs == "auto" else spec.hyperparameters.epochs
+    info = catalog.lookup(spec.model)
+    if price_per_1m is None and (info is None or info.training_per_1m is None):
+        out["cost_note"] = f"no per-token training price known for {spec.model} ({info.source if info else 'not in the price table'}); pass --price-per-1m"
+        if info and info.end_of_life:
+            out["warnings"].append(f"{spec.model}: end of life {info.end_of_life}")
+        return out
+    out.update(cost_report(spec.model, data=spec.data.train, epochs=epochs, price_per_1m=price_per_1m))
+    return out
+
+
+def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
+    from tunejob.dataset import load_examples, split_examples
+    from tunejob.memory import estimate_memory, estimate_seconds, measure_cpu_peak_flops
+    from tunejob.models import load_tokenizer, resolve_model_path
+    from tunejob.sequences import encode_examples
+    from tunejob.shapes import shape_from_path
+
+    hp = spec.hyperparameters
+    _validated(spec.data.train)
+    examples = load_examples(spec.data.train)
+    if spec.data.validation:
+        _validated(spec.data.validation)
+        train, val = examples, load_examples(spec.data.validation)
+    else:
+        train, val = split_examples(examples, spec.data.val_fraction, spec.data.seed)
+    model_path = resolve_model_path(spec.model)
+    tokenizer = load_tokenizer(model_path)
+    train_seqs, tstats = encode_examples(tokenizer, train, hp.max_seq_len, hp.train_on)
+    val_seqs, vstats = encode_examples(tokenizer, val, hp.max_seq_len, hp.train_on)
+    batch = 8 if hp.batch_size == "auto" else hp.batch_size
+    epochs = 3 if hp.epochs == "auto" else hp.epochs
+    micro = max(1, batch // hp.gradient_accumulation)
+    steps = epochs * math.ceil(len(train_seqs) / batch)
+    if hp.max_steps:
+        steps = min(steps, hp.max_steps)
+    shape = shape_from_path(model_path)
+    lengths = sorted(len(s.input_ids) for s in train_seqs) or [0]
+    seq_len = min(hp.max_seq_len, lengths[-1])
+    device = "cuda" if gpu_memory_gb is not None else "cpu"
+    mem = estimate_memory(shape, r=spec.lora.r, target=spec.lora.target_modules, quantization=spec.quantization,
+                          dtype="bf16" if device == "cuda" else "fp32", micro_batch=micro, seq_len=seq_len,
+                          trained_fraction=tstats.trained_tokens / max(tstats.tokens, 1), lora_dropout=spec.lora.dropout,
+                          device=device, gpu_memory_gb=gpu_memory_gb)
+    train_tokens = tstats.tokens * epochs if not hp.max_steps else int(tstats.tokens * steps / max(math.ceil(len(train_seqs) / batch), 1))
+    evals = steps // spec.checkpointing.eval_steps + 1
+    eval_tokens = vstats.tokens * evals
+    out = {
+        "backend": "local", "model": spec.model, "model_path": model_path, "quantization": spec.quantization,
+        "train_examples": len(train_seqs), "validation_examples": len(val_seqs),
+        "tokens_per_epoch": tstats.tokens, "trained_tokens_per_epoch": tstats.trained_tokens,
+        "tokens_per_example": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
+        "epochs": epochs, "steps": steps, "batch_size": batch, "micro_batch": micro, "gradient_accumulation": hp.gradient_accumulation,
+        "evaluations": evals, "trainable_parameters": mem.trainable_parameters, "total_parameters": mem.total_parameters,
+        "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(),
+        "warnings": _warnings(len(train), tstats.truncated + vstats.truncated, tstats.dropped_no_trained_tokens + vstats.dropped_no_trained_tokens, hp.max_seq_len),
+    }
+    if device == "cpu":
+        peak = measure_cpu_peak_flops()
+        # Measured on the demo run (2 cores): ~0.5 of the fp32 GEMM rate; evals are forward-only (~1/3).
+        seconds = estimate_seconds(shape, train_tokens, peak, 0.5) + estimate_seconds(shape, eval_tokens, peak, 0.5) / 3
+        out["time"] = {"device": "cpu", "measured_gemm_gflops": round(peak / 1e9, 1), "estimated_seconds": round(seconds), "assumed_efficiency": 0.5}
+    return out
+
+
+def _warnings(n_train: int, truncated: int, dropped: int, max_len: int | None = None) -> list[str]:
+    out = []
+    if n_train < 10:
+        out.append(f"only {n_train} training examples; OpenAI requires 10, and 50-100 good ones is a sensible start")
+    elif n_train < 50:
+        out.append(f"{n_train} training examples is few; expect quick overfitting (watch validation loss)")
+    if truncated:
+        out.append(f"{truncated} example(s) exceed max_seq_len {max_len} and will be truncated")
+    if dropped:
+        out.append(f"{dropped} example(s) keep no trained token after truncation and will be skipped")
+    return out
