@@ -99,6 +99,11 @@ def test_early_stopping_fires_on_an_overfitting_run_and_keeps_the_earlier_best(t
     trains = [r["train_loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert trains[-1] < trains[0] - 2, "training loss kept falling while validation rose"
     assert "early stopping" in res.stderr
+    diag = run_cli("diagnose", str(out), "--json")
+    assert diag.returncode == 0
+    verdict = json.loads(diag.stdout)
+    assert verdict["verdict"] == "overfitting", verdict
+    assert f"use the checkpoint of step {summary['best_step']}" in verdict["findings"][0]["advice"]
 
 
 def test_target_module_that_matches_nothing_names_the_ones_that_exist(tmp_path, tiny_model):

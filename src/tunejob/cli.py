@@ -121,6 +121,45 @@ def plan(
 
 
 @app.command()
+def diagnose(
+    target: Annotated[Path, typer.Argument(metavar="RUN_DIR|metrics.jsonl")],
+    as_json: Annotated[bool, typer.Option("--json", help='{"verdict": KIND, "findings": [...]} on stdout.')] = False,
+) -> None:
+    """Read the loss curves: healthy, overfitting, flat, spikes, divergence, not converged."""
+    from tunejob.report import diagnose_run, load_run
+
+    result = diagnose_run(load_run(target))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"verdict: {result['verdict']}")
+    for f in result["findings"]:
+        print(f"- {f['kind']}: {f['message']}\n  what to do: {f['advice']}")
+
+
+@app.command()
+def report(target: Annotated[Path, typer.Argument(metavar="RUN_DIR")]) -> None:
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/loss.png."""
+    from tunejob.report import write_report
+
+    html_path, png = write_report(target)
+    print(html_path)
+    print(png)
+
+
+@app.command()
+def watch(
+    target: Annotated[Path, typer.Argument(metavar="RUN_DIR")],
+    interval: Annotated[float, typer.Option(help="Seconds between reads of metrics.jsonl.")] = 1.0,
+    timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds.")] = None,
+) -> None:
+    """Follow a run's metric stream live (from another terminal, or after a restart)."""
+    from tunejob.watch import watch_run
+
+    print(json.dumps(watch_run(target, interval, timeout), indent=2))
+
+
+@app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Run directory (an existing one is resumed).")] = Path("runs/demo"),
     question: Annotated[str, typer.Option(help="Asked of the base and the fine-tuned model at the end.")] = "Prep me for the Globex call.",

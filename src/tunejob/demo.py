@@ -36,5 +36,9 @@ def run_demo(output_dir: Path, question: str, overrides: list[str]) -> dict:
         del model
     _say(f"\nbest checkpoint: {summary['best_checkpoint']} (step {summary['best_step']}, validation loss {summary['best_valid_loss']:.4f})")
     _say(f"trained {summary['trained_tokens']:,} assistant tokens ({summary['tokens_seen']:,} seen) in {summary['wall_time_s']:.0f} s, {summary['tokens_per_second']:.0f} tokens/s")
+    from tunejob.report import write_report
+
+    html_path, png = write_report(Path(summary["run_dir"]))
+    _say(f"report: {html_path} (loss chart {png})")
     _say(f"\nQ: {question}\n\n--- base model ---\n{answers['base']}\n\n--- fine-tuned ---\n{answers['fine_tuned']}\n")
-    return {"summary": summary, "question": question, "answers": answers}
+    return {"summary": summary, "question": question, "answers": answers, "report": str(html_path)}

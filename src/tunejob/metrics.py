@@ -67,6 +67,30 @@ class LineSink:
         pass
 
 
+class TensorBoardSink:
+    """TensorBoard event files under RUN_DIR/tensorboard (`tensorboard --logdir runs/`)."""
+
+    TAGS = {"train_loss": "loss/train", "valid_loss": "loss/valid", "train_mean_token_accuracy": "accuracy/train",
+            "valid_mean_token_accuracy": "accuracy/valid", "learning_rate": "learning_rate", "tokens_per_second": "throughput/tokens_per_second"}
+
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events past the resumed checkpoint, as JsonlSink truncates.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def write(self, record: dict) -> None:
+        for key, tag in self.TAGS.items():
+            value = record.get(key)
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(tag, value, record["step"])
+        if record["kind"] == "eval":
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class Stream:
     """Fan a record out to every sink."""
 

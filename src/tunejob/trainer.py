@@ -24,7 +24,8 @@ import torch
 from tunejob import checkpoint as ckpt
 from tunejob.dataset import load_examples, split_examples
 from tunejob.errors import BackendError, DataError, ModelError
-from tunejob.metrics import JsonlSink, LineSink, Stream
+from tunejob.live import make_console_sink
+from tunejob.metrics import JsonlSink, Stream, TensorBoardSink
 from tunejob.models import load_tokenizer, resolve_model_path
 from tunejob.sequences import IGNORE, encode_examples
 from tunejob.shapes import resolve_targets, shape_of
@@ -301,7 +302,11 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         changed = _changed_keys((existing / "config.yaml").read_text(), config_yaml)
         if changed:
             say(f"note: the spec differs from the checkpoint's in {', '.join(changed)}; optimizer and schedule state come from the checkpoint")
-    stream = Stream([JsonlSink(run_dir / "metrics.jsonl", truncate_after_step=state["step"]), LineSink(total_steps)])
+    stream = Stream([
+        JsonlSink(run_dir / "metrics.jsonl", truncate_after_step=state["step"]),
+        TensorBoardSink(run_dir / "tensorboard", purge_step=state["step"] + 1 if resuming else None),
+        make_console_sink(total_steps),
+    ])
     say(f"training {len(train_seqs)} examples, validating on {len(val_seqs)}: {total_steps} steps of {batch_size} ({micro} x {hp.gradient_accumulation}), {epochs} epoch(s), on {device}")
 
     lengths = [len(s.input_ids) for s in train_seqs]
@@ -365,6 +370,8 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
             stop_reason = "early_stopping"
             stream.emit({"kind": "event", "step": step, "message": f"early stopping: no improvement in {cp.early_stopping_patience} evaluations; best is step {state['best_step']}"})
             break
+    stream.emit({"kind": "end", "step": state["step"], "stop_reason": stop_reason, "best_step": state["best_step"],
+                 "message": f"finished: {stop_reason}, best step {state['best_step']}"})
     stream.close()
 
     wall = time.time() - started
