@@ -56,6 +56,15 @@ def _noise(values: list[float]) -> float:
     return 1.4826 * statistics.median(abs(v - t) for v, t in zip(values, trend))
 
 
+def _jitter(values: list[float]) -> float:
+    """Noise of a short series: robust spread of its second differences, scaled to one point
+    (a second difference of white noise has variance 6 sigma^2)."""
+    if len(values) < 3:
+        return 0.0
+    second = [values[i - 1] - 2 * values[i] + values[i + 1] for i in range(1, len(values) - 1)]
+    return 1.4826 * statistics.median(abs(d) for d in second) / math.sqrt(6)
+
+
 def _finite(series: list[tuple[int, float]]) -> tuple[list[tuple[int, float]], list[int]]:
     good = [(s, v) for s, v in series if math.isfinite(v)]
     bad = [s for s, v in series if not math.isfinite(v)]
@@ -153,7 +162,9 @@ def _overfitting(train: list[tuple[int, float]], valid: list[tuple[int, float]],
     after = vals[best + 1 :]
     if len(after) < 2:
         return []
-    margin = max(0.01 * abs(vals[best]), 3 * _noise(vals))
+    # Noise from second differences (a straight trend has none); with under 6 evaluations there
+    # is too little to estimate it, and the 1% floor plus the parting-curves test below decide.
+    margin = max(0.01 * abs(vals[best]), 1.5 * _jitter(vals) if len(vals) >= 6 else 0.0)
     if min(after[-2:]) <= vals[best] + margin or statistics.fmean(after) <= vals[best] + margin:
         return []
     best_step = valid[best][0]
