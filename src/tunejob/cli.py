@@ -160,6 +160,23 @@ def watch(
 
 
 @app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    data_dir: Annotated[Path, typer.Option(help="Files, jobs and the SQLite store live here.")] = Path("tunejob-server"),
+    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="An accepted API key (repeatable); each key sees only its own files and jobs.")] = None,
+    keys_file: Annotated[Optional[Path], typer.Option(help="File with one API key per line.")] = None,
+    default_model: Annotated[str, typer.Option(help="Base model for 'default' and for OpenAI model ids.")] = "default",
+    model: Annotated[Optional[list[str]], typer.Option("--model", help="Another base model: NAME=PATH (repeatable).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
+) -> None:
+    """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
+    from tunejob.server.run import serve as _serve
+
+    _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb)
+
+
+@app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Run directory (an existing one is resumed).")] = Path("runs/demo"),
     question: Annotated[str, typer.Option(help="Asked of the base and the fine-tuned model at the end.")] = "Prep me for the Globex call.",
@@ -196,6 +213,33 @@ def export(
     from tunejob.chat import export_merged
 
     print(export_merged(target, merge))
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The run directory `tunejob run` wrote.")],
+    data: Annotated[Optional[Path], typer.Option(metavar="HELD_OUT.jsonl", help="Held-out chat examples (default: the run's validation split).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint to evaluate (default: the run's best).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer in tokens.")] = 160,
+    limit: Annotated[Optional[int], typer.Option(help="Answer (and judge) only the first N examples; the loss covers all.")] = None,
+    judge_base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint of a judge model, e.g. http://127.0.0.1:8000/v1.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="The judge model's name at that endpoint.")] = None,
+    judge_api_key_env: Annotated[str, typer.Option(help="Environment variable holding the judge endpoint's API key.")] = "OPENAI_API_KEY",
+    judge_seed: Annotated[int, typer.Option(help="Seed of the per-example answer order shown to the judge.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print eval.json on stdout instead of the tables.")] = False,
+) -> None:
+    """Base vs fine-tuned on held-out examples: loss, perplexity, answers, EM / F1 / ROUGE-L, latency, judge."""
+    from tunejob.evaluation import evaluate_run, render
+    from tunejob.judge import JudgeError, JudgeSettings
+
+    if (judge_base_url is None) != (judge_model is None):
+        raise JudgeError("give both --judge-base-url and --judge-model to use a judge, or neither")
+    judge = JudgeSettings(judge_base_url, judge_model, judge_api_key_env, judge_seed) if judge_base_url else None
+    result = evaluate_run(run_dir, data, checkpoint, max_new_tokens, limit, judge)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        render(result)
 
 
 @app.command()

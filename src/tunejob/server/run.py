@@ -1,0 +1,39 @@
+"""Starting the server: keys, configuration, uvicorn."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tunejob.errors import TunejobError
+
+
+def load_keys(keys: list[str], keys_file: Path | None) -> set[str]:
+    out = {k.strip() for k in keys if k.strip()}
+    if keys_file is not None:
+        try:
+            lines = keys_file.read_text().splitlines()
+        except OSError as exc:
+            raise TunejobError(f"{keys_file}: cannot read the keys file ({exc.strerror or exc})") from None
+        out |= {line.split()[0] for line in lines if line.strip() and not line.startswith("#")}
+    if not out:
+        raise TunejobError("give at least one API key: --api-key KEY or --keys-file FILE (clients send it as their api_key)")
+    return out
+
+
+def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path | None, default_model: str,
+          models: list[str], max_upload_mb: float) -> None:
+    import uvicorn
+
+    from tunejob.server.app import ServerConfig, create_app
+
+    extra = {}
+    for item in models:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise TunejobError(f"--model {item!r}: write it as NAME=PATH")
+        extra[name] = path
+    config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
+                          models=extra, max_upload_bytes=int(max_upload_mb * 2**20))
+    print(f"tunejob serve: http://{host}:{port}/v1 (data in {data_dir}, {len(config.api_keys)} key(s))", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")

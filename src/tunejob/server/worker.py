@@ -1,0 +1,228 @@
+"""The job queue: one training job at a time per device, each in its own `tunejob run` process.
+
+A separate process makes cancel and pause plain (stop the process; its last complete checkpoint
+stays), keeps a crash in training from taking the server down, and lets resume reuse the local
+backend's own resume. The child is tied to the server (PR_SET_PDEATHSIG): if the server dies, so
+does its training process, and on the next start the job resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from tunejob.server.store import Store, new_id
+
+POLL_S = 0.25
+ACTIVE = ("validating_files", "queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Worker:
+    def __init__(self, store: Store, base_models: dict[str, str], log=print):
+        self.store = store
+        self.base_models = base_models
+        self.log = log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tunejob-worker", daemon=True)
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        # A job that was running when the server stopped resumes from its last checkpoint.
+        for job in self.store.list_jobs(status="running"):
+            self.store.update_job(job["id"], status="queued")
+            self.store.add_event(job["id"], "Server restarted; the job resumes from its last checkpoint")
+        for job in self.store.list_jobs(status="validating_files"):
+            self.store.update_job(job["id"], status="queued")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._proc and self._proc.poll() is None:
+            self._proc.kill()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            queued = sorted(self.store.list_jobs(status="queued"), key=lambda j: (j["created_at"], j["id"]))
+            if not queued:
+                time.sleep(POLL_S)
+                continue
+            try:
+                self._run(queued[0])
+            except Exception as exc:  # never let one job kill the queue
+                self.store.update_job(queued[0]["id"], status="failed", finished_at=int(time.time()),
+                                      error={"code": "server_error", "message": f"{exc.__class__.__name__}: {exc}", "param": None})
+
+    # ------------------------------------------------------------ one job
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.store.dir / "jobs" / job_id
+
+    def _write_spec(self, job: dict) -> Path:
+        d = self.job_dir(job["id"])
+        d.mkdir(parents=True, exist_ok=True)
+        spec = json.loads(json.dumps(job["_spec"]))
+        spec["data"]["train"] = str(self.store.file_path(job["training_file"]))
+        if job.get("validation_file"):
+            spec["data"]["validation"] = str(self.store.file_path(job["validation_file"]))
+        spec["output_dir"] = str(d / "run")
+        path = d / "job.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return path
+
+    def _run(self, job: dict) -> None:
+        job_id = job["id"]
+        spec_path = self._write_spec(job)
+        run_dir = self.job_dir(job_id) / "run"
+        self.store.update_job(job_id, status="running", control=None)
+        self.store.add_event(job_id, "Fine-tuning job started")
+        log_path = self.job_dir(job_id) / "train.log"
+        with log_path.open("ab") as log:
+            self._proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(spec_path)], stdout=log, stderr=log,
+                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        tail = _Tail(run_dir / "metrics.jsonl")
+        control = None
+        while True:
+            rc = self._proc.poll()
+            for record in tail.read():
+                self._on_record(job_id, record)
+            if rc is not None:
+                break
+            control = (self.store.get_job(None, job_id) or {}).get("control")
+            if control in ("cancel", "pause") or self._stop.is_set():
+                self._proc.send_signal(signal.SIGTERM)
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+                for record in tail.read():
+                    self._on_record(job_id, record)
+                break
+            time.sleep(POLL_S)
+        self._proc = None
+        if self._stop.is_set() and control not in ("cancel", "pause"):
+            return  # server shutting down: the job stays 'running' and resumes on the next start
+        now = int(time.time())
+        if control == "cancel":
+            self.store.update_job(job_id, status="cancelled", finished_at=now, control=None)
+            self.store.add_event(job_id, "Fine-tuning job cancelled")
+        elif control == "pause":
+            self.store.update_job(job_id, status="paused", control=None)
+            self.store.add_event(job_id, "Fine-tuning job paused; resume continues from the last checkpoint")
+        elif rc == 0:
+            self._succeed(job_id, run_dir)
+        else:
+            message = _last_error(log_path) or f"training exited with code {rc}"
+            self.store.update_job(job_id, status="failed", finished_at=now, error={"code": "training_failed", "message": message, "param": None})
+            self.store.add_event(job_id, f"Fine-tuning job failed: {message}", level="error")
+
+    def _on_record(self, job_id: str, r: dict) -> None:
+        job = self.store.get_job(None, job_id)
+        kind, step = r.get("kind"), r.get("step", 0)
+        seen = job.get("_seen", {"train": 0, "eval": 0})
+        if kind == "train" and step > seen["train"]:
+            data = {"step": step, "train_loss": r["train_loss"], "train_mean_token_accuracy": r["train_mean_token_accuracy"], "total_steps": job.get("_total_steps")}
+            self.store.add_event(job_id, f"Step {step}: training loss={r['train_loss']:.4f}", type="metrics", data=data)
+            seen["train"] = step
+            self.store.update_job(job_id, _seen=seen, _last_train={"step": step, "train_loss": r["train_loss"], "train_mean_token_accuracy": r["train_mean_token_accuracy"]})
+        elif kind == "eval" and step > seen["eval"]:
+            data = {"step": step, "valid_loss": r["valid_loss"], "valid_mean_token_accuracy": r["valid_mean_token_accuracy"],
+                    "full_valid_loss": r["full_valid_loss"], "full_valid_mean_token_accuracy": r["full_valid_mean_token_accuracy"]}
+            self.store.add_event(job_id, f"Step {step}: validation loss={r['valid_loss']:.4f}", type="metrics", data=data)
+            seen["eval"] = step
+            self.store.update_job(job_id, _seen=seen, _last_eval={**data})
+        elif kind == "checkpoint":
+            metrics = {**(job.get("_last_train") or {})}
+            if (job.get("_last_eval") or {}).get("step") == step:
+                metrics.update({k: v for k, v in job["_last_eval"].items() if k != "step"})
+            metrics["step"] = step
+            self.store.add_checkpoint(job_id, step, {"fine_tuned_model_checkpoint": f"{job['_ft_name']}:ckpt-step-{step}", "metrics": metrics,
+                                                     "_path": f"checkpoints/step-{step:06d}"})
+            msg = f"Checkpoint created at step {step}"
+            if not self.store.has_event(job_id, msg):
+                self.store.add_event(job_id, msg)
+        elif kind == "event" and r.get("message") and not self.store.has_event(job_id, r["message"]):
+            self.store.add_event(job_id, r["message"], level="warn" if "NaN" in r["message"] else "info")
+
+    def _succeed(self, job_id: str, run_dir: Path) -> None:
+        job = self.store.get_job(None, job_id)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        result_id = new_id("file")
+        csv_bytes = _results_csv(run_dir / "metrics.jsonl")
+        self.store.file_path(result_id).write_bytes(csv_bytes)
+        self.store.add_file(self.store.job_owner(job_id), "step_metrics.csv", "fine-tune-results", len(csv_bytes), "processed", None, result_id)
+        best = summary.get("best_step")
+        self.store.update_job(job_id, status="succeeded", finished_at=int(time.time()), fine_tuned_model=job["_ft_name"],
+                              trained_tokens=summary.get("trained_tokens"), result_files=[result_id], _best_step=best)
+        self.store.add_event(job_id, f"New fine-tuned model created: {job['_ft_name']} (best checkpoint: step {best})")
+        self.store.add_event(job_id, "The job has successfully completed")
+
+
+class _Tail:
+    """New complete lines of a JSONL file; starts over if the file shrank (a resumed run
+    truncates its metrics to the checkpoint)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        size = self.path.stat().st_size
+        if size < self.offset:
+            self.offset = 0
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def _results_csv(metrics: Path) -> bytes:
+    """OpenAI's result file: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy."""
+    rows: dict[int, dict] = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "train":
+            rows.setdefault(r["step"], {}).update(train_loss=r["train_loss"], train_accuracy=r["train_mean_token_accuracy"])
+        elif r.get("kind") == "eval":
+            rows.setdefault(r["step"], {}).update(valid_loss=r["valid_loss"], valid_mean_token_accuracy=r["valid_mean_token_accuracy"])
+    out = io.StringIO()
+    w = csv.writer(out)
+    cols = ["train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    w.writerow(["step", *cols])
+    for step in sorted(rows):
+        w.writerow([step, *[rows[step].get(c, "") for c in cols]])
+    return out.getvalue().encode()
+
+
+def _last_error(log_path: Path) -> str | None:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith(("error: ", "internal error: ")):
+            return line.split(": ", 1)[1][:1000]
+    return None
