@@ -48,7 +48,7 @@ def load_for_chat(run_or_ckpt: str | Path | None = None, base: str | None = None
 
 def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 160) -> str:
     """Greedy answer to a conversation (deterministic, so base and fine-tuned compare fairly)."""
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1,

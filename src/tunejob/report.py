@@ -84,6 +84,9 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
         "eval": [{"step": r["step"], "valid_loss": r["valid_loss"]} for r in run["records"] if r.get("kind") == "eval"],
         "summary": run["summary"], "diagnosis": verdict, "config": run["config"],
     }
+    eval_path = run["dir"] / "eval.json"
+    if eval_path.is_file():  # written by `tunejob eval`; the report shows it when present
+        data["evaluation"] = json.loads(eval_path.read_text())
     out = run["dir"] / "report.html"
     tmp = out.with_name(".report.html.tmp")
     tmp.write_text(_html(run, verdict, base64.b64encode(png.read_bytes()).decode(), data), encoding="utf-8")
@@ -93,6 +96,39 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
 
 def _rows(pairs: list[tuple[str, object]]) -> str:
     return "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in pairs)
+
+
+def _eval_section(ev: dict | None) -> str:
+    """Base vs fine-tuned from RUN_DIR/eval.json: the metrics, the judge, the first answers."""
+    if not ev:
+        return ""
+    m = ev["models"]
+    rows = "".join(
+        f"<tr><th>{label}</th><td>{_num(m['base'].get(key))}</td><td>{_num(m['finetuned'].get(key))}</td></tr>"
+        for label, key in (("loss (assistant tokens)", "loss"), ("perplexity", "perplexity"), ("mean token accuracy", "mean_token_accuracy"),
+                           ("exact match", "exact_match"), ("token F1", "f1"), ("ROUGE-L", "rouge_l"),
+                           ("latency (s / answer)", "latency_s"), ("answer length (tokens)", "answer_tokens"), ("tokens / s", "tokens_per_second"))
+    )
+    cost = ev.get("cost_per_1k_queries_usd")
+    if cost:
+        rows += f"<tr><th>USD / 1,000 queries</th><td>{_num(cost['base'])}</td><td>{_num(cost['finetuned'])}</td></tr>"
+    judge = ev.get("judge")
+    verdict = ""
+    if judge and judge.get("win_rate") is not None:
+        verdict = (f"<p id='eval-judge'>Judge {html.escape(str(judge['model']))}: fine-tuned wins {judge['wins']}, loses {judge['losses']}, "
+                   f"ties {judge['ties']}; win rate {judge['win_rate']:.0%} (95% CI {judge['ci95'][0]:.0%}-{judge['ci95'][1]:.0%})</p>")
+    answers = "".join(
+        f"<tr><td>{html.escape(a['reference'])}</td><td>{html.escape(a['base']['answer'])}</td><td>{html.escape(a['finetuned']['answer'])}</td></tr>"
+        for a in ev.get("answers", [])[:10]
+    )
+    return (f"<h2 id='eval'>Evaluation: base vs fine-tuned</h2><p>{html.escape(Path(ev['checkpoint']).name)} on {ev['examples']} held-out "
+            f"example(s) ({html.escape(str(ev['data']))}), {ev['answered']} answered.</p>"
+            f"<table><tr><th>metric</th><th>base</th><th>fine-tuned</th></tr>{rows}</table>{verdict}"
+            + (f"<table><tr><th>reference</th><th>base</th><th>fine-tuned</th></tr>{answers}</table>" if answers else ""))
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
 def _html(run: dict, verdict: dict, png_b64: str, data: dict) -> str:
@@ -129,6 +165,7 @@ li.overfitting,li.divergence,li.spikes{{color:#a40000}}li.healthy{{color:#006400
 <h2>Hyperparameters</h2><table>{hyper}</table>
 <h2>Data</h2><table>{data_rows}</table>
 <h2>Compute</h2><table>{compute}</table>
+{_eval_section(data.get("evaluation"))}
 <script type="application/json" id="tunejob-data">{payload}</script>
 </body></html>
 """
