@@ -44,22 +44,37 @@ def _gguf_source() -> Path:
 
 
 def default_model_path(progress=None) -> Path:
-    """The embedded SmolLM2-135M-Instruct as a plain HF folder, converting it on first use."""
+    """The embedded SmolLM2-135M-Instruct as a plain HF folder, converting it on first use.
+
+    The conversion runs in a child process: it holds the dequantized GGUF model and its plain copy
+    at once (~1.5 GB), and that memory should not stay in, or count towards, a training run.
+    """
     target = cache_dir() / "models" / _CONVERTED
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
-    src = _gguf_source()
+    _gguf_source()  # fail early, with the install hint, if the package is missing
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"converting the embedded SmolLM2-135M-Instruct (GGUF) into {target} (once)...")
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", f"from tunejob.models import _convert_default; _convert_default({str(target)!r})"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ModelError(f"converting the embedded model failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return target
+
+
+def _convert_default(target: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    target = Path(target)
+    src = _gguf_source()
     tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=_GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=_GGUF_FILE, dtype=torch.float32)
     config = gguf_model.config
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
     # A fresh model from the same config takes the dequantized weights; it is trainable and saveable.
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -75,7 +90,6 @@ def default_model_path(progress=None) -> Path:
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
-    return target
 
 
 def default_tokenizer_path() -> Path:
