@@ -26,12 +26,13 @@ def test_missing_data_file_is_one_clear_line(tmp_path):
     assert "nothere.jsonl: no such file" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_unbuilt_backend_says_so(tmp_path):
+def test_api_backend_validates_the_data_before_anything_is_sent(tmp_path):
     (tmp_path / "d.jsonl").write_text("")
     spec = tmp_path / "job.yaml"
     spec.write_text("backend: openai\nmodel: gpt-4o-mini\ndata: {train: d.jsonl}\n")
-    res = run_cli("run", str(spec))
-    assert res.returncode == 2 and "cannot run jobs yet" in res.stderr
+    res = run_cli("run", str(spec), env={"TUNEJOB_HOME": str(tmp_path / "home"), "OPENAI_API_KEY": "sk-x"})
+    assert res.returncode == 2 and "no examples" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "home" / "jobs.sqlite3").exists() or "tj-" not in run_cli("jobs", env={"TUNEJOB_HOME": str(tmp_path / "home")}).stdout
 
 
 def test_usage_error_is_exit_2():

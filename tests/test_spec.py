@@ -97,3 +97,14 @@ def test_resolved_yaml_round_trips():
     spec = parse_spec("data: {train: t}\nlora: {r: 8}\n")
     again = parse_spec(spec.to_yaml())
     assert again == spec.model_copy(update={"lora": spec.lora.model_copy(update={"alpha": 16.0})})
+
+
+def test_api_specs_round_trip_without_local_sections():
+    spec = parse_spec("backend: openai\nmodel: gpt-4o-mini\ndata: {train: t}\nopenai: {base_url: 'http://x/v1'}\n")
+    again = parse_spec(spec.to_yaml())
+    assert again.openai.base_url == "http://x/v1" and "lora" not in spec.to_yaml()
+
+
+def test_secrets_in_a_spec_are_refused_with_the_fix():
+    msg = errors_of("backend: openai\nmodel: gpt-4o-mini\ndata: {train: t}\nopenai: {api_key: sk-123}\n")
+    assert "secrets never go in a job spec" in msg and "OPENAI_API_KEY" in msg

@@ -149,14 +149,40 @@ def report(target: Annotated[Path, typer.Argument(metavar="RUN_DIR")]) -> None:
 
 @app.command()
 def watch(
-    target: Annotated[Path, typer.Argument(metavar="RUN_DIR")],
-    interval: Annotated[float, typer.Option(help="Seconds between reads of metrics.jsonl.")] = 1.0,
-    timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds.")] = None,
+    target: Annotated[str, typer.Argument(metavar="RUN_DIR|JOB_ID", help="A local run directory, or an API job id from `tunejob jobs`.")],
+    interval: Annotated[float, typer.Option(help="Seconds between reads of metrics.jsonl (local runs).")] = 1.0,
+    timeout: Annotated[Optional[float], typer.Option(help="Give up after this many seconds (local runs).")] = None,
 ) -> None:
-    """Follow a run's metric stream live (from another terminal, or after a restart)."""
-    from tunejob.watch import watch_run
+    """Follow a run live; re-attaches to an API job where the last watch left off."""
+    if Path(target).is_dir():
+        from tunejob.watch import watch_run
 
-    print(json.dumps(watch_run(target, interval, timeout), indent=2))
+        print(json.dumps(watch_run(Path(target), interval, timeout), indent=2))
+        return
+    from tunejob.runner import watch_job
+
+    print(json.dumps(watch_job(target), indent=2))
+
+
+@app.command()
+def jobs(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the API jobs submitted from this machine (the job store under TUNEJOB_HOME)."""
+    from tunejob.jobstore import JobStore
+
+    records = JobStore().list()
+    if as_json:
+        print(json.dumps([{k: v for k, v in r.to_dict().items() if k != "spec"} for r in records], indent=2))
+        return
+    for r in records:
+        print(f"{r.id}\t{r.backend}\t{r.status}\t{r.remote_id or '-'}\t{r.name}\t{r.run_dir}")
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(metavar="JOB_ID")]) -> None:
+    """Ask the provider to cancel an API job."""
+    from tunejob.runner import cancel_job
+
+    print(cancel_job(job_id))
 
 
 @app.command()

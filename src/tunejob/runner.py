@@ -1,9 +1,9 @@
-"""Run a job spec on its backend. Only the local backend exists so far; the API backends (OpenAI,
-Bedrock) plug in here once they are built (see docs/architecture.md)."""
+"""Run a job spec on its backend: the local trainer in-process, or an API backend (submit, then
+watch). Every API job is in the job store before it is polled."""
 
 from __future__ import annotations
 
-from tunejob.errors import BackendError
+from tunejob.jobstore import JobStore
 from tunejob.spec import JobSpec
 
 
@@ -12,7 +12,26 @@ def run_job(spec: JobSpec, resume: bool | None = None) -> dict:
         from tunejob.trainer import train
 
         return train(spec, resume=resume)
-    raise BackendError(
-        f"backend '{spec.backend}' cannot run jobs yet in this version; `tunejob plan` and `tunejob validate` "
-        "work for it, and backend 'local' trains open models"
-    )
+    from tunejob.backends import get_backend
+
+    backend, store = get_backend(spec.backend), JobStore()
+    record = backend.submit(spec, store)
+    return backend.watch(record, store)
+
+
+def watch_job(job_id: str) -> dict:
+    from tunejob.backends import get_backend
+
+    store = JobStore()
+    record = store.get(job_id)
+    return get_backend(record.backend).watch(record, store)
+
+
+def cancel_job(job_id: str) -> str:
+    from tunejob.backends import get_backend
+
+    store = JobStore()
+    record = store.get(job_id)
+    status = get_backend(record.backend).cancel(record)
+    store.update(record.id, status=status)
+    return status

@@ -87,6 +87,33 @@ class Checkpointing(_Section):
     keep_last: int | None = Field(None, ge=1, description="Keep only the last N checkpoints (plus best).")
 
 
+class OpenAISettings(_Section):
+    """Where an `openai` job runs. The API key is read from the environment, never from this file."""
+
+    base_url: str | None = Field(None, description="Any OpenAI-compatible service, e.g. tunejob serve's http://127.0.0.1:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    organization: str | None = None
+    project: str | None = None
+    azure_endpoint: str | None = Field(None, description="Azure OpenAI resource endpoint; uses the AzureOpenAI client.")
+    api_version: str | None = Field(None, description="Azure OpenAI API version, e.g. 2025-04-01-preview.")
+    suffix: str | None = Field(None, max_length=64)
+    poll_interval: float = Field(10.0, gt=0, description="Seconds between status polls.")
+    max_retries: int = Field(5, ge=0, le=20, description="Retries on 429 / 5xx / connection errors (Retry-After honoured).")
+    timeout: float = Field(60.0, gt=0, description="Seconds per HTTP request.")
+
+
+class BedrockSettings(_Section):
+    """Where a `bedrock` job runs. AWS credentials come from the environment / AWS config."""
+
+    region: str = "us-west-2"
+    role_arn: str = Field(description="IAM role Bedrock assumes to read the data and write the output.")
+    s3_bucket: str = Field(description="Bucket for the converted data and the job output.")
+    s3_prefix: str = "tunejob"
+    endpoint_url: str | None = Field(None, description="Override the Bedrock and S3 endpoints (tests: moto server).")
+    early_stopping: bool = True
+    poll_interval: float = Field(60.0, gt=0)
+
+
 class JobSpec(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     backend: Literal["local", "openai", "bedrock"] = "local"
@@ -97,6 +124,8 @@ class JobSpec(_Section):
     quantization: Literal["none", "4bit"] = "none"
     checkpointing: Checkpointing = Field(default_factory=Checkpointing)
     output_dir: Path | None = Field(None, description="Run directory; defaults to runs/<name>.")
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    bedrock: BedrockSettings | None = None
 
     @model_validator(mode="after")
     def _combinations(self) -> "JobSpec":
@@ -115,14 +144,22 @@ class JobSpec(_Section):
 
     def to_yaml(self) -> str:
         """The resolved spec, as saved beside every run."""
-        data = self.model_dump(mode="json")
-        data["lora"]["alpha"] = self.lora.resolved_alpha
+        # Only the settings of this job's backend: an `openai` section beside backend local is an error.
+        exclude = {"openai"} if self.backend != "openai" else set()
+        if self.bedrock is None:
+            exclude.add("bedrock")
+        if self.backend != "local":
+            exclude.add("lora")
+        data = self.model_dump(mode="json", exclude=exclude)
+        if "lora" in data:
+            data["lora"]["alpha"] = self.lora.resolved_alpha
         return yaml.safe_dump(data, sort_keys=False)
 
 
 # Bedrock's documented ranges (shared/reference/api-fine-tuning-facts.md, 2026-11).
 BEDROCK_RANGES = {"epochs": (1, 10), "batch_size": (4, 256), "learning_rate_multiplier": (0.1, 2.0)}
 OPENAI_RANGES = {"epochs": (1, 50)}
+SECRET_KEYS = {"api_key", "apikey", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id"}
 
 
 def _combination_problems(spec: JobSpec) -> list[str]:
@@ -152,6 +189,12 @@ def _combination_problems(spec: JobSpec) -> list[str]:
                 f"hyperparameters.batch_size: {hp.batch_size} is not divisible by gradient_accumulation "
                 f"{hp.gradient_accumulation}; batch_size is the effective batch (micro-batch x accumulation)"
             )
+    if "openai" in set_fields and spec.backend != "openai":
+        problems.append(f"openai: settings for backend 'openai'; remove the section or set backend: openai")
+    if spec.backend == "bedrock" and spec.bedrock is None:
+        problems.append("bedrock: backend 'bedrock' needs a bedrock section with role_arn and s3_bucket")
+    if spec.bedrock is not None and spec.backend != "bedrock":
+        problems.append(f"bedrock: settings for backend 'bedrock'; remove the section or set backend: bedrock")
     ck = spec.checkpointing
     if ck.keep_best and ck.save_steps % ck.eval_steps:
         fixed = ck.eval_steps * max(1, round(ck.save_steps / ck.eval_steps))
@@ -298,7 +341,10 @@ def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple
         line = _line_for(lines, loc)
         where = f"{source}:{line}" if line else source
         kind, msg = err["type"], err["msg"]
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and str(loc[-1]).lower() in SECRET_KEYS:
+            problems.append(f"{where}: {key}: secrets never go in a job spec; put the key in an environment variable "
+                            "(openai.api_key_env names it, OPENAI_API_KEY by default; AWS credentials via the AWS environment)")
+        elif kind == "extra_forbidden":
             allowed = _allowed_keys(loc)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
