@@ -62,6 +62,9 @@ def test_faults_at_every_call_create_exactly_one_job(tmp_path, tiny_model):
         assert (tmp_path / "run" / "summary.json").is_file()
         assert run_cli("report", str(tmp_path / "run")).returncode == 0  # the report works for API jobs
         assert run_cli("diagnose", str(tmp_path / "run"), "--json").returncode == 0
+        for target in (record.id, summary["fine_tuned_model"]):  # chat through the provider
+            reply = run_cli("chat", target, "alpha beta", "--max-new-tokens", "4", env=env(tmp_path))
+            assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr
     finally:
         proxy.close()
         server.stop()

@@ -217,16 +217,23 @@ def demo(
 
 @app.command()
 def chat(
-    target: Annotated[str, typer.Argument(metavar="RUN_DIR|CHECKPOINT", help="A run directory (its best checkpoint) or a checkpoint.")],
+    target: Annotated[str, typer.Argument(metavar="RUN_DIR|CHECKPOINT|JOB_ID|MODEL_ID", help="A local run (its best checkpoint), a checkpoint, or an API job id / fine-tuned model id.")],
     message: Annotated[str, typer.Argument(help="The user message.")],
     system: Annotated[Optional[str], typer.Option(help="System prompt (default: the one the run trained with, if any).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 200,
 ) -> None:
     """Answer with the base model plus the run's adapter (greedy decoding)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    if not Path(target).exists():
+        from tunejob.runner import chat_api
+
+        reply = chat_api(target, messages, max_new_tokens)
+        if reply is not None:
+            print(reply)
+            return
     from tunejob.chat import answer, load_for_chat
 
     model, tokenizer = load_for_chat(target)
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     print(answer(model, tokenizer, messages, max_new_tokens))
 
 

@@ -35,3 +35,29 @@ def cancel_job(job_id: str) -> str:
     status = get_backend(record.backend).cancel(record)
     store.update(record.id, status=status)
     return status
+
+
+def chat_api(target: str, messages: list[dict], max_tokens: int) -> str | None:
+    """Answer through the provider when `target` is an API job id or its fine-tuned model name;
+    None when the job store knows no such job (the caller then treats it as a local run)."""
+    from tunejob.backends.openai_api import explain, make_client
+    from tunejob.errors import BackendError
+    from tunejob.spec import parse_spec
+
+    store = JobStore()
+    record = next((r for r in store.list() if target in (r.id, r.remote_id, r.detail.get("fine_tuned_model"))), None)
+    if record is None:
+        return None
+    if record.backend != "openai":
+        raise BackendError(f"{record.id}: chat with a {record.backend} custom model through its provider's console or runtime API")
+    model = target if target.startswith("ft:") else record.detail.get("fine_tuned_model")
+    if not model:
+        raise BackendError(f"{record.id} has no fine-tuned model yet (status {record.status})")
+    spec = parse_spec(record.spec)
+    import openai
+
+    try:
+        reply = make_client(spec.openai).chat.completions.create(model=model, messages=messages, max_tokens=max_tokens)
+    except openai.OpenAIError as exc:
+        raise explain(exc, spec.openai) from None
+    return reply.choices[0].message.content or ""
