@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import run_cli, write_chat_data
-from tunejob.memory import NF4_BYTES_PER_WEIGHT, estimate_memory
+from tunejob.memory import estimate_memory
 from tunejob.shapes import lora_parameters, shape_of
 
 

@@ -11,18 +11,13 @@ import math
 from pathlib import Path
 
 from tunejob import catalog, cost
-from tunejob.errors import DataError
 from tunejob.spec import JobSpec
 
 
 def _validated(path: Path, fmt: str = "openai", model: str | None = None):
-    from tunejob.validate import validate_file
+    from tunejob.validate import require_valid
 
-    report = validate_file(path, format=fmt, model=model, min_examples=1)
-    if not report.ok:
-        first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
-        raise DataError(f"{path}:{first.line or ''}: {first.message} ({report.errors} error(s)); run `tunejob validate {path}` for all of them")
-    return report
+    return require_valid(path, format=fmt, model=model)
 
 
 def token_counts(path: Path, model: str) -> tuple[list[int], bool]:

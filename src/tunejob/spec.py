@@ -190,11 +190,11 @@ def _combination_problems(spec: JobSpec) -> list[str]:
                 f"{hp.gradient_accumulation}; batch_size is the effective batch (micro-batch x accumulation)"
             )
     if "openai" in set_fields and spec.backend != "openai":
-        problems.append(f"openai: settings for backend 'openai'; remove the section or set backend: openai")
+        problems.append("openai: settings for backend 'openai'; remove the section or set backend: openai")
     if spec.backend == "bedrock" and spec.bedrock is None:
         problems.append("bedrock: backend 'bedrock' needs a bedrock section with role_arn and s3_bucket")
     if spec.bedrock is not None and spec.backend != "bedrock":
-        problems.append(f"bedrock: settings for backend 'bedrock'; remove the section or set backend: bedrock")
+        problems.append("bedrock: settings for backend 'bedrock'; remove the section or set backend: bedrock")
     ck = spec.checkpointing
     if ck.keep_best and ck.save_steps % ck.eval_steps:
         fixed = ck.eval_steps * max(1, round(ck.save_steps / ck.eval_steps))

@@ -41,14 +41,10 @@ def _say(msg: str) -> None:
 
 def load_splits(spec: JobSpec) -> tuple[list[dict], list[dict]]:
     """Validated train and validation examples (validation split off train when not given)."""
-    from tunejob.validate import validate_file
+    from tunejob.validate import require_valid
 
     for path in filter(None, [spec.data.train, spec.data.validation]):
-        report = validate_file(path, min_examples=1 if path == spec.data.validation else 2)
-        if not report.ok:
-            kinds = ", ".join(f"{k} x{n}" for k, n in report.counts.items() if n and k in report.problems and report.problems[k][0].severity == "error")
-            first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
-            raise DataError(f"{path}:{first.line or ''}: {first.message} ({report.errors} error(s): {kinds}); run `tunejob validate {path}` for all of them")
+        require_valid(path, min_examples=1 if path == spec.data.validation else 2)
     train = load_examples(spec.data.train)
     if spec.data.validation is not None:
         return train, load_examples(spec.data.validation)

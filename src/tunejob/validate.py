@@ -227,6 +227,21 @@ def validate_file(
     return report
 
 
+def require_valid(path: str | Path, format: Format = "openai", model: str | None = None, min_examples: int = 1) -> Report:
+    """Validate before work starts; a file with errors becomes one DataError naming the first
+    problem (file:line), the count by kind, and the command that lists them all."""
+    from tunejob.errors import DataError
+
+    report = validate_file(path, format=format, model=model, min_examples=min_examples)
+    if not report.ok:
+        first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
+        kinds = ", ".join(f"{k} x{n}" for k, n in report.counts.items() if n and KINDS[k][0] == "error")
+        flags = (f" --format {format}" if format != "openai" else "") + (f" --model {model}" if model else "")
+        raise DataError(f"{path}:{first.line or ''}: {first.message} ({report.errors} error(s): {kinds}); "
+                        f"run `tunejob validate {path}{flags}` for all of them")
+    return report
+
+
 def _example_kind(obj: object) -> str:
     if not isinstance(obj, dict):
         return "invalid"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tunejob.backends import RemoteRun, say
 from tunejob.dataset import as_messages, load_examples, split_examples
-from tunejob.errors import BackendError, DataError
+from tunejob.errors import BackendError
 from tunejob.jobstore import JobRecord, JobStore
 from tunejob.spec import BedrockSettings, JobSpec, parse_spec
 
@@ -65,13 +65,10 @@ class BedrockBackend:
     def submit(self, spec: JobSpec, store: JobStore) -> JobRecord:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from tunejob.validate import validate_file
+        from tunejob.validate import require_valid
 
         for path in filter(None, [spec.data.train, spec.data.validation]):
-            report = validate_file(path, format="bedrock")
-            if not report.ok:
-                first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
-                raise DataError(f"{path}:{first.line or ''}: {first.message}; run `tunejob validate {path} --format bedrock`")
+            require_valid(path, format="bedrock")
         settings = spec.bedrock
         record = store.create("bedrock", spec.name, spec.to_yaml(), spec.run_dir)
         say(f"job {record.id} recorded in {store.path} (re-attach any time: tunejob watch {record.id})")

@@ -19,7 +19,7 @@ from pathlib import Path
 from tunejob import catalog
 from tunejob.backends import TERMINAL, RemoteRun, metrics_records, say
 from tunejob.dataset import load_examples, split_examples, write_jsonl
-from tunejob.errors import BackendError, DataError
+from tunejob.errors import BackendError
 from tunejob.jobstore import JobRecord, JobStore
 from tunejob.spec import JobSpec, OpenAISettings, parse_spec
 
@@ -63,13 +63,10 @@ class OpenAIBackend:
     def submit(self, spec: JobSpec, store: JobStore) -> JobRecord:
         import openai
 
-        from tunejob.validate import validate_file
+        from tunejob.validate import require_valid
 
         for path in filter(None, [spec.data.train, spec.data.validation]):
-            report = validate_file(path, model=spec.model)
-            if not report.ok:
-                first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
-                raise DataError(f"{path}:{first.line or ''}: {first.message} ({report.errors} error(s)); run `tunejob validate {path} --model {spec.model}`")
+            require_valid(path, model=spec.model)
         settings = spec.openai
         client = make_client(settings)
         record = store.create("openai", spec.name, spec.to_yaml(), spec.run_dir)
