@@ -319,6 +319,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         loss_sum, correct = 0.0, 0
         for j in range(0, len(seqs), micro):
             batch = _to_device(collate(seqs[j : j + micro]), device)
+            state["tokens_processed"] = state.get("tokens_processed", 0) + int(batch["input_ids"].numel())  # padding included
             loss, _, c = forward_loss(model, batch)
             (loss / n_trained).backward()  # token-mean over the whole step, however it is split
             loss_sum += loss.detach().item()
@@ -376,6 +377,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         "best_step": state["best_step"], "best_valid_loss": state["best_valid_loss"],
         "best_checkpoint": str(ckpt.best_checkpoint(run_dir)) if ckpt.best_checkpoint(run_dir) else None,
         "trained_tokens": state["trained_tokens"], "tokens_seen": state["tokens_seen"], "wall_time_s": round(wall, 2),
+        "padding_fraction": round(1 - state["tokens_seen"] / state["tokens_processed"], 4) if state.get("tokens_processed") else None,
         "tokens_per_second": round(state["tokens_seen"] / max(state["elapsed_s"], 1e-9), 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1), "trainable_parameters": trainable, "total_parameters": total,
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs), "device": str(device),

@@ -1,0 +1,30 @@
+"""Each benchmark script runs end to end at tiny size (the figures come from full runs, not here)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke(tmp_path, tiny_model):
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--model", str(tiny_model), "--steps", "2",
+                           "--examples", "16", "--max-len", "128", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"trl-default", "trl-padding-free", "tunejob"}
+    for r in results.values():
+        assert r["real_tokens_per_s"] > 0 and r["final_valid_loss"] > 0 and r["peak_rss_mb"] > 0
+
+
+def test_validate_throughput_smoke(tmp_path):
+    out = tmp_path / "v.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "validate_throughput.py"), "--examples", "300", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["cookbook"]["tokens"] == r["tunejob"]["tokens"] and r["tunejob"]["examples"] == 300
