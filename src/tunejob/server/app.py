@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from tunejob import catalog
+from tunejob.errors import ModelError, TunejobError
 from tunejob.server.store import Store, new_id, owner_of, safe_filename
 from tunejob.server.worker import ACTIVE, Worker
 
@@ -83,6 +84,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(TunejobError)
+    async def _tunejob_error(request: Request, exc: TunejobError):
+        # e.g. a base model folder that cannot be loaded: the request names something unusable here
+        code = "model_not_available" if isinstance(exc, ModelError) else "invalid_request"
+        return _error(400, str(exc), "invalid_request_error", "model" if isinstance(exc, ModelError) else None, code)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
