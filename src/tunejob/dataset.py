@@ -78,6 +78,15 @@ def iter_raw_lines(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> It
             yield RawLine(number, data, len(data))
 
 
+def text_of(content: object) -> str:
+    """Message content as text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
 def as_messages(obj: dict) -> list[dict]:
     """The example as a chat message list (prompt/completion becomes user + assistant)."""
     if "messages" in obj:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunejob.dataset import text_of
+
 IGNORE = -100
 
 
@@ -44,13 +46,7 @@ def _render_ids(tokenizer, messages: list[dict], generation_prompt: bool = False
 
 def _plain(messages: list[dict]) -> list[dict]:
     """Messages as the template expects them: role and text content only."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        out.append({"role": m["role"], "content": content or ""})
-    return out
+    return [{"role": m["role"], "content": text_of(m.get("content"))} for m in messages]
 
 
 def encode_example(tokenizer, messages: list[dict], max_len: int, train_on: str = "assistant", index: int = 0) -> Sequence:

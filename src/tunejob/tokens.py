@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tunejob import catalog
+from tunejob.dataset import text_of
 
 # Pattern strings and special tokens as in tiktoken_ext/openai_public.py (tiktoken 0.14.0).
 _PAT_CL100K = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
@@ -108,12 +109,8 @@ def load_encoding(name: str):
 
 
 def _text(value: object) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # content parts
-        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str))
-    if value is None:
-        return ""
+    if isinstance(value, (str, list)) or value is None:  # content: a string or text parts
+        return text_of(value)
     return json.dumps(value, ensure_ascii=False)  # tool_calls: OpenAI's exact rendering is undocumented
 
 

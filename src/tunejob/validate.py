@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from tunejob import catalog
-from tunejob.dataset import MAX_LINE_BYTES, as_messages, iter_raw_lines
+from tunejob.dataset import MAX_LINE_BYTES, as_messages, iter_raw_lines, text_of
 from tunejob.tokens import TokenCounter, counter_for
 
 Format = Literal["openai", "bedrock"]
@@ -314,7 +314,7 @@ def _check_message(msg: object, i: int, fmt: Format, line: int, report: Report) 
     has_calls = bool(msg.get("tool_calls") or msg.get("function_call"))
     content = msg.get("content")
     # An assistant turn that only calls a tool has content null; anything else needs text.
-    if "content" in msg and not (content is None and has_calls) and not _text_of(content).strip():
+    if "content" in msg and not (content is None and has_calls) and not text_of(content).strip():
         report.add("missing_content", line, f"{where} ({_show(role)}) has empty or non-text content")
     if "weight" in msg and (msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool) or role != "assistant"):
         report.add("invalid_weight", line, f"{where} has weight {_show(msg['weight'])} on a {_show(role)} message")
@@ -327,15 +327,6 @@ def _show(value: object) -> str:
     escapes) and lone surrogates cannot reach the terminal raw; long values are cut."""
     text = json.dumps(value, ensure_ascii=True, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _text_of(content: object) -> str:
-    """Content as text: a string, or OpenAI's list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def _valid_tool_calls(calls: object) -> bool:

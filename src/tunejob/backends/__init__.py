@@ -14,7 +14,6 @@ metrics.jsonl, summary.json), so `tunejob diagnose` and `tunejob report` work on
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -109,6 +108,3 @@ def metrics_records(data: dict) -> list[dict]:
                     "full_valid_loss": data.get("full_valid_loss"), "full_valid_mean_token_accuracy": data.get("full_valid_mean_token_accuracy")})
     return out
 
-
-def dump(obj) -> str:
-    return json.dumps(obj, default=str)
