@@ -409,4 +409,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             return StreamingResponse(events(), media_type="text/event-stream")
         return inference.complete(model, tokenizer, messages, name, **args)
 
+    # The web dashboard at / (server-rendered pages); its chat form calls chat_completions in-process.
+    from tunejob.server.dashboard import mount_dashboard
+
+    app.state.chat_completions = chat_completions
+    mount_dashboard(app, config)
     return app

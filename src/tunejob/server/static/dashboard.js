@@ -1,0 +1,65 @@
+// tunejob dashboard: loss charts drawn by plotly.js (served from the installed plotly package).
+"use strict";
+
+function tjTraces(series, label) {
+  const t = [];
+  const pre = label ? label + ": " : "";
+  if (series.train && series.train.length) {
+    t.push({x: series.train.map(p => p[0]), y: series.train.map(p => p[1]), mode: "lines", name: pre + "training loss",
+            line: {color: "#1f77b4", width: 1.5}});
+  }
+  if (series.valid && series.valid.length) {
+    t.push({x: series.valid.map(p => p[0]), y: series.valid.map(p => p[1]), mode: "lines+markers", name: pre + "validation loss",
+            line: {color: "#d62728", width: 2}});
+  }
+  if (series.best_step !== null && series.best_step !== undefined && series.best_valid_loss !== null) {
+    t.push({x: [series.best_step], y: [series.best_valid_loss], mode: "markers", name: "best checkpoint (step " + series.best_step + ")",
+            marker: {symbol: "star", size: 16, color: "#2ca02c"}});
+  }
+  return t;
+}
+
+const TJ_LAYOUT = {margin: {t: 30, r: 20, b: 45, l: 55}, xaxis: {title: {text: "step"}}, yaxis: {title: {text: "loss"}},
+                   legend: {orientation: "h", y: -0.25}};
+
+// The number of points drawn in a chart (tests read it).
+function tjPointCount(id) {
+  const el = document.getElementById(id);
+  return (el && el.data) ? el.data.reduce((n, t) => n + t.x.length, 0) : 0;
+}
+
+// Polls the job's metric events; when the job stops (finished, failed, cancelled, paused) the page
+// reloads once so that the server-rendered diagnosis, checkpoints and events are the final ones.
+function tjLiveChart(id, url, intervalMs) {
+  const el = document.getElementById(id);
+  const s0 = document.getElementById("status");
+  const active = s0 && ["queued", "running", "validating_files"].includes(s0.textContent);
+  let timer = null;
+  async function tick() {
+    let data;
+    try {
+      const r = await fetch(url, {credentials: "same-origin"});
+      if (!r.ok) return;
+      data = await r.json();
+    } catch (e) { return; }
+    Plotly.react(el, tjTraces(data, ""), TJ_LAYOUT, {displaylogo: false, responsive: true});
+    el.dataset.points = String(tjPointCount(id));
+    const p = document.getElementById("progress");
+    if (p) p.textContent = data.steps_done + " / " + (data.total_steps === null ? "?" : data.total_steps) + " steps";
+    const s = document.getElementById("status");
+    if (s) s.textContent = data.status;
+    if (["succeeded", "failed", "cancelled", "paused"].includes(data.status) && timer) {
+      clearInterval(timer); timer = null;
+      if (active) location.reload();
+    }
+  }
+  tick();
+  timer = setInterval(tick, intervalMs);
+}
+
+function tjCompareChart(id, a, b) {
+  const ta = {x: a.valid.map(p => p[0]), y: a.valid.map(p => p[1]), mode: "lines+markers", name: a.label, line: {color: "#d62728"}};
+  const tb = {x: b.valid.map(p => p[0]), y: b.valid.map(p => p[1]), mode: "lines+markers", name: b.label, line: {color: "#9467bd"}};
+  Plotly.newPlot(document.getElementById(id), [ta, tb], {...TJ_LAYOUT, yaxis: {title: {text: "validation loss"}}},
+                 {displaylogo: false, responsive: true});
+}
