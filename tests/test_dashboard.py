@@ -7,7 +7,11 @@ Screenshots land in the test's tmp dir and in /tmp/dashboard-shots/ for review.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_chat_data
+from tunejob.metrics import read_metrics
 from test_serve import KEY_A, KEY_B, Server, client, wait_status
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -24,6 +29,8 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-net
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
 if not CHROMIUM.is_file():
+    if os.environ.get("CI"):  # .ci/run installs it: a skip there would hide the browser tests
+        pytest.fail("/usr/bin/chromium is missing in CI: .ci/run should apt-get install chromium", pytrace=False)
     pytest.skip("/usr/bin/chromium is missing: apt-get install -y chromium", allow_module_level=True)
 
 
@@ -73,8 +80,8 @@ def test_dashboard_pages(browser, server, tmp_path):
     c = client(server)
     train = write_chat_data(tmp_path / "train.jsonl", 64)
     f = c.files.create(file=open(train, "rb"), purpose="fine-tune")
-    # batch 1, 2 epochs: 128 steps, long enough to watch the chart grow; an eval every 8 steps
-    job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters={"n_epochs": 2, "batch_size": 1},
+    # batch 1, 50 epochs: 3,200 steps, far longer than the test watches (it cancels the job); an eval every 8 steps
+    job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters={"n_epochs": 50, "batch_size": 1},
                                     extra_body={"tunejob": {"lora": {"r": 4}, "checkpointing": {"eval_steps": 8, "save_steps": 8}}})
     wait_status(c, job.id, ("running",), timeout=120)
 
@@ -91,21 +98,19 @@ def test_dashboard_pages(browser, server, tmp_path):
     before = points(page)
     page.wait_for_function(f"tjPointCount('chart') > {before}", timeout=120_000)  # the page polls; no reload
     assert points(page) > before
-    deadline = time.time() + 120  # a checkpoint (step 8, with an evaluation) before cancelling
-    while not c.fine_tuning.jobs.checkpoints.list(job.id).data and time.time() < deadline:
-        time.sleep(0.3)
-    page.wait_for_timeout(2 * 1500)  # two polls: the validation point and the best marker are drawn
+    # the diagnosis and the checkpoints fill in while the job trains, without a reload
+    page.wait_for_selector("#verdict", timeout=120_000)
+    page.wait_for_function("document.querySelectorAll('#checkpoints tbody tr').length >= 1", timeout=120_000)
+    assert page.locator("#status").inner_text() == "running"
+    assert page.locator("#verdict").inner_text().startswith("Verdict: ")
     shot(page, tmp_path, "2-job-running")
 
-    # finish quickly: cancel, then the page shows the final state, the diagnosis and the checkpoints
+    # cancel: the page's next poll shows the final state, then it stops polling
     c.fine_tuning.jobs.cancel(job.id)
     wait_status(c, job.id, ("cancelled",), timeout=60)
-    page.reload()
-    page.wait_for_function("tjPointCount('chart') > 0")
-    page.wait_for_function("document.getElementById('status').textContent === 'cancelled'")
-    assert page.locator("#status").inner_text() == "cancelled"
-    assert page.locator("#verdict").inner_text().startswith("Verdict: ")
+    page.wait_for_function("document.getElementById('status').textContent === 'cancelled'", timeout=30_000)
     assert page.locator("#checkpoints tbody tr").count() >= 1
+    assert "training examples" in page.locator("#data").inner_text()
     page.locator("#diagnosis").scroll_into_view_if_needed()
     shot(page, tmp_path, "3-job-diagnosis")
 
@@ -177,3 +182,84 @@ def test_plotly_is_served_from_the_package(server):
     assert b"plotly.js" in body
     page = urllib.request.urlopen(base(server) + "/login").read().decode()
     assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
+
+
+def test_local_dashboard_over_run_directories(browser, tmp_path, tiny_model):
+    """`tunejob dashboard RUN_DIR RUN_DIR`: a finished run with an early stop, and a second run to compare."""
+    from conftest import run_cli
+    from test_train import random_pairs, write_spec
+
+    runs = []
+    for name, seed in (("overfit", 1), ("other", 3)):
+        train, val = random_pairs(tmp_path / f"{name}-t.jsonl", 16, seed=seed), random_pairs(tmp_path / f"{name}-v.jsonl", 8, seed=seed + 1)
+        spec = write_spec(tmp_path / f"{name}.yaml", tiny_model, train, tmp_path / name,
+                          "hyperparameters: {epochs: 40, batch_size: 4, learning_rate: 0.01, max_seq_len: 64, warmup: 0}\n"
+                          "lora: {r: 16, target_modules: all-linear, dropout: 0}\n"
+                          "checkpointing: {eval_steps: 8, save_steps: 8, early_stopping_patience: 2}\n", validation=val)
+        res = run_cli("run", str(spec))
+        assert res.returncode == 0, res.stderr
+        runs.append((tmp_path / name, json.loads(res.stdout)))
+    (run, summary), _ = runs
+    assert summary["stop_reason"] == "early_stopping"
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tunejob", "dashboard", str(runs[0][0]), str(runs[1][0]), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/")
+        ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+        page = ctx.new_page()
+        page.goto(url + "/")  # no login for local runs
+        row = page.locator("#jobs tr:has-text('overfit')")
+        assert "succeeded (early stop)" in row.inner_text() and f"{summary['steps']} / {summary['total_steps']}" in row.inner_text()
+        shot(page, tmp_path, "8-local-runs")
+
+        page.click("#jobs a:has-text('overfit')")
+        page.wait_for_function("tjPointCount('chart') > 0")
+        trains = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+        evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
+        assert points(page) == len(trains) + len(evals) + 1  # + the best-checkpoint star
+        assert page.evaluate("document.getElementById('chart').layout.shapes[0].x0") == summary["steps"]  # the early stop line
+        assert page.locator("#verdict").inner_text() == "Verdict: overfitting"
+        assert f"{summary['best_step']} ★ best" in page.locator("#checkpoints").inner_text()
+        shot(page, tmp_path, "9-local-run")
+
+        best = page.locator(f"#checkpoints tbody tr:has-text('★ best')")
+        best.locator("input[name=message]").fill("alpha beta")
+        best.locator("button").click()
+        page.wait_for_selector("#answer", timeout=120_000)
+
+        page.goto(url + "/compare?a=overfit&b=other")
+        page.wait_for_function("tjPointCount('chart') > 2")
+        assert page.evaluate("document.getElementById('chart').data.length") == 2
+        shot(page, tmp_path, "10-local-compare")
+        ctx.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_local_dashboard_refuses_a_directory_that_is_not_a_run(tmp_path):
+    from conftest import run_cli
+
+    res = run_cli("dashboard", str(tmp_path))
+    assert res.returncode == 2 and "not a run directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except (urllib.error.URLError, ConnectionError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)

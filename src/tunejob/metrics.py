@@ -59,6 +59,8 @@ class LineSink:
             )
         elif record["kind"] == "eval":
             line = f"step {step}/{self.total}  valid_loss {record['valid_loss']:.4f}  acc {record['valid_mean_token_accuracy']:.3f}"
+        elif record["kind"] == "start":
+            return  # the trainer has printed the same line already
         else:
             line = f"step {step}: {record.get('message', record['kind'])}"
         print(line, file=self.stream, flush=True)

@@ -37,3 +37,18 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
                           models=extra, max_upload_bytes=int(max_upload_mb * 2**20))
     print(f"tunejob serve: http://{host}:{port}/v1 (data in {data_dir}, {len(config.api_keys)} key(s))", file=sys.stderr, flush=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+
+
+def dashboard(run_dirs: list[Path], host: str, port: int) -> None:
+    """`tunejob dashboard`: the web pages over local run directories (no login; see dashboard.py)."""
+    import uvicorn
+
+    from tunejob.server.dashboard import local_dashboard
+
+    missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").is_file() and not (d / "config.yaml").is_file()]
+    if missing:
+        raise TunejobError(f"not a run directory (no metrics.jsonl or config.yaml): {', '.join(missing)}; pass what `tunejob run` wrote, e.g. runs/demo")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the dashboard has no login; anyone who reaches {host}:{port} sees these runs", file=sys.stderr)
+    print(f"tunejob dashboard: http://{host}:{port}/ ({len(run_dirs)} run(s))", file=sys.stderr, flush=True)
+    uvicorn.run(local_dashboard(list(run_dirs)), host=host, port=port, log_level="warning")

@@ -22,18 +22,34 @@ function tjTraces(series, label) {
 const TJ_LAYOUT = {margin: {t: 30, r: 20, b: 45, l: 55}, xaxis: {title: {text: "step"}}, yaxis: {title: {text: "loss"}},
                    legend: {orientation: "h", y: -0.25}};
 
+// The early stop as a dashed vertical line with a label.
+function tjLayout(series) {
+  if (series.early_stop_step === null || series.early_stop_step === undefined) return TJ_LAYOUT;
+  const x = series.early_stop_step;
+  return {...TJ_LAYOUT,
+          shapes: [{type: "line", x0: x, x1: x, yref: "paper", y0: 0, y1: 1, line: {dash: "dash", color: "#555"}}],
+          annotations: [{x: x, yref: "paper", y: 1, text: "early stop (step " + x + ")", showarrow: false, yanchor: "bottom"}]};
+}
+
 // The number of points drawn in a chart (tests read it).
 function tjPointCount(id) {
   const el = document.getElementById(id);
   return (el && el.data) ? el.data.reduce((n, t) => n + t.x.length, 0) : 0;
 }
 
-// Polls the job's metric events; when the job stops (finished, failed, cancelled, paused) the page
-// reloads once so that the server-rendered diagnosis, checkpoints and events are the final ones.
-function tjLiveChart(id, url, intervalMs) {
+// Replaces a server-rendered section when it changed (an unchanged one keeps what the user typed).
+function tjSwap(id, htmlText) {
+  const box = document.getElementById(id);
+  if (box && typeof htmlText === "string" && box.dataset.html !== htmlText && !box.contains(document.activeElement)) {
+    box.innerHTML = htmlText;
+    box.dataset.html = htmlText;
+  }
+}
+
+// Draws the chart; while the job is active, polls its metrics (chart, diagnosis, checkpoints, data,
+// events) and stops polling when the job stops.
+function tjLiveChart(id, url, intervalMs, active) {
   const el = document.getElementById(id);
-  const s0 = document.getElementById("status");
-  const active = s0 && ["queued", "running", "validating_files"].includes(s0.textContent);
   let timer = null;
   async function tick() {
     let data;
@@ -42,19 +58,18 @@ function tjLiveChart(id, url, intervalMs) {
       if (!r.ok) return;
       data = await r.json();
     } catch (e) { return; }
-    Plotly.react(el, tjTraces(data, ""), TJ_LAYOUT, {displaylogo: false, responsive: true});
-    el.dataset.points = String(tjPointCount(id));
+    Plotly.react(el, tjTraces(data, ""), tjLayout(data), {displaylogo: false, responsive: true});
     const p = document.getElementById("progress");
     if (p) p.textContent = data.steps_done + " / " + (data.total_steps === null ? "?" : data.total_steps) + " steps";
     const s = document.getElementById("status");
     if (s) s.textContent = data.status;
-    if (["succeeded", "failed", "cancelled", "paused"].includes(data.status) && timer) {
+    for (const part of ["diagnosis", "checkpoints", "data", "events"]) tjSwap(part + "-box", data.html[part]);
+    if (!["queued", "running", "validating_files"].includes(data.status) && timer) {
       clearInterval(timer); timer = null;
-      if (active) location.reload();
     }
   }
   tick();
-  timer = setInterval(tick, intervalMs);
+  if (active) timer = setInterval(tick, intervalMs);
 }
 
 function tjCompareChart(id, a, b) {
