@@ -74,13 +74,37 @@ def run(
     spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="The job spec.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec field: key.sub=value (repeatable).")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the last checkpoint (default: when one exists).")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Worker processes on this node (sets distributed.processes); launched through accelerate.")] = None,
 ) -> None:
     """Run a fine-tuning job; prints the summary as JSON on stdout."""
+    from tunejob import distributed
     from tunejob.runner import run_job
     from tunejob.spec import load_spec
 
-    summary = run_job(load_spec(spec_path, set_), resume=resume)
-    print(json.dumps(summary, indent=2))
+    overrides = list(set_ or []) + ([f"distributed.processes={nproc}"] if nproc else [])
+    spec = load_spec(spec_path, overrides)
+    if spec.backend == "local" and spec.distributed.world_size > 1 and not distributed.in_worker():
+        summary = distributed.run_workers(spec, spec_path, overrides, resume)
+    else:
+        summary = run_job(spec, resume=resume)
+    if not distributed.in_worker():  # the launching process prints the summary once, for all workers
+        print(json.dumps(summary, indent=2))
+
+
+@app.command("distributed-config")
+def distributed_config(
+    spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="The job spec (its distributed section).")],
+    out: Annotated[Path, typer.Option(help="Where to write the accelerate config.")] = Path("accelerate_config.yaml"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec field: key.sub=value (repeatable).")] = None,
+    layer_class: Annotated[Optional[str], typer.Option(help="FSDP: the decoder block class to wrap (default LlamaDecoderLayer).")] = None,
+) -> None:
+    """Write the accelerate config (DDP, FSDP or DeepSpeed ZeRO) for the spec, checked by accelerate's own classes."""
+    from tunejob.distributed import write_accelerate_config
+    from tunejob.spec import load_spec
+
+    path = write_accelerate_config(load_spec(spec_path, set_), out, layer_class)
+    print(path)
+    _err(f"run it on each node: accelerate launch --config_file {path} --machine_rank N YOUR_SCRIPT.py")
 
 
 @app.command()
@@ -200,6 +224,18 @@ def serve(
     from tunejob.server.run import serve as _serve
 
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb)
+
+
+@app.command()
+def dashboard(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories written by `tunejob run`.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (the dashboard has no login: keep it local).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+) -> None:
+    """Web dashboard for local runs: live loss charts, diagnosis, checkpoints (chat), compare, upload."""
+    from tunejob.server.run import dashboard as _dashboard
+
+    _dashboard(run_dirs, host, port)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunejob.errors import SpecError
 
@@ -52,10 +52,19 @@ class Hyperparameters(_Section):
     max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Tokens per example; longer ones are truncated.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
     weight_decay: float = Field(0.0, ge=0)
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="Local backend: bf16 autocast of the forward pass (adapter and optimizer stay fp32)."
+    )
     seed: int = Field(42, description="Training seed (initialisation, shuffling, dropout).")
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Compute the loss on assistant tokens only, or on every token."
     )
+
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
 
 
 class LoraSpec(_Section):
@@ -85,6 +94,21 @@ class Checkpointing(_Section):
     )
     keep_best: bool = Field(True, description="The checkpoint with the lowest validation loss is the result.")
     keep_last: int | None = Field(None, ge=1, description="Keep only the last N checkpoints (plus best).")
+
+
+class DistributedSettings(_Section):
+    processes: int = Field(1, ge=1, le=1024, description="Worker processes per node: one per GPU; on CPU, gloo processes.")
+    nodes: int = Field(1, ge=1, le=4096, description="Machines; run the same command on each with its node_rank.")
+    node_rank: int = Field(0, ge=0, description="This machine's rank (0 is the main node, which writes the run directory).")
+    main_process_ip: str | None = Field(None, description="Address of node 0; needed when nodes > 1.")
+    main_process_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on node 0.")
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
+        "ddp", description="ddp (the adapter replicated, gradients summed) runs here; fsdp / deepspeed-* generate accelerate configs."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.nodes
 
 
 class OpenAISettings(_Section):
@@ -123,6 +147,7 @@ class JobSpec(_Section):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantization: Literal["none", "4bit"] = "none"
     checkpointing: Checkpointing = Field(default_factory=Checkpointing)
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     output_dir: Path | None = Field(None, description="Run directory; defaults to runs/<name>.")
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     bedrock: BedrockSettings | None = None
@@ -149,7 +174,7 @@ class JobSpec(_Section):
         if self.bedrock is None:
             exclude.add("bedrock")
         if self.backend != "local":
-            exclude.add("lora")
+            exclude |= {"lora", "distributed"}
         data = self.model_dump(mode="json", exclude=exclude)
         if "lora" in data:
             data["lora"]["alpha"] = self.lora.resolved_alpha
@@ -173,6 +198,8 @@ def _combination_problems(spec: JobSpec) -> list[str]:
             problems.append(f"lora: the {spec.backend} service chooses its own adapter; remove the lora section or use backend 'local'")
         if hp.learning_rate != "auto":
             problems.append("hyperparameters.learning_rate: API backends take learning_rate_multiplier instead; set that (or 'auto')")
+        if hp.mixed_precision != "no":
+            problems.append(f"hyperparameters.mixed_precision: the {spec.backend} service picks its own precision; remove it or use backend 'local'")
         if spec.model == "default":
             example = "gpt-4o-mini-2024-07-18" if spec.backend == "openai" else "anthropic.claude-3-haiku-20240307-v1:0"
             problems.append(f"model: name the {spec.backend} base model to fine-tune, e.g. {example}")
@@ -184,11 +211,22 @@ def _combination_problems(spec: JobSpec) -> list[str]:
     else:
         if hp.learning_rate_multiplier != "auto":
             problems.append("hyperparameters.learning_rate_multiplier: only for API backends; set learning_rate for 'local'")
-        if isinstance(hp.batch_size, int) and hp.batch_size % hp.gradient_accumulation:
+        world = spec.distributed.world_size
+        if isinstance(hp.batch_size, int) and hp.batch_size % (hp.gradient_accumulation * world):
+            per = hp.gradient_accumulation * world
+            fixed = per * max(1, round(hp.batch_size / per))
             problems.append(
-                f"hyperparameters.batch_size: {hp.batch_size} is not divisible by gradient_accumulation "
-                f"{hp.gradient_accumulation}; batch_size is the effective batch (micro-batch x accumulation)"
+                f"hyperparameters.batch_size: {hp.batch_size} is not divisible by gradient_accumulation {hp.gradient_accumulation}"
+                + (f" x {world} processes" if world > 1 else "")
+                + f"; batch_size is the effective batch (micro-batch x accumulation{' x processes' if world > 1 else ''}): set it to {fixed}"
             )
+        d = spec.distributed
+        if d.nodes > 1 and not d.main_process_ip:
+            problems.append("distributed.main_process_ip: with nodes > 1, give node 0's address (the same on every node)")
+        if d.node_rank >= d.nodes:
+            problems.append(f"distributed.node_rank: {d.node_rank} must be below nodes ({d.nodes}); node ranks run 0..{d.nodes - 1}")
+    if "distributed" in set_fields and spec.backend != "local":
+        problems.append(f"distributed: the {spec.backend} service places its own training; remove the section or use backend 'local'")
     if "openai" in set_fields and spec.backend != "openai":
         problems.append("openai: settings for backend 'openai'; remove the section or set backend: openai")
     if spec.backend == "bedrock" and spec.bedrock is None:

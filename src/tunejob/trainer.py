@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tunejob import checkpoint as ckpt
+from tunejob import distributed
 from tunejob.dataset import load_examples, split_examples
 from tunejob.errors import BackendError, DataError, ModelError
 from tunejob.live import make_console_sink
@@ -158,18 +159,28 @@ def forward_loss(model, batch: dict) -> tuple[torch.Tensor, int, int]:
     return loss, int(mask.sum()), correct
 
 
-def evaluate(model, sequences, collate, micro_batch: int, device) -> tuple[float, float]:
+def evaluate(model, sequences, collate, micro_batch: int, device, world: distributed.World | None = None,
+             bf16: bool = False) -> tuple[float, float]:
+    """(token-mean loss, token accuracy) over the whole split; with several processes each rank
+    takes every world.size-th example and the sums are all-reduced, so every rank gets the total."""
+    world = world or distributed.World(device=device)
     model.eval()
     total_loss, total_tokens, total_correct = 0.0, 0, 0
-    with torch.no_grad():
-        for i in range(0, len(sequences), micro_batch):
-            batch = _to_device(collate(sequences[i : i + micro_batch]), device)
+    mine = sequences[world.rank :: world.size]
+    with torch.no_grad(), _autocast(device, bf16):
+        for i in range(0, len(mine), micro_batch):
+            batch = _to_device(collate(mine[i : i + micro_batch]), device)
             loss, tokens, correct = forward_loss(model, batch)
             total_loss += loss.item()
             total_tokens += tokens
             total_correct += correct
     model.train()
+    total_loss, total_tokens, total_correct = distributed.sum_(world, [total_loss, total_tokens, total_correct])
     return total_loss / max(total_tokens, 1), total_correct / max(total_tokens, 1)
+
+
+def _autocast(device, bf16: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -206,26 +217,42 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, config_yaml: str) -> Path:
+def _torch_save(obj, path: Path) -> None:
+    # Given a path, torch.save reports a full disk as a bare RuntimeError ("unexpected pos 6976 vs
+    # 6868"); given a Python file, the ENOSPC OSError stays attached, so the save can say "disk full".
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def write_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, config_yaml: str, world: distributed.World | None = None) -> Path | None:
+    """Rank 0 writes (the others' RNG states are gathered into rng.pt); every rank waits for the save."""
+    world = world or distributed.World()
+    rng = distributed.gather_objects(world, _rng_state())
+
     def contents(tmp: Path) -> None:
         model.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(rng[0] if len(rng) == 1 else {"ranks": rng}, tmp / "rng.pt")
         (tmp / "config.yaml").write_text(config_yaml)
         ckpt.write_json_atomic(tmp / "state.json", state)  # last: marks the contents complete
 
-    return ckpt.save_checkpoint(run_dir, state["step"], contents)
+    path = ckpt.save_checkpoint(run_dir, state["step"], contents) if world.is_main else None
+    distributed.barrier(world)
+    return path
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def restore_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    if "ranks" in rng:  # written by several processes: this rank's own (or rank 0's, if there are now more ranks)
+        rng = rng["ranks"][rank] if rank < len(rng["ranks"]) else rng["ranks"][0]
+    _set_rng_state(rng)
     return ckpt.read_state(path)
 
 
@@ -251,17 +278,23 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
 
     hp, cp = spec.hyperparameters, spec.checkpointing
     run_dir = spec.run_dir
+    distributed.check_strategy(spec.distributed.strategy, spec.distributed.world_size)
+    world = distributed.join()
+    if not world.is_main:  # one voice: rank 0 prints, writes metrics, checkpoints and the summary
+        say = lambda *_: None  # noqa: E731
+    bf16 = hp.mixed_precision == "bf16"
     existing = ckpt.last_checkpoint(run_dir)
     if existing is not None and resume is False:
         raise BackendError(f"{run_dir} already holds checkpoints (latest {existing.name}); resume it, or pick another output_dir")
     resuming = existing is not None and resume is not False
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = spec.to_yaml()
-    (run_dir / "config.yaml").write_text(config_yaml)
+    if world.is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
 
     torch.manual_seed(hp.seed)
     random.seed(hp.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = world.device
     train_examples, val_examples = load_splits(spec)
     model_path = model_path or resolve_model_path(spec.model)
     tokenizer = load_tokenizer(model_path)
@@ -277,7 +310,8 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
 
     batch_size = 8 if hp.batch_size == "auto" else hp.batch_size
     epochs = 3 if hp.epochs == "auto" else hp.epochs
-    micro = max(1, batch_size // hp.gradient_accumulation)
+    # the effective batch stays batch_size however many processes share it (the spec checks divisibility)
+    micro = max(1, batch_size // (hp.gradient_accumulation * world.size))
     steps_per_epoch = math.ceil(len(train_seqs) / batch_size)
     total_steps = epochs * steps_per_epoch
     if hp.max_steps:
@@ -286,6 +320,8 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
 
     model = add_lora(spec, load_model(spec, model_path, device))
     trainable, total = count_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(world, params)
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.resolved_learning_rate(), weight_decay=hp.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
@@ -293,7 +329,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
 
     state = {"step": 0, "best_step": None, "best_valid_loss": None, "evals_without_improvement": 0, "tokens_seen": 0, "trained_tokens": 0, "elapsed_s": 0.0}
     if resuming:
-        state = restore_checkpoint(existing, model, optimizer, scheduler)
+        state = restore_checkpoint(existing, model, optimizer, scheduler, rank=world.rank)
         say(f"resuming from {existing} (step {state['step']})")
         changed = _changed_keys((existing / "config.yaml").read_text(), config_yaml)
         if changed:
@@ -302,8 +338,13 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         JsonlSink(run_dir / "metrics.jsonl", truncate_after_step=state["step"]),
         TensorBoardSink(run_dir / "tensorboard", purge_step=state["step"] + 1 if resuming else None),
         make_console_sink(total_steps),
-    ])
-    say(f"training {len(train_seqs)} examples, validating on {len(val_seqs)}: {total_steps} steps of {batch_size} ({micro} x {hp.gradient_accumulation}), {epochs} epoch(s), on {device}")
+    ] if world.is_main else [])
+    per_step = f"{micro} x {hp.gradient_accumulation}" + (f" x {world.size} processes" if world.distributed else "")
+    plan_line = f"training {len(train_seqs)} examples, validating on {len(val_seqs)}: {total_steps} steps of {batch_size} ({per_step}), {epochs} epoch(s), on {device}"
+    say(plan_line)
+    # The run's shape in the stream itself, so readers (dashboard, watch) need no log parsing.
+    stream.emit({"kind": "start", "step": state["step"], "total_steps": total_steps, "train_examples": len(train_seqs),
+                 "validation_examples": len(val_seqs), "trainable_parameters": trainable, "total_parameters": total, "message": plan_line})
 
     lengths = [len(s.input_ids) for s in train_seqs]
     model.train()
@@ -315,15 +356,20 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         step += 1
         t0 = time.time()
         seqs = [train_seqs[i] for i in batch_ids]
-        n_trained = sum(s.trained_tokens for s in seqs)
-        loss_sum, correct = 0.0, 0
-        for j in range(0, len(seqs), micro):
-            batch = _to_device(collate(seqs[j : j + micro]), device)
-            state["tokens_processed"] = state.get("tokens_processed", 0) + int(batch["input_ids"].numel())  # padding included
-            loss, _, c = forward_loss(model, batch)
-            (loss / n_trained).backward()  # token-mean over the whole step, however it is split
+        n_trained = sum(s.trained_tokens for s in seqs)  # of the global batch: every rank knows it
+        mine = seqs[world.rank :: world.size]
+        loss_sum, correct, processed = 0.0, 0, 0
+        for j in range(0, len(mine), micro):
+            batch = _to_device(collate(mine[j : j + micro]), device)
+            processed += int(batch["input_ids"].numel())  # padding included
+            with _autocast(device, bf16):
+                loss, _, c = forward_loss(model, batch)
+            (loss / n_trained).backward()  # token-mean over the whole global step, however it is split
             loss_sum += loss.detach().item()
             correct += c
+        distributed.sum_gradients(world, params)  # the one-process gradient of the global batch
+        loss_sum, correct, processed = distributed.sum_(world, [loss_sum, correct, processed])
+        state["tokens_processed"] = state.get("tokens_processed", 0) + int(processed)
         train_loss = loss_sum / n_trained
         if not math.isfinite(train_loss):
             stop_reason = "nan_loss"
@@ -345,7 +391,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         })
         new_best = False
         if step % cp.eval_steps == 0 or step == total_steps:
-            valid_loss, valid_acc = evaluate(model, val_seqs, collate, micro, device)
+            valid_loss, valid_acc = evaluate(model, val_seqs, collate, micro, device, world, bf16)
             stream.emit({"kind": "eval", "step": step, "epoch": round(step / steps_per_epoch, 4), "valid_loss": valid_loss,
                          "valid_mean_token_accuracy": valid_acc, "full_valid_loss": valid_loss, "full_valid_mean_token_accuracy": valid_acc,
                          "elapsed_s": round(time.time() - started, 3)})
@@ -357,12 +403,13 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         state["step"], state["elapsed_s"] = step, time.time() - started
         stop_early = bool(cp.early_stopping_patience) and state["evals_without_improvement"] >= cp.early_stopping_patience
         if step % cp.save_steps == 0 or (new_best and cp.keep_best) or step == total_steps or stop_early:
-            path = write_checkpoint(run_dir, model, optimizer, scheduler, dict(state, epoch=step / steps_per_epoch), config_yaml)
-            stream.emit({"kind": "checkpoint", "step": step, "message": f"checkpoint {path.name}" + (" (best)" if new_best else "")})
-            if new_best:
-                ckpt.mark_best(run_dir, path, step, state["best_valid_loss"])
-            best = run_dir / "best"
-            ckpt.prune(run_dir, cp.keep_last, {best.resolve()} if best.exists() else set())
+            path = write_checkpoint(run_dir, model, optimizer, scheduler, dict(state, epoch=step / steps_per_epoch), config_yaml, world)
+            if world.is_main:
+                stream.emit({"kind": "checkpoint", "step": step, "message": f"checkpoint {path.name}" + (" (best)" if new_best else "")})
+                if new_best:
+                    ckpt.mark_best(run_dir, path, step, state["best_valid_loss"])
+                best = run_dir / "best"
+                ckpt.prune(run_dir, cp.keep_last, {best.resolve()} if best.exists() else set())
         if stop_early:
             stop_reason = "early_stopping"
             stream.emit({"kind": "event", "step": step, "message": f"early stopping: no improvement in {cp.early_stopping_patience} evaluations; best is step {state['best_step']}"})
@@ -382,7 +429,11 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         "peak_memory_mb": round(peak_memory_mb(device), 1), "trainable_parameters": trainable, "total_parameters": total,
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs), "device": str(device),
     }
-    ckpt.write_json_atomic(run_dir / "summary.json", summary)
+    if world.distributed:
+        summary.update(processes=world.size, micro_batch_per_process=micro, effective_batch_size=micro * hp.gradient_accumulation * world.size)
+    if world.is_main:
+        ckpt.write_json_atomic(run_dir / "summary.json", summary)
+    distributed.barrier(world)  # no rank leaves (and tears the group down) before the summary is written
     if stop_reason == "nan_loss":
         kept = f"the best checkpoint (step {state['best_step']}, valid loss {state['best_valid_loss']:.4f}) stays the result" if state["best_step"] else "no checkpoint was reached"
         raise BackendError(f"training loss became NaN/inf at step {step}; {kept}; lower hyperparameters.learning_rate and check the data")
