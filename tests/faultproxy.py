@@ -1,6 +1,8 @@
 """A fault-injecting HTTP proxy for tests: forwards to a real server, except where a scripted
 fault says to answer 429 / 500 / 503 itself, or to drop the connection before or after
-forwarding (the last is the nasty one: the server acted, the client never hears of it)."""
+forwarding (the last is the nasty one: the server acted, the client never hears of it), or to
+hang: take the request and answer nothing until the client's timeout has passed, before
+forwarding ("hang") or after it ("hang_after": the server acted, the client timed out)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, faults: list[tuple[str, str, str]]):
-        """faults: (METHOD, path substring, fault) consumed in order, each once."""
+    def __init__(self, upstream_port: int, faults: list[tuple[str, str, str]], hang_s: float = 30.0):
+        """faults: (METHOD, path substring, fault) consumed in order, each once. A hang lasts hang_s
+        (longer than the client's timeout) or until close()."""
         self.upstream_port = upstream_port
+        self.hang_s = hang_s
+        self.released = threading.Event()
         self.faults = list(faults)
         self.injected: list[tuple[str, str, str]] = []
         self.lock = threading.Lock()
@@ -38,7 +43,9 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
-                if fault == "drop_before":
+                if fault in ("drop_before", "hang"):
+                    if fault == "hang":
+                        proxy.released.wait(proxy.hang_s)
                     self.close_connection = True
                     self.connection.close()
                     return
@@ -48,7 +55,9 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
-                if fault == "drop_after":
+                if fault == "hang_after":
+                    proxy.released.wait(proxy.hang_s)
+                if fault in ("drop_after", "hang_after"):
                     self.close_connection = True
                     self.connection.close()
                     return
@@ -80,4 +89,5 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def close(self) -> None:
+        self.released.set()  # ends any hang still waiting
         self.server.shutdown()

@@ -20,12 +20,12 @@ from tunejob.jobstore import JobStore
 from tunejob.metrics import read_metrics
 
 
-def spec_for(tmp_path: Path, base_url: str, data: Path, epochs: int = 2) -> Path:
+def spec_for(tmp_path: Path, base_url: str, data: Path, epochs: int = 2, timeout: float = 60) -> Path:
     spec = tmp_path / "job.yaml"
     spec.write_text(
         f"name: api-job\nbackend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {{train: {data}, val_fraction: 0.2}}\n"
         f"hyperparameters: {{epochs: {epochs}, batch_size: 4}}\noutput_dir: {tmp_path / 'run'}\n"
-        f"openai: {{base_url: '{base_url}', api_key_env: TJ_TEST_KEY, poll_interval: 0.3, max_retries: 4, suffix: sales}}\n"
+        f"openai: {{base_url: '{base_url}', api_key_env: TJ_TEST_KEY, poll_interval: 0.3, max_retries: 4, suffix: sales, timeout: {timeout}}}\n"
     )
     return spec
 
@@ -65,6 +65,36 @@ def test_faults_at_every_call_create_exactly_one_job(tmp_path, tiny_model):
         for target in (record.id, summary["fine_tuned_model"]):  # chat through the provider
             reply = run_cli("chat", target, "alpha beta", "--max-new-tokens", "4", env=env(tmp_path))
             assert reply.returncode == 0 and reply.stdout.strip(), reply.stderr
+    finally:
+        proxy.close()
+        server.stop()
+
+
+def test_timeouts_at_every_call_create_exactly_one_job(tmp_path, tiny_model):
+    """The proxy takes a request and answers nothing for longer than openai.timeout (2 s): before
+    forwarding, and once after the server created the job (the client must find it by its tag)."""
+    server = Server(tmp_path / "data", tiny_model).start()
+    faults = [
+        ("POST", "/files", "hang"), ("GET", "/fine_tuning/jobs?", "hang"),
+        ("POST", "/fine_tuning/jobs", "hang_after"),      # created on the server, the client timed out
+        ("GET", "/fine_tuning/jobs/ftjob", "hang"), ("GET", "/events", "hang"), ("GET", "/checkpoints", "hang"),
+    ]
+    proxy = FaultProxy(server.port, faults)
+    try:
+        data = write_chat_data(tmp_path / "d.jsonl", 30)
+        started = time.time()
+        res = run_cli("run", str(spec_for(tmp_path, proxy.url, data, timeout=2)), env=env(tmp_path))
+        assert res.returncode == 0, res.stderr
+        assert "create failed (APITimeoutError)" in res.stderr
+        assert json.loads(res.stdout)["status"] == "succeeded"
+        assert not proxy.faults and len(proxy.injected) == 6, proxy.faults
+        direct = OpenAI(base_url=server.url, api_key=KEY_A, max_retries=0)
+        jobs = list(direct.fine_tuning.jobs.list())
+        assert len(jobs) == 1, "a timed-out create made a second job"
+        assert len([f for f in direct.files.list() if f.purpose == "fine-tune"]) == 2  # train + validation, each once
+        record = JobStore(tmp_path / "home" / "jobs.sqlite3").list()[0]
+        assert record.remote_id == jobs[0].id and record.status == "succeeded"
+        print(f"\n[api-faults] {len(proxy.injected)} timeouts injected; run took {time.time() - started:.1f}s")
     finally:
         proxy.close()
         server.stop()

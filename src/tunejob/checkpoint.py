@@ -9,16 +9,21 @@
 
 A checkpoint is written into a temporary directory beside its target and renamed into place, so a
 directory named step-NNNNNN is complete by construction: a run killed mid-save leaves only a
-`.tmp-` directory, which is never loaded and is removed on the next save.
+`.tmp-` directory, which is never loaded and is removed on the next save. A save that runs out of
+disk space removes its `.tmp-` directory at once and stops the run with a BackendError that names
+the directory and the checkpoint that is still intact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 from pathlib import Path
+
+from tunejob.errors import BackendError
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -73,11 +78,59 @@ def save_checkpoint(run_dir: Path, step: int, write_contents) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
-    except BaseException:
+    except BaseException as exc:
+        reason = out_of_space(exc) if isinstance(exc, Exception) else None
+        # Measured before the cleanup frees the partial files; a file-size limit is not about room.
+        room = _room(root) if reason and reason != os.strerror(errno.EFBIG) else ""
         shutil.rmtree(tmp, ignore_errors=True)
+        if reason:  # a traceback would only hide the one thing to do: make room
+            raise BackendError(_no_space_message(run_dir, root, step, f"{reason}{room}")) from None
         raise
     _fsync_dir(root)
     return target
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def out_of_space(exc: BaseException) -> str | None:
+    """The reason ("No space left on device", "Disk quota exceeded", "File too large") when an
+    exception comes from a full disk, quota or file-size limit, else None.
+
+    The writers wrap the OSError: torch.save given a Python file raises RuntimeError("unexpected
+    pos ...") with the OSError as its __context__, and safetensors (Rust) keeps only the text "No
+    space left on device (os error 28)"; so walk the chain, then match the C library's wording.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for code in _NO_SPACE:
+            if (isinstance(exc, OSError) and exc.errno == code) or os.strerror(code) in str(exc):
+                return os.strerror(code)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _room(path: Path) -> str:
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return ""
+    return f" ({usage.free // 1024:,} KiB free of {usage.total // 1024:,} KiB on that disk)"
+
+
+def _no_space_message(run_dir: Path, root: Path, step: int, reason: str) -> str:
+    previous = last_checkpoint(run_dir)
+    if previous is not None:
+        size = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file())
+        kept = (f"the previous checkpoint {previous.name} ({size // 1024:,} KiB) is complete, and running the same "
+                f"`tunejob run` again resumes from it")
+    else:
+        kept = "no earlier checkpoint exists, so running it again starts from step 0"
+    fix = "Free space on that disk, or set output_dir to a directory on a disk with room"
+    if reason.startswith(os.strerror(errno.EFBIG)):  # a per-file limit, not a full disk
+        fix = "Raise the file-size limit (`ulimit -f`), or set output_dir to a filesystem without one"
+    return f"cannot save checkpoint {step_dir_name(step)} in {root}: {reason}. The partial checkpoint was removed; {kept}. {fix}."
 
 
 def _fsync_tree(path: Path) -> None:

@@ -237,8 +237,9 @@ def require_valid(path: str | Path, format: Format = "openai", model: str | None
         first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
         kinds = ", ".join(f"{k} x{n}" for k, n in report.counts.items() if n and KINDS[k][0] == "error")
         flags = (f" --format {format}" if format != "openai" else "") + (f" --model {model}" if model else "")
-        raise DataError(f"{path}:{first.line or ''}: {first.message} ({report.errors} error(s): {kinds}); "
-                        f"run `tunejob validate {path}{flags}` for all of them")
+        where = f"{path}:{first.line}" if first.line else str(path)
+        more = f"; run `tunejob validate {path}{flags}` for all of them" if report.errors > 1 else ""
+        raise DataError(f"{where}: {first.message} ({report.errors} error(s): {kinds}); {KINDS[first.kind][1]}{more}")
     return report
 
 

@@ -40,6 +40,16 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
+        self._sweep_files()
+
+    def _sweep_files(self) -> None:
+        """Delete what a server killed mid-upload left in files/: a `.file-*.part` being written, or
+        a complete file whose row was never added (killed while validating it). Neither was ever
+        acknowledged to a client, and no file id can reach either, so they are only used disk."""
+        known = {r[0] for r in self._q("SELECT id FROM files")}
+        for path in (self.dir / "files").iterdir():
+            if path.is_file() and path.name not in known:
+                path.unlink(missing_ok=True)
 
     def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
