@@ -16,9 +16,13 @@ def test_train_throughput_smoke(tmp_path, tiny_model):
                            "--examples", "16", "--max-len", "128", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"trl-default", "trl-padding-free", "tunejob"}
+    report = json.loads(out.read_text())
+    # bf16 configurations run only where bf16 matmuls are faster than fp32 (AMX / AVX512-BF16)
+    bf16 = {"trl-padding-free-bf16", "tunejob-bf16"}
+    assert set(results) | set(report["skipped"]) == {"trl-default", "trl-padding-free", "tunejob"} | bf16
+    assert set(report["skipped"]) <= bf16
     for r in results.values():
-        assert r["real_tokens_per_s"] > 0 and r["final_valid_loss"] > 0 and r["peak_rss_mb"] > 0
+        assert r["real_tokens_per_s"] > 0 and r["final_valid_loss"] > 0 and r["peak_rss_mb"] > 0 and 0 < r["mfu_vs_fp32_peak"] < 1
 
 
 def test_validate_throughput_smoke(tmp_path):

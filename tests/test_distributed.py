@@ -135,7 +135,7 @@ def test_two_processes_match_one_process_and_a_killed_run_resumes(tmp_path, tiny
         res = run_cli("run", str(job), *(["--nproc", str(nproc)] if nproc else []))
         assert res.returncode == 0, res.stderr
         runs[name] = json.loads(res.stdout)
-    assert runs["two"]["processes"] == 2 and runs["two"]["effective_batch_size"] == 4 and runs["two"]["micro_batch_per_process"] == 2
+    assert runs["two"]["processes"] == 2 and runs["two"]["effective_batch_size"] == 4 and runs["two"]["batch_per_process"] == 2
     v1, v2 = losses(tmp_path / "one", "eval"), losses(tmp_path / "two", "eval")
     assert [s for s, _ in v1] == [s for s, _ in v2] == [3, 6, 9, 12, 15, 18]
     # Same global batches, same gradient (summed over ranks): only float summation order differs,

@@ -79,3 +79,43 @@ def test_batch_order_is_deterministic_and_covers_every_example():
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(103, generator=g).tolist()
     assert pad(a) < 0.5 * pad([perm[i : i + 4] for i in range(0, 103, 4)])
+
+
+def test_one_sequence_micro_batches_give_the_padded_batch_loss_and_gradients(tiny_model):
+    """The CPU speed-up (one sequence per forward pass, no padding, no attention mask) must give
+    the loss and gradients of the padded 3-sequence batch (only float summation order differs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunejob.trainer import _batch, micro_batch_size
+
+    assert micro_batch_size(8, 2, 1, torch.device("cpu")) == 1
+    assert micro_batch_size(8, 2, 2, torch.device("cuda")) == 2
+    tok = load_tokenizer(str(tiny_model))
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    long = [{"role": "system", "content": "You help sales reps. " * 12}, *MSGS[1:]]
+    seqs, _ = encode_examples(tok, [{"messages": MSGS}, {"messages": MSGS[:3]}, {"messages": long}], 512)
+    assert len({len(s.input_ids) for s in seqs}) == 3, "different lengths: the padded batch really pads"
+    collate = make_collator(tok.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    padded = _batch(collate, seqs, torch.device("cpu"))
+    assert "attention_mask" in padded
+    loss_padded, n, _ = forward_loss(model, padded)
+    loss_padded.backward()
+    grads_padded = [p.grad.clone() for p in params]
+    model.zero_grad()
+
+    loss_single = 0.0
+    for s in seqs:
+        one = _batch(collate, [s], torch.device("cpu"))
+        assert "attention_mask" not in one
+        loss, _, _ = forward_loss(model, one)
+        loss.backward()
+        loss_single += loss.item()
+    assert abs(loss_single - loss_padded.item()) < 1e-4 * abs(loss_padded.item())
+    for g_pad, p in zip(grads_padded, params):  # relative to each gradient's norm: fp32 sums in another order
+        assert float((p.grad - g_pad).norm() / g_pad.norm()) < 1e-5
+    assert any(float(g.abs().sum()) > 0 for g in grads_padded)

@@ -174,7 +174,7 @@ def _side(model, side: str):
 
 def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
     from tunejob.sequences import encode_examples
-    from tunejob.trainer import evaluate, make_collator
+    from tunejob.trainer import evaluate, make_collator, micro_batch_size
 
     hp = spec.hyperparameters
     seqs, _ = encode_examples(tokenizer, examples, hp.max_seq_len, hp.train_on)
@@ -182,7 +182,7 @@ def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
         raise DataError("no held-out example has a trained token within max_seq_len; check the data")
     # Training's micro-batch: padding differs with the batching, and so would the last digits.
     batch_size = 8 if hp.batch_size == "auto" else hp.batch_size
-    micro = max(1, batch_size // hp.gradient_accumulation)
+    micro = micro_batch_size(batch_size, hp.gradient_accumulation, 1, device)
     collate = make_collator(tokenizer.pad_token_id)
     out = {"scored_examples": len(seqs), "scored_tokens": sum(s.trained_tokens for s in seqs)}
     for side in SIDES:

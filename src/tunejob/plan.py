@@ -91,7 +91,6 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     val_seqs, vstats = encode_examples(tokenizer, val, hp.max_seq_len, hp.train_on)
     batch = 8 if hp.batch_size == "auto" else hp.batch_size
     epochs = 3 if hp.epochs == "auto" else hp.epochs
-    micro = max(1, batch // hp.gradient_accumulation)
     steps = epochs * math.ceil(len(train_seqs) / batch)
     if hp.max_steps:
         steps = min(steps, hp.max_steps)
@@ -99,6 +98,12 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     lengths = sorted(len(s.input_ids) for s in train_seqs) or [0]
     seq_len = min(hp.max_seq_len, lengths[-1])
     device = "cuda" if gpu_memory_gb is not None else "cpu"
+    # the trainer's own rule: one sequence per forward pass on CPU, batch / accumulation on GPUs
+    import torch
+
+    from tunejob.trainer import micro_batch_size
+
+    micro = micro_batch_size(batch, hp.gradient_accumulation, spec.distributed.world_size, torch.device(device))
     mem = estimate_memory(shape, r=spec.lora.r, target=spec.lora.target_modules, quantization=spec.quantization,
                           dtype="bf16" if device == "cuda" else "fp32", micro_batch=micro, seq_len=seq_len,
                           trained_fraction=tstats.trained_tokens / max(tstats.tokens, 1), lora_dropout=spec.lora.dropout,

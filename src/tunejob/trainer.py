@@ -159,6 +159,24 @@ def forward_loss(model, batch: dict) -> tuple[torch.Tensor, int, int]:
     return loss, int(mask.sum()), correct
 
 
+def micro_batch_size(batch_size: int, accumulation: int, processes: int, device: torch.device) -> int:
+    """Sequences per forward pass. On CPU, one: a lone sequence needs no padding and no attention
+    mask, so attention takes SDPA's causal fast path; with a padding mask it was the biggest cost
+    after the matmuls (bench/RESULTS.md: 1.65x the tokens/s of 4-sequence padded micro-batches on
+    SmolLM2-135M, same losses). The loss is normalised per step, so the split changes nothing but
+    float summation order. On GPUs, batched matmuls win: batch / (accumulation x processes)."""
+    if device.type == "cpu":
+        return 1
+    return max(1, batch_size // (accumulation * processes))
+
+
+def _batch(collate, seqs, device) -> dict:
+    batch = _to_device(collate(seqs), device)
+    if len(seqs) == 1:
+        batch.pop("attention_mask", None)  # all ones: without it attention runs the causal fast path
+    return batch
+
+
 def evaluate(model, sequences, collate, micro_batch: int, device, world: distributed.World | None = None,
              bf16: bool = False) -> tuple[float, float]:
     """(token-mean loss, token accuracy) over the whole split; with several processes each rank
@@ -169,7 +187,7 @@ def evaluate(model, sequences, collate, micro_batch: int, device, world: distrib
     mine = sequences[world.rank :: world.size]
     with torch.no_grad(), _autocast(device, bf16):
         for i in range(0, len(mine), micro_batch):
-            batch = _to_device(collate(mine[i : i + micro_batch]), device)
+            batch = _batch(collate, mine[i : i + micro_batch], device)
             loss, tokens, correct = forward_loss(model, batch)
             total_loss += loss.item()
             total_tokens += tokens
@@ -311,7 +329,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
     batch_size = 8 if hp.batch_size == "auto" else hp.batch_size
     epochs = 3 if hp.epochs == "auto" else hp.epochs
     # the effective batch stays batch_size however many processes share it (the spec checks divisibility)
-    micro = max(1, batch_size // (hp.gradient_accumulation * world.size))
+    micro = micro_batch_size(batch_size, hp.gradient_accumulation, world.size, device)
     steps_per_epoch = math.ceil(len(train_seqs) / batch_size)
     total_steps = epochs * steps_per_epoch
     if hp.max_steps:
@@ -339,7 +357,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         TensorBoardSink(run_dir / "tensorboard", purge_step=state["step"] + 1 if resuming else None),
         make_console_sink(total_steps),
     ] if world.is_main else [])
-    per_step = f"{micro} x {hp.gradient_accumulation}" + (f" x {world.size} processes" if world.distributed else "")
+    per_step = f"{batch_size // world.size} per process, {micro} per forward pass" if world.distributed else f"{micro} per forward pass"
     plan_line = f"training {len(train_seqs)} examples, validating on {len(val_seqs)}: {total_steps} steps of {batch_size} ({per_step}), {epochs} epoch(s), on {device}"
     say(plan_line)
     # The run's shape in the stream itself, so readers (dashboard, watch) need no log parsing.
@@ -360,7 +378,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         mine = seqs[world.rank :: world.size]
         loss_sum, correct, processed = 0.0, 0, 0
         for j in range(0, len(mine), micro):
-            batch = _to_device(collate(mine[j : j + micro]), device)
+            batch = _batch(collate, mine[j : j + micro], device)
             processed += int(batch["input_ids"].numel())  # padding included
             with _autocast(device, bf16):
                 loss, _, c = forward_loss(model, batch)
@@ -430,7 +448,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs), "device": str(device),
     }
     if world.distributed:
-        summary.update(processes=world.size, micro_batch_per_process=micro, effective_batch_size=micro * hp.gradient_accumulation * world.size)
+        summary.update(processes=world.size, batch_per_process=batch_size // world.size, effective_batch_size=batch_size)
     if world.is_main:
         ckpt.write_json_atomic(run_dir / "summary.json", summary)
     distributed.barrier(world)  # no rank leaves (and tears the group down) before the summary is written
