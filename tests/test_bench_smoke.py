@@ -32,3 +32,14 @@ def test_validate_throughput_smoke(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["cookbook"]["tokens"] == r["tunejob"]["tokens"] and r["tunejob"]["examples"] == 300
+
+
+@pytest.mark.slow
+def test_serve_latency_smoke(tmp_path, tiny_model):
+    out = tmp_path / "s.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "serve_latency.py"), "--model", str(tiny_model), "--requests", "2",
+                           "--max-seq-len", "128", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert 0 < r["time_to_first_step_s"] <= r["time_to_first_checkpoint_s"]
+    assert r["served"]["n"] == r["direct_generate"]["n"] == 2 and r["same_answer"] is True
