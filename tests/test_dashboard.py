@@ -216,6 +216,7 @@ def test_local_dashboard_over_run_directories(browser, tmp_path, tiny_model):
         shot(page, tmp_path, "8-local-runs")
 
         page.click("#jobs a:has-text('overfit')")
+        page.wait_for_url("**/jobs/overfit")  # the click navigates: wait for the job page before asking it
         page.wait_for_function("tjPointCount('chart') > 0")
         trains = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
         evals = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"]
