@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import pytest
 
 from conftest import write_chat_data
 from tunejob.metrics import read_metrics
-from test_serve import KEY_A, KEY_B, Server, client, wait_status
+from test_serve import KEY_A, KEY_B, Server, client, free_port, wait_status
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path("/tmp/dashboard-shots")
@@ -246,12 +245,6 @@ def test_local_dashboard_refuses_a_directory_that_is_not_a_run(tmp_path):
 
     res = run_cli("dashboard", str(tmp_path))
     assert res.returncode == 2 and "not a run directory" in res.stderr and "Traceback" not in res.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 60) -> None:

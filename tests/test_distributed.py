@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_cli, write_chat_data
+from test_serve import free_port
 from tunejob.distributed import accelerate_config, launch_command, validate_accelerate_config, write_accelerate_config
 from tunejob.errors import SpecError
 from tunejob.metrics import read_metrics
@@ -25,12 +25,6 @@ from tunejob.spec import parse_spec as _parse_text
 
 def parse_spec(raw: dict):
     return _parse_text(yaml.safe_dump(raw))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spec_text(model: Path, data: Path, out: Path, extra: str = "", hp: str = "") -> str:
