@@ -82,6 +82,8 @@ def wait_status(c: OpenAI, job_id: str, statuses: tuple[str, ...], timeout: floa
         job = c.fine_tuning.jobs.retrieve(job_id)
         if job.status in statuses:
             return job
+        if job.status == "failed":  # say why, instead of a later "cannot be cancelled"
+            raise AssertionError(f"job {job_id} failed while waiting for {statuses}: {job.error}")
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} never reached {statuses}; last {job.status}")
 
@@ -178,6 +180,7 @@ def test_cancel_pause_resume(server, tmp_path):
     deadline = time.time() + 120
     while max(ck.step_number for ck in c.fine_tuning.jobs.checkpoints.list(job.id).data) <= steps_at_pause and time.time() < deadline:
         time.sleep(0.3)
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "running", c.fine_tuning.jobs.retrieve(job.id).error
     cancelled = c.fine_tuning.jobs.cancel(job.id)
     assert cancelled.id == job.id
     assert wait_status(c, job.id, ("cancelled",)).status == "cancelled"
@@ -286,3 +289,25 @@ def test_keys_never_reach_logs_or_the_store(server, tmp_path):
         if path.is_file():
             data = path.read_bytes()
             assert KEY_A.encode() not in data and KEY_B.encode() not in data, path
+
+
+def test_metrics_tail_follows_a_replaced_file(tmp_path):
+    """A resumed run renames a truncated metrics.jsonl into place and appends to it; a reader whose
+    offset was into the old file must start the new one from its first line, not mid-line."""
+    from tunejob.server.worker import _Tail
+
+    path = tmp_path / "metrics.jsonl"
+    old = [{"kind": "train", "step": s, "train_loss": 1.0} for s in range(1, 8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    tail = _Tail(path)
+    assert [r["step"] for r in tail.read()] == list(range(1, 8))
+    # the resume keeps steps <= 5, then writes longer records until the file outgrows the old offset
+    new = old[:5] + [{"kind": "train", "step": s, "train_loss": 0.5, "pad": "x" * 40} for s in range(6, 10)]
+    tmp = tmp_path / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in new))
+    tmp.replace(path)
+    assert path.stat().st_size > tail.offset
+    assert [r["step"] for r in tail.read()] == list(range(1, 10))
+    with path.open("a") as f:  # a torn line from a kill is skipped, not raised
+        f.write('{"kind": "train", "st\n{"kind": "eval", "step": 10}\n')
+    assert [r["step"] for r in tail.read()] == [10]

@@ -238,7 +238,12 @@ def require_valid(path: str | Path, format: Format = "openai", model: str | None
         kinds = ", ".join(f"{k} x{n}" for k, n in report.counts.items() if n and KINDS[k][0] == "error")
         flags = (f" --format {format}" if format != "openai" else "") + (f" --model {model}" if model else "")
         where = f"{path}:{first.line}" if first.line else str(path)
-        more = f"; run `tunejob validate {path}{flags}` for all of them" if report.errors > 1 else ""
+        # The command is named when there is more to see, or when plain `tunejob validate` would not
+        # reproduce the check (Bedrock's rules, a model's context limit).
+        if report.errors > 1 or flags:
+            more = f"; run `tunejob validate {path}{flags}` " + ("for all of them" if report.errors > 1 else "to check again")
+        else:
+            more = ""
         raise DataError(f"{where}: {first.message} ({report.errors} error(s): {kinds}); {KINDS[first.kind][1]}{more}")
     return report
 

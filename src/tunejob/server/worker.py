@@ -179,24 +179,35 @@ class Worker:
 
 
 class _Tail:
-    """New complete lines of a JSONL file; starts over if the file shrank (a resumed run
-    truncates its metrics to the checkpoint)."""
+    """New complete lines of a JSONL file.
+
+    A resumed run replaces its metrics file (truncated to the checkpoint) with a rename, so the
+    file is followed by inode as well as size: an offset into the old file, used on a new one that
+    has grown past it, would land mid-line. A line that still does not parse (a writer killed
+    mid-line) is skipped rather than failing the job that is being watched."""
 
     def __init__(self, path: Path):
-        self.path, self.offset = path, 0
+        self.path, self.offset, self.inode = path, 0, None
 
     def read(self) -> list[dict]:
-        if not self.path.is_file():
+        try:
+            with self.path.open("rb") as f:
+                st = os.fstat(f.fileno())
+                if st.st_ino != self.inode or st.st_size < self.offset:
+                    self.inode, self.offset = st.st_ino, 0
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
             return []
-        size = self.path.stat().st_size
-        if size < self.offset:
-            self.offset = 0
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+        out = []
+        for line in complete.splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return [r for r in out if isinstance(r, dict)]
 
 
 def _results_csv(metrics: Path) -> bytes:
