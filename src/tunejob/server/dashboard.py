@@ -153,8 +153,12 @@ class RunDirs:
         metrics, summary = d / "metrics.jsonl", d / "summary.json"
         records = read_metrics(metrics) if metrics.is_file() else []
         end = next((r for r in reversed(records) if r.get("kind") == "end"), None)
-        if summary.is_file() or end is not None:
-            status = (end or {}).get("stop_reason") or json.loads(summary.read_text()).get("stop_reason", "finished")
+        try:
+            done = json.loads(summary.read_text())
+        except (OSError, ValueError):  # absent while the run trains
+            done = None
+        if done is not None or end is not None:
+            status = (end or {}).get("stop_reason") or (done or {}).get("stop_reason", "finished")
             status = {"completed": "succeeded", "early_stopping": "succeeded (early stop)"}.get(status, status)
         elif metrics.is_file() and time.time() - metrics.stat().st_mtime < self.STALE_S:
             status = "running"
@@ -167,7 +171,7 @@ class RunDirs:
         hp = {**(spec.get("hyperparameters") or {}), **{k: spec[k] for k in ("lora", "quantization", "checkpointing") if k in spec}}
         created = metrics.stat().st_mtime if metrics.is_file() else d.stat().st_mtime
         return {"id": name, "status": status, "model": str(spec.get("model", "?")), "created_at": created,
-                "trained_tokens": json.loads(summary.read_text()).get("trained_tokens") if summary.is_file() else None,
+                "trained_tokens": (done or {}).get("trained_tokens"),
                 "fine_tuned_model": None, "error": None, "run_dir": str(d), "hyperparameters": hp, "_records": records}
 
     def list(self) -> list[dict]:
