@@ -1,6 +1,7 @@
 """Each benchmark script runs end to end at tiny size (the figures come from full runs, not here)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -43,3 +44,16 @@ def test_serve_latency_smoke(tmp_path, tiny_model):
     r = json.loads(out.read_text())
     assert 0 < r["time_to_first_step_s"] <= r["time_to_first_checkpoint_s"]
     assert r["served"]["n"] == r["direct_generate"]["n"] == 2 and r["same_answer"] is True
+
+
+@pytest.mark.slow
+def test_profile_step_smoke(tmp_path, tiny_model):
+    out = tmp_path / "p.txt"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "profile_step.py"), "--model", str(tiny_model), "--steps", "1",
+                           "--examples", "16", "--max-len", "128", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    # the phase lines ("forward     1.23   45.6%"); the operator table below names the phases too
+    phases = {m[1]: float(m[2]) for m in re.finditer(r"^(forward|backward|optimizer)\s+([\d.]+)\s+[\d.]+%$", text, re.M)}
+    assert set(phases) == {"forward", "backward", "optimizer"} and phases["forward"] > 0 and phases["backward"] > 0
+    assert "aten::mm" in text  # the operator table is there

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -69,6 +70,9 @@ class Worker:
             try:
                 self._run(queued[0])
             except Exception as exc:  # never let one job kill the queue
+                # The server's log keeps the traceback (the job's error keeps one line): a bug here
+                # is ours, not the job's, and needs the place it happened.
+                self.log(f"worker: job {queued[0]['id']} failed in the server\n{traceback.format_exc()}")
                 self.store.update_job(queued[0]["id"], status="failed", finished_at=int(time.time()),
                                       error={"code": "server_error", "message": f"{exc.__class__.__name__}: {exc}", "param": None})
 
