@@ -10,14 +10,17 @@ import pytest
 from conftest import REPO
 
 
+def run_bench(script: str, out, *args: str, timeout: int = 600) -> str:
+    """Run bench/SCRIPT with ARGS and --out OUT; fail with its stderr; return what it wrote."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out", str(out)], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out.read_text()
+
+
 @pytest.mark.slow
 def test_train_throughput_smoke(tmp_path, tiny_model):
-    out = tmp_path / "r.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "train_throughput.py"), "--model", str(tiny_model), "--steps", "2",
-                           "--examples", "16", "--max-len", "128", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
-    report = json.loads(out.read_text())
+    report = json.loads(run_bench("train_throughput.py", tmp_path / "r.json", "--model", str(tiny_model), "--steps", "2", "--examples", "16", "--max-len", "128"))
+    results = report["results"]
     # bf16 configurations run only where bf16 matmuls are faster than fp32 (AMX / AVX512-BF16)
     bf16 = {"trl-padding-free-bf16", "tunejob-bf16"}
     assert set(results) | set(report["skipped"]) == {"trl-default", "trl-padding-free", "tunejob"} | bf16
@@ -27,32 +30,20 @@ def test_train_throughput_smoke(tmp_path, tiny_model):
 
 
 def test_validate_throughput_smoke(tmp_path):
-    out = tmp_path / "v.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "validate_throughput.py"), "--examples", "300", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    r = json.loads(out.read_text())
+    r = json.loads(run_bench("validate_throughput.py", tmp_path / "v.json", "--examples", "300", timeout=300))
     assert r["cookbook"]["tokens"] == r["tunejob"]["tokens"] and r["tunejob"]["examples"] == 300
 
 
 @pytest.mark.slow
 def test_serve_latency_smoke(tmp_path, tiny_model):
-    out = tmp_path / "s.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "serve_latency.py"), "--model", str(tiny_model), "--requests", "2",
-                           "--max-seq-len", "128", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    r = json.loads(out.read_text())
+    r = json.loads(run_bench("serve_latency.py", tmp_path / "s.json", "--model", str(tiny_model), "--requests", "2", "--max-seq-len", "128"))
     assert 0 < r["time_to_first_step_s"] <= r["time_to_first_checkpoint_s"]
     assert r["served"]["n"] == r["direct_generate"]["n"] == 2 and r["same_answer"] is True
 
 
 @pytest.mark.slow
 def test_profile_step_smoke(tmp_path, tiny_model):
-    out = tmp_path / "p.txt"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "profile_step.py"), "--model", str(tiny_model), "--steps", "1",
-                           "--examples", "16", "--max-len", "128", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    text = out.read_text()
+    text = run_bench("profile_step.py", tmp_path / "p.txt", "--model", str(tiny_model), "--steps", "1", "--examples", "16", "--max-len", "128", timeout=300)
     # the phase lines ("forward     1.23   45.6%"); the operator table below names the phases too
     phases = {m[1]: float(m[2]) for m in re.finditer(r"^(forward|backward|optimizer)\s+([\d.]+)\s+[\d.]+%$", text, re.M)}
     assert set(phases) == {"forward", "backward", "optimizer"} and phases["forward"] > 0 and phases["backward"] > 0
