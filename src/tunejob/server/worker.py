@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from tunejob.metrics import read_metrics
 from tunejob.server.store import Store, new_id
 
 POLL_S = 0.25
@@ -217,8 +218,7 @@ class _Tail:
 def _results_csv(metrics: Path) -> bytes:
     """OpenAI's result file: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy."""
     rows: dict[int, dict] = {}
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_metrics(metrics):  # a torn line is skipped there, as everywhere the stream is read
         if r.get("kind") == "train":
             rows.setdefault(r["step"], {}).update(train_loss=r["train_loss"], train_accuracy=r["train_mean_token_accuracy"])
         elif r.get("kind") == "eval":
