@@ -22,14 +22,14 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from tunejob.server.run import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "src" / "tunejob" / "data" / "sales_companion.jsonl"
@@ -37,24 +37,15 @@ KEY = "sk-bench-local"
 MESSAGES = [{"role": "user", "content": "Prep me for the Globex call."}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(data_dir: Path, model: str, port: int, log: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "tunejob", "serve", "--port", str(port), "--data-dir", str(data_dir),
                              "--api-key", KEY, "--default-model", model], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server did not start:\n{log.read_text()[-2000:]}")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, timeout=120)
+    except RuntimeError as exc:
+        proc.kill()
+        raise SystemExit(f"{exc}:\n{log.read_text()[-2000:]}") from None
+    return proc
 
 
 def summary(xs: list[float]) -> dict:

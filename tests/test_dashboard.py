@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,8 @@ import pytest
 
 from conftest import write_chat_data
 from tunejob.metrics import read_metrics
-from test_serve import KEY_A, KEY_B, Server, client, free_port, wait_status
+from test_serve import KEY_A, KEY_B, Server, client, wait_status
+from tunejob.server.run import free_port, wait_until_up
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = Path("/tmp/dashboard-shots")
@@ -206,7 +206,7 @@ def test_local_dashboard_over_run_directories(browser, tmp_path, tiny_model):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/")
+        wait_until_up(url + "/", proc)
         ctx = browser.new_context(viewport={"width": 1200, "height": 900})
         page = ctx.new_page()
         page.goto(url + "/")  # no login for local runs
@@ -225,7 +225,7 @@ def test_local_dashboard_over_run_directories(browser, tmp_path, tiny_model):
         assert f"{summary['best_step']} ★ best" in page.locator("#checkpoints").inner_text()
         shot(page, tmp_path, "9-local-run")
 
-        best = page.locator(f"#checkpoints tbody tr:has-text('★ best')")
+        best = page.locator("#checkpoints tbody tr:has-text('★ best')")
         best.locator("input[name=message]").fill("alpha beta")
         best.locator("button").click()
         page.wait_for_selector("#answer", timeout=120_000)
@@ -245,15 +245,3 @@ def test_local_dashboard_refuses_a_directory_that_is_not_a_run(tmp_path):
 
     res = run_cli("dashboard", str(tmp_path))
     assert res.returncode == 2 and "not a run directory" in res.stderr and "Traceback" not in res.stderr
-
-
-def wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except (urllib.error.URLError, ConnectionError):
-            if time.time() > deadline:
-                raise
-            time.sleep(0.2)

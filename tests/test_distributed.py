@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import run_cli, write_chat_data
-from test_serve import free_port
+from tunejob.server.run import free_port
 from tunejob.distributed import accelerate_config, launch_command, validate_accelerate_config, write_accelerate_config
 from tunejob.errors import SpecError
 from tunejob.metrics import read_metrics

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import pytest
 from openai import OpenAI
 
 from conftest import write_chat_data
+from tunejob.server.run import free_port, wait_until_up
 
 KEY_A, KEY_B = "sk-tunejob-test-key-aaaa1111", "sk-tunejob-test-key-bbbb2222"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -43,14 +37,11 @@ class Server:
             [sys.executable, "-m", "tunejob", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
              "--api-key", KEY_A, "--api-key", KEY_B, "--default-model", str(self.model), *self.extra],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=os.environ.copy())
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"server did not start: {self.log.read_text()}")
+        try:
+            wait_until_up(f"http://127.0.0.1:{self.port}/health", self.proc, timeout=60)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; server log:\n{self.log.read_text()}") from None
+        return self
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -311,3 +302,10 @@ def test_metrics_tail_follows_a_replaced_file(tmp_path):
     with path.open("a") as f:  # a torn line from a kill is skipped, not raised
         f.write('{"kind": "train", "st\n{"kind": "eval", "step": 10}\n')
     assert [r["step"] for r in tail.read()] == [10]
+
+
+def test_wait_until_up_fails_at_once_when_the_server_exits():
+    """A server that dies at start is reported with its exit code (the timeout's message is another)."""
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        wait_until_up(f"http://127.0.0.1:{free_port()}/health", proc, timeout=600)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from tunejob.errors import TunejobError
@@ -52,3 +56,26 @@ def dashboard(run_dirs: list[Path], host: str, port: int) -> None:
         print(f"warning: the dashboard has no login; anyone who reaches {host}:{port} sees these runs", file=sys.stderr)
     print(f"tunejob dashboard: http://{host}:{port}/ ({len(run_dirs)} run(s))", file=sys.stderr, flush=True)
     uvicorn.run(local_dashboard(list(run_dirs)), host=host, port=port, log_level="warning")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (for a server started next; tests, benchmarks, scripts)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Return once GET url answers; raise RuntimeError if `proc` (the server) exits first or
+    `timeout` seconds pass, so a server that crashes at start fails at once, not at the deadline."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode} before {url} answered") from None
+            if time.time() > deadline:
+                raise RuntimeError(f"{url} did not answer within {timeout:.0f} s") from None
+            time.sleep(0.2)
