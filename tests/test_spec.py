@@ -108,3 +108,10 @@ def test_api_specs_round_trip_without_local_sections():
 def test_secrets_in_a_spec_are_refused_with_the_fix():
     msg = errors_of("backend: openai\nmodel: gpt-4o-mini\ndata: {train: t}\nopenai: {api_key: sk-123}\n")
     assert "secrets never go in a job spec" in msg and "OPENAI_API_KEY" in msg
+
+
+def test_auto_batch_and_epochs_resolve_to_the_guides_starting_point_on_the_local_backend():
+    auto = parse_spec("data: {train: t}\nhyperparameters: {batch_size: auto, epochs: auto, learning_rate: auto}\n")
+    assert (auto.resolved_batch_size(), auto.resolved_epochs(), auto.resolved_learning_rate()) == (8, 3, 2e-4)
+    set_ = parse_spec("data: {train: t}\nhyperparameters: {batch_size: 4, epochs: 2, learning_rate: 1.0e-4}\n")
+    assert (set_.resolved_batch_size(), set_.resolved_epochs(), set_.resolved_learning_rate()) == (4, 2, 1e-4)

@@ -181,8 +181,7 @@ def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
     if not seqs:
         raise DataError("no held-out example has a trained token within max_seq_len; check the data")
     # Training's micro-batch: padding differs with the batching, and so would the last digits.
-    batch_size = 8 if hp.batch_size == "auto" else hp.batch_size
-    micro = micro_batch_size(batch_size, hp.gradient_accumulation, 1, device)
+    micro = micro_batch_size(spec.resolved_batch_size(), hp.gradient_accumulation, 1, device)
     collate = make_collator(tokenizer.pad_token_id)
     out = {"scored_examples": len(seqs), "scored_tokens": sum(s.trained_tokens for s in seqs)}
     for side in SIDES:

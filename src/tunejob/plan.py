@@ -89,8 +89,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     tokenizer = load_tokenizer(model_path)
     train_seqs, tstats = encode_examples(tokenizer, train, hp.max_seq_len, hp.train_on)
     val_seqs, vstats = encode_examples(tokenizer, val, hp.max_seq_len, hp.train_on)
-    batch = 8 if hp.batch_size == "auto" else hp.batch_size
-    epochs = 3 if hp.epochs == "auto" else hp.epochs
+    batch, epochs = spec.resolved_batch_size(), spec.resolved_epochs()
     steps = epochs * math.ceil(len(train_seqs) / batch)
     if hp.max_steps:
         steps = min(steps, hp.max_steps)

@@ -27,6 +27,8 @@ Auto = Literal["auto"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 LORA_DEFAULT_LR = 2e-4
+# What "auto" means on the local backend (API backends leave it to the provider).
+LOCAL_AUTO_BATCH_SIZE, LOCAL_AUTO_EPOCHS = 8, 3
 
 
 class _Section(BaseModel):
@@ -166,6 +168,16 @@ class JobSpec(_Section):
     def resolved_learning_rate(self) -> float:
         lr = self.hyperparameters.learning_rate
         return LORA_DEFAULT_LR if lr == "auto" else float(lr)
+
+    def resolved_batch_size(self) -> int:
+        """The local backend's effective batch ("auto" resolved)."""
+        bs = self.hyperparameters.batch_size
+        return LOCAL_AUTO_BATCH_SIZE if bs == "auto" else bs
+
+    def resolved_epochs(self) -> int:
+        """The local backend's epochs ("auto" resolved)."""
+        ep = self.hyperparameters.epochs
+        return LOCAL_AUTO_EPOCHS if ep == "auto" else ep
 
     def to_yaml(self) -> str:
         """The resolved spec, as saved beside every run."""

@@ -326,8 +326,7 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
     if not train_seqs or not val_seqs:
         raise DataError("no trainable examples left in the train or validation split; check max_seq_len and the data")
 
-    batch_size = 8 if hp.batch_size == "auto" else hp.batch_size
-    epochs = 3 if hp.epochs == "auto" else hp.epochs
+    batch_size, epochs = spec.resolved_batch_size(), spec.resolved_epochs()
     # the effective batch stays batch_size however many processes share it (the spec checks divisibility)
     micro = micro_batch_size(batch_size, hp.gradient_accumulation, world.size, device)
     steps_per_epoch = math.ceil(len(train_seqs) / batch_size)
