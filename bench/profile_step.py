@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import publish  # noqa: E402
 from train_throughput import LORA, datasets_for  # noqa: E402  (the benchmark's own data and LoRA config)
 
 
@@ -51,6 +52,7 @@ def main() -> None:
     collate = make_collator(tok.pad_token_id)
     order = batch_order([len(s.input_ids) for s in seqs], 4, 42, 0)
 
+    micro = micro_batch_size(4, 1, 1, torch.device("cpu"))  # as the trainer splits a step
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     tokens = 0
 
@@ -58,7 +60,6 @@ def main() -> None:
         nonlocal tokens
         batch_seqs = [seqs[j] for j in order[i]]
         n = sum(s.trained_tokens for s in batch_seqs)
-        micro = micro_batch_size(4, 1, 1, torch.device("cpu"))  # as the trainer splits a step
         t_fwd = t_bwd = 0.0
         for j in range(0, len(batch_seqs), micro):
             batch = _batch(collate, batch_seqs[j : j + micro], torch.device("cpu"))
@@ -92,11 +93,7 @@ def main() -> None:
     lines += [f"{k:<10} {v:8.2f}   {100 * v / total:5.1f}%" for k, v in phases.items()]
     lines += [f"{'total':<10} {total:8.2f}   ({tokens / total:.0f} real tokens/s)", "",
               prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=40)]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ The difference between 3 and 4 is what HTTP, JSON and the server add per request
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -29,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import publish
 from tunejob.server.run import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,10 +131,7 @@ def main() -> None:
         "served_cold_first_request_s": round(cold, 3), "served": s, "direct_generate": d, "direct_model_load_s": round(load_s, 2),
         "overhead_median_s": round(s["median_s"] - d["median_s"], 3), "same_answer": served_text == direct_text,
     }
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import publish
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "tunejob" / "data" / "sales_companion.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
@@ -240,10 +242,7 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}", "model": args.model,
               "gemm_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "parameters": n_params, "versions": versions(), "skipped": skipped,
               "steps": args.steps, "examples": args.examples, "max_len": args.max_len, "effective_batch": 4, "lora": LORA, "results": results}
-    print(json.dumps(report, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    publish(report, args.out)
 
 
 def cpu_model() -> str:

@@ -21,6 +21,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from report import publish
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "tunejob" / "data" / "sales_companion.jsonl"
 
@@ -126,10 +128,7 @@ def main() -> None:
         "tunejob": {**ours, "examples_per_s": round(ours["examples"] / ours["seconds"])},
     }
     result["speedup"] = round(result["tunejob"]["examples_per_s"] / result["cookbook"]["examples_per_s"], 2)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    publish(result, args.out)
 
 
 if __name__ == "__main__":
