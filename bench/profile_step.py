@@ -34,10 +34,11 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from tunejob.models import default_model_path, load_tokenizer
-    from tunejob.sequences import encode_examples
+    from tunejob.train.models import default_model_path, load_tokenizer
+    from tunejob.data.sequences import encode_examples
     from tunejob.spec import parse_spec
-    from tunejob.trainer import _batch, add_lora, batch_order, forward_loss, load_model, make_collator, micro_batch_size
+    from tunejob.train.adapter import add_lora, load_model
+    from tunejob.train.trainer import _batch, batch_order, forward_loss, make_collator, micro_batch_size
 
     model_path = args.model or str(default_model_path())
     spec = parse_spec(f"model: {model_path}\ndata: {{train: x.jsonl}}\n"

@@ -32,7 +32,7 @@ from report import publish
 from tunejob.server.run import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "src" / "tunejob" / "data" / "sales_companion.jsonl"
+DATA = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
 KEY = "sk-bench-local"
 MESSAGES = [{"role": "user", "content": "Prep me for the Globex call."}]
 
@@ -65,7 +65,7 @@ def main() -> None:
 
     from openai import OpenAI
 
-    from tunejob.models import default_model_path
+    from tunejob.train.models import default_model_path
 
     model = args.model or str(default_model_path())
     with tempfile.TemporaryDirectory() as tmp:

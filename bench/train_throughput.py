@@ -11,7 +11,7 @@ steps. Each configuration runs in its own process (its peak RSS is its own):
   trl-padding-free       the same with SFTConfig(padding_free=True)
   trl-padding-free-bf16  the same with bf16=True as well (autocast; pays off only where the CPU has
                          bf16 matrix units, AMX or AVX512-BF16)
-  tunejob                tunejob.trainer.train (length-grouped batches, LM head at trained positions)
+  tunejob                tunejob.train.trainer.train (length-grouped batches, LM head at trained positions)
   tunejob-bf16           the same with hyperparameters.mixed_precision: bf16
 
 Loss is on the answer only for every configuration: TRL gets prompt/completion pairs
@@ -41,7 +41,7 @@ from pathlib import Path
 from report import publish
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "src" / "tunejob" / "data" / "sales_companion.jsonl"
+SAMPLE = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
 
 
@@ -135,9 +135,9 @@ def run_trl(model_path: str, train: list[dict], steps: int, max_len: int, paddin
 
 
 def run_tunejob(model_path: str, train: list[dict], val: list[dict], steps: int, max_len: int, out: Path, bf16: bool = False) -> dict:
-    from tunejob.dataset import write_jsonl
+    from tunejob.data.dataset import write_jsonl
     from tunejob.spec import parse_spec
-    from tunejob.trainer import train as tj_train
+    from tunejob.train.trainer import train as tj_train
 
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
@@ -161,9 +161,9 @@ def final_valid_loss(model_path: str, adapter: str, val: list[dict], max_len: in
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunejob.models import load_tokenizer
-    from tunejob.sequences import encode_examples
-    from tunejob.trainer import evaluate, make_collator
+    from tunejob.train.models import load_tokenizer
+    from tunejob.data.sequences import encode_examples
+    from tunejob.train.trainer import evaluate, make_collator
 
     tok = load_tokenizer(model_path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter)
@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
-        from tunejob.models import default_model_path
+        from tunejob.train.models import default_model_path
 
         args.model = str(default_model_path())
     if args.child:

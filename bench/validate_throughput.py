@@ -24,7 +24,7 @@ from pathlib import Path
 from report import publish
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "src" / "tunejob" / "data" / "sales_companion.jsonl"
+SAMPLE = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
 
 
 def make_file(path: Path, n: int, seed: int = 0) -> None:
@@ -85,8 +85,8 @@ def cookbook(path: Path, encoding) -> dict:
 
 
 def tunejob_side(path: Path, encoding) -> dict:
-    from tunejob.tokens import TiktokenCounter
-    from tunejob.validate import validate_file
+    from tunejob.data.tokens import TiktokenCounter
+    from tunejob.data.validate import validate_file
 
     report = validate_file(path, counter=TiktokenCounter(encoding))
     return {"examples": report.examples, "tokens": report.stats["tokens_per_example"]["total"],
@@ -97,7 +97,7 @@ def measure(side: str, path: Path, enc_name: str) -> dict:
     """Run one side in a fresh process, so peak memory (ru_maxrss) is its own."""
     code = (
         "import json,sys,time,resource; sys.path.insert(0, %r)\n"
-        "import validate_throughput as b\nfrom tunejob.tokens import load_encoding\n"
+        "import validate_throughput as b\nfrom tunejob.data.tokens import load_encoding\n"
         "enc = load_encoding(%r); t = time.perf_counter(); r = getattr(b, %r)(b.Path(%r), enc)\n"
         "r['seconds'] = time.perf_counter() - t; r['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "print(json.dumps(r))\n"
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    from tunejob.tokens import load_encoding
+    from tunejob.data.tokens import load_encoding
 
     enc_name = "o200k_base" if load_encoding("o200k_base") else "cl100k_base"
     with tempfile.TemporaryDirectory() as d:

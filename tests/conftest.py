@@ -35,7 +35,7 @@ def write_chat_data(path: Path, n: int, seed: int = 0, system: str = "Echo in ca
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from tunejob.models import build_tiny_model
+    from tunejob.train.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tunejob.validate import KINDS
+from tunejob.data.validate import KINDS
 
 BAD = Path(__file__).resolve().parent / "data" / "bad"
 EXPECTED: dict[str, dict] = json.loads((BAD / "EXPECTED.json").read_text(encoding="utf-8"))

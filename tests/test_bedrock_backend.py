@@ -19,8 +19,8 @@ import boto3
 import pytest
 
 from conftest import run_cli, write_chat_data
-from tunejob.jobstore import JobStore
-from tunejob.metrics import read_metrics
+from tunejob.backends.jobstore import JobStore
+from tunejob.monitor.metrics import read_metrics
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-west-2"}
 BUCKET = "tunejob-test-bucket"

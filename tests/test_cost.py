@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import REPO, run_cli
-from tunejob import cost
+from tunejob.plan import cost
 from tunejob.errors import PriceError
 
 

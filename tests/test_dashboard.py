@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_chat_data
-from tunejob.metrics import read_metrics
+from tunejob.monitor.metrics import read_metrics
 from test_serve import KEY_A, KEY_B, Server, client, wait_status
 from tunejob.server.run import free_port, wait_until_up
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tunejob.diagnose import KINDS, diagnose
+from tunejob.monitor.diagnose import KINDS, diagnose
 
 
 def stream(train_fn, val_fn, steps=200, eval_every=20, noise_t=0.0, noise_v=0.0, seed=0, spikes=(), nan_at=None):

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, write_chat_data
 from tunejob.server.run import free_port
-from tunejob.distributed import accelerate_config, launch_command, validate_accelerate_config, write_accelerate_config
+from tunejob.train.distributed import accelerate_config, launch_command, validate_accelerate_config, write_accelerate_config
 from tunejob.errors import SpecError
-from tunejob.metrics import read_metrics
+from tunejob.monitor.metrics import read_metrics
 from tunejob.spec import parse_spec as _parse_text
 
 

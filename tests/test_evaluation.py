@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, write_chat_data
-from tunejob import evaluation as ev
-from tunejob import judge as jd
-from tunejob.metrics import read_metrics
+from tunejob.evaluate import evaluation as ev
+from tunejob.evaluate import judge as jd
+from tunejob.monitor.metrics import read_metrics
 
 # ---------------------------------------------------------------- answer metrics
 
@@ -283,8 +283,8 @@ def test_eval_errors_are_clear(tmp_path, evaluated_run):
 
 
 def test_held_out_is_the_runs_validation_split_or_the_data_given(tmp_path, evaluated_run):
-    from tunejob.dataset import load_examples
-    from tunejob.trainer import load_splits
+    from tunejob.data.dataset import load_examples
+    from tunejob.data.splits import load_splits
 
     out, _ = evaluated_run
     spec = ev.load_run_spec(out)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import run_cli, write_chat_data
-from tunejob.memory import estimate_memory
-from tunejob.shapes import lora_parameters, shape_of
+from tunejob.plan.memory import estimate_memory
+from tunejob.train.shapes import lora_parameters, shape_of
 
 
 def llama(hidden=4096, layers=32, inter=11008, heads=32, kv=32, vocab=32000):
@@ -56,7 +56,7 @@ def test_7b_weights_and_qlora():
 def test_estimate_matches_the_lora_wrapped_model(tiny_model):
     """The arithmetic equals what peft actually makes trainable."""
     from tunejob.spec import parse_spec
-    from tunejob.trainer import add_lora, count_parameters, load_model
+    from tunejob.train.adapter import add_lora, count_parameters, load_model
 
     for target in ("attention", "all-linear"):
         spec = parse_spec(f"model: {tiny_model}\ndata: {{train: x}}\nlora: {{r: 8, target_modules: {target}}}\n")

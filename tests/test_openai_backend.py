@@ -16,8 +16,8 @@ from openai import OpenAI
 from conftest import run_cli, write_chat_data
 from faultproxy import FaultProxy
 from test_serve import KEY_A, Server
-from tunejob.jobstore import JobStore
-from tunejob.metrics import read_metrics
+from tunejob.backends.jobstore import JobStore
+from tunejob.monitor.metrics import read_metrics
 
 
 def spec_for(tmp_path: Path, base_url: str, data: Path, epochs: int = 2, timeout: float = 60) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, write_chat_data
-from tunejob.metrics import read_metrics
+from tunejob.monitor.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_diagnose_cli_json_contract(tiny_run):
 
 
 def test_live_view_draws_progress_chart_and_events():
-    from tunejob.live import make_console_sink
+    from tunejob.monitor.live import make_console_sink
 
     buf = io.StringIO()
     sink = make_console_sink(10, stream=buf, force_live=True)

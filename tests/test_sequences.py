@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tunejob.models import load_tokenizer
-from tunejob.sequences import IGNORE, encode_example, encode_examples
-from tunejob.trainer import batch_order, forward_loss, make_collator
+from tunejob.train.models import load_tokenizer
+from tunejob.data.sequences import IGNORE, encode_example, encode_examples
+from tunejob.train.trainer import batch_order, forward_loss, make_collator
 
 MSGS = [
     {"role": "system", "content": "You help sales reps."},
@@ -87,7 +87,7 @@ def test_one_sequence_micro_batches_give_the_padded_batch_loss_and_gradients(tin
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunejob.trainer import _batch, micro_batch_size
+    from tunejob.train.trainer import _batch, micro_batch_size
 
     assert micro_batch_size(8, 2, 1, torch.device("cpu")) == 1
     assert micro_batch_size(8, 2, 2, torch.device("cuda")) == 2

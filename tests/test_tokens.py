@@ -1,6 +1,6 @@
 """Offline tiktoken encodings and the cookbook's token arithmetic."""
 
-from tunejob.tokens import ApproximateCounter, TiktokenCounter, counter_for, load_encoding
+from tunejob.data.tokens import ApproximateCounter, TiktokenCounter, counter_for, load_encoding
 
 
 def test_offline_encodings_give_openais_ids():

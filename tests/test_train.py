@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import WORDS, run_cli, write_chat_data
-from tunejob.checkpoint import list_checkpoints
-from tunejob.metrics import read_metrics
+from tunejob.train.checkpoint import list_checkpoints
+from tunejob.monitor.metrics import read_metrics
 
 
 def write_spec(path: Path, model: Path, train: Path, out: Path, extra: str = "", validation: Path | None = None) -> Path:
@@ -191,10 +191,11 @@ def test_qlora_gradients_stay_nonzero_after_an_eval(tmp_path, tiny_model):
     """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights in eval and zeroes LoRA grads."""
     import bitsandbytes as bnb
 
-    from tunejob.models import load_tokenizer
-    from tunejob.sequences import encode_examples
+    from tunejob.train.models import load_tokenizer
+    from tunejob.data.sequences import encode_examples
     from tunejob.spec import parse_spec
-    from tunejob.trainer import add_lora, evaluate, forward_loss, load_model, make_collator
+    from tunejob.train.adapter import add_lora, load_model
+    from tunejob.train.trainer import evaluate, forward_loss, make_collator
 
     spec = parse_spec(f"model: {tiny_model}\ndata: {{train: x}}\nquantization: 4bit\nlora: {{target_modules: all-linear}}\n")
     model = add_lora(spec, load_model(spec, str(tiny_model), torch.device("cpu")))

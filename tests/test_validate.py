@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli, write_chat_data
-from tunejob.dataset import iter_raw_lines, split_examples, split_file
+from tunejob.data.dataset import iter_raw_lines, split_examples, split_file
 from tunejob.errors import DataError
-from tunejob.tokens import ApproximateCounter
-from tunejob.validate import KINDS, validate_file
+from tunejob.data.tokens import ApproximateCounter
+from tunejob.data.validate import KINDS, validate_file
 
 SAMPLE = REPO / "examples" / "data" / "sales_companion.jsonl"
 

@@ -29,7 +29,7 @@ class ModelInfo:
 
 @lru_cache(maxsize=1)
 def _catalog() -> dict:
-    return json.loads(resources.files("tunejob").joinpath("data/models.json").read_text(encoding="utf-8"))
+    return json.loads(resources.files("tunejob").joinpath("resources/models.json").read_text(encoding="utf-8"))
 
 
 @lru_cache(maxsize=1)

@@ -44,7 +44,7 @@ def validate(
     min_examples: Annotated[int, typer.Option(help="Fewer valid examples than this is an error.")] = 10,
 ) -> None:
     """Check every line of a dataset; list problems with line numbers. Exit 0 clean, 2 on errors."""
-    from tunejob.validate import render_text, validate_file
+    from tunejob.data.validate import render_text, validate_file
 
     report = validate_file(path, format=format.value, model=model, min_examples=min_examples)
     if as_json:
@@ -62,7 +62,7 @@ def split(
     out_dir: Annotated[Optional[Path], typer.Option(help="Where to write (default: beside the input).")] = None,
 ) -> None:
     """Write a deterministic train/validation split: NAME.train.jsonl and NAME.val.jsonl."""
-    from tunejob.dataset import split_file
+    from tunejob.data.dataset import split_file
 
     train, val, n_train, n_val = split_file(path, out_dir, val_fraction, seed)
     print(f"{train}\t{n_train}")
@@ -77,7 +77,7 @@ def run(
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Worker processes on this node (sets distributed.processes); launched through accelerate.")] = None,
 ) -> None:
     """Run a fine-tuning job; prints the summary as JSON on stdout."""
-    from tunejob import distributed
+    from tunejob.train import distributed
     from tunejob.runner import run_job
     from tunejob.spec import load_spec
 
@@ -99,7 +99,7 @@ def distributed_config(
     layer_class: Annotated[Optional[str], typer.Option(help="FSDP: the decoder block class to wrap (default LlamaDecoderLayer).")] = None,
 ) -> None:
     """Write the accelerate config (DDP, FSDP or DeepSpeed ZeRO) for the spec, checked by accelerate's own classes."""
-    from tunejob.distributed import write_accelerate_config
+    from tunejob.train.distributed import write_accelerate_config
     from tunejob.spec import load_spec
 
     path = write_accelerate_config(load_spec(spec_path, set_), out, layer_class)
@@ -120,8 +120,8 @@ def cost(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Training cost (tokens/1,000 x price per 1K x epochs) and fine-tuned inference cost."""
-    from tunejob.plan import cost_report
-    from tunejob.render import render_cost
+    from tunejob.plan.planner import cost_report
+    from tunejob.plan.render import render_cost
 
     result = cost_report(model, data, tokens, epochs, price_per_1m, queries_per_day, tokens_per_query, output_fraction)
     print(json.dumps(result, indent=2) if as_json else render_cost(result))
@@ -136,8 +136,8 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Everything before the job runs: data, tokens, steps, cost or memory/time, parameters."""
-    from tunejob.plan import plan_job
-    from tunejob.render import render_plan
+    from tunejob.plan.planner import plan_job
+    from tunejob.plan.render import render_plan
     from tunejob.spec import load_spec
 
     result = plan_job(load_spec(spec_path, set_), gpu_memory, price_per_1m)
@@ -150,7 +150,7 @@ def diagnose(
     as_json: Annotated[bool, typer.Option("--json", help='{"verdict": KIND, "findings": [...]} on stdout.')] = False,
 ) -> None:
     """Read the loss curves: healthy, overfitting, flat, spikes, divergence, not converged."""
-    from tunejob.report import diagnose_run, load_run
+    from tunejob.monitor.report import diagnose_run, load_run
 
     result = diagnose_run(load_run(target))
     if as_json:
@@ -164,7 +164,7 @@ def diagnose(
 @app.command()
 def report(target: Annotated[Path, typer.Argument(metavar="RUN_DIR")]) -> None:
     """Write RUN_DIR/report.html (self-contained) and RUN_DIR/loss.png."""
-    from tunejob.report import write_report
+    from tunejob.monitor.report import write_report
 
     html_path, png = write_report(target)
     print(html_path)
@@ -179,7 +179,7 @@ def watch(
 ) -> None:
     """Follow a run live; re-attaches to an API job where the last watch left off."""
     if Path(target).is_dir():
-        from tunejob.watch import watch_run
+        from tunejob.monitor.watch import watch_run
 
         print(json.dumps(watch_run(Path(target), interval, timeout), indent=2))
         return
@@ -191,7 +191,7 @@ def watch(
 @app.command()
 def jobs(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the API jobs submitted from this machine (the job store under TUNEJOB_HOME)."""
-    from tunejob.jobstore import JobStore
+    from tunejob.backends.jobstore import JobStore
 
     records = JobStore().list()
     if as_json:
@@ -267,7 +267,7 @@ def chat(
         if reply is not None:
             print(reply)
             return
-    from tunejob.chat import answer, load_for_chat
+    from tunejob.evaluate.chat import answer, load_for_chat
 
     model, tokenizer = load_for_chat(target)
     print(answer(model, tokenizer, messages, max_new_tokens))
@@ -279,7 +279,7 @@ def export(
     merge: Annotated[Path, typer.Option("--merge", help="Write the base model with the adapter folded in here.")],
 ) -> None:
     """Write a merged full model (base + adapter) that plain transformers loads."""
-    from tunejob.chat import export_merged
+    from tunejob.evaluate.chat import export_merged
 
     print(export_merged(target, merge))
 
@@ -298,8 +298,8 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print eval.json on stdout instead of the tables.")] = False,
 ) -> None:
     """Base vs fine-tuned on held-out examples: loss, perplexity, answers, EM / F1 / ROUGE-L, latency, judge."""
-    from tunejob.evaluation import evaluate_run, render
-    from tunejob.judge import JudgeError, JudgeSettings
+    from tunejob.evaluate.evaluation import evaluate_run, render
+    from tunejob.evaluate.judge import JudgeError, JudgeSettings
 
     if (judge_base_url is None) != (judge_model is None):
         raise JudgeError("give both --judge-base-url and --judge-model to use a judge, or neither")

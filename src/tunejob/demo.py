@@ -1,6 +1,6 @@
 """`tunejob demo`: the README's main job, end to end on the embedded model.
 
-Trains the packaged demo spec (data/demo.yaml on data/sales_companion.jsonl), then asks the base
+Trains the packaged demo spec (resources/demo.yaml on resources/sales_companion.jsonl), then asks the base
 model and the fine-tuned one the same question, so the effect of the job is visible at once.
 """
 
@@ -18,12 +18,12 @@ def _say(msg: str) -> None:
 
 
 def demo_spec_path() -> Path:
-    return Path(str(resources.files("tunejob").joinpath("data/demo.yaml")))
+    return Path(str(resources.files("tunejob").joinpath("resources/demo.yaml")))
 
 
 def run_demo(output_dir: Path, question: str, overrides: list[str]) -> dict:
-    from tunejob.chat import answer, load_for_chat
-    from tunejob.trainer import train
+    from tunejob.evaluate.chat import answer, load_for_chat
+    from tunejob.train.trainer import train
 
     spec = load_spec(demo_spec_path(), [f"output_dir={output_dir}", *overrides])
     summary = train(spec)
@@ -36,7 +36,7 @@ def run_demo(output_dir: Path, question: str, overrides: list[str]) -> dict:
         del model
     _say(f"\nbest checkpoint: {summary['best_checkpoint']} (step {summary['best_step']}, validation loss {summary['best_valid_loss']:.4f})")
     _say(f"trained {summary['trained_tokens']:,} assistant tokens ({summary['tokens_seen']:,} seen) in {summary['wall_time_s']:.0f} s, {summary['tokens_per_second']:.0f} tokens/s")
-    from tunejob.report import write_report
+    from tunejob.monitor.report import write_report
 
     html_path, png = write_report(Path(summary["run_dir"]))
     _say(f"report: {html_path} (loss chart {png})")

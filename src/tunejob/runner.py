@@ -3,13 +3,13 @@ watch). Every API job is in the job store before it is polled."""
 
 from __future__ import annotations
 
-from tunejob.jobstore import JobStore
+from tunejob.backends.jobstore import JobStore
 from tunejob.spec import JobSpec
 
 
 def run_job(spec: JobSpec, resume: bool | None = None) -> dict:
     if spec.backend == "local":
-        from tunejob.trainer import train
+        from tunejob.train.trainer import train
 
         return train(spec, resume=resume)
     from tunejob.backends import get_backend

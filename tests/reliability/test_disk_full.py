@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_chat_data
-from tunejob import checkpoint as ckpt
+from tunejob.train import checkpoint as ckpt
 
 TMPFS_KB = 140
 FSIZE_LIMIT = 24 * 1024  # above the adapter (15 KiB), below optimizer.pt (36 KiB)

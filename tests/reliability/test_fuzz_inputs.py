@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from conftest import run_cli
 from tunejob.errors import DataError, SpecError
 from tunejob.spec import parse_spec
-from tunejob.tokens import ApproximateCounter
-from tunejob.validate import validate_file
+from tunejob.data.tokens import ApproximateCounter
+from tunejob.data.validate import validate_file
 
 def fuzz(n: int) -> settings:
     """n generated inputs, no deadline (CI machines are slow), derandomized: the same inputs every run."""

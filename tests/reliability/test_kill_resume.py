@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import run_cli, write_chat_data
-from tunejob.metrics import read_metrics
+from tunejob.monitor.metrics import read_metrics
 
 EXTRA = ("hyperparameters: {epochs: 3, batch_size: 4, learning_rate: 0.01, max_seq_len: 64}\n"
          "lora: {r: 8, dropout: 0.1}\ncheckpointing: {eval_steps: 4, save_steps: 4, early_stopping_patience: null}\n")

@@ -17,10 +17,10 @@ import io
 import time
 from pathlib import Path
 
-from tunejob.backends import RemoteRun, say
-from tunejob.dataset import as_messages, load_examples, split_examples
+from tunejob.backends.remote_run import RemoteRun, say
+from tunejob.data.dataset import as_messages, load_examples, split_examples
 from tunejob.errors import BackendError
-from tunejob.jobstore import JobRecord, JobStore
+from tunejob.backends.jobstore import JobRecord, JobStore
 from tunejob.spec import BedrockSettings, JobSpec, parse_spec
 
 STATUS = {"InProgress": "running", "Completed": "succeeded", "Failed": "failed", "Stopping": "running", "Stopped": "cancelled"}
@@ -65,7 +65,7 @@ class BedrockBackend:
     def submit(self, spec: JobSpec, store: JobStore) -> JobRecord:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        from tunejob.validate import require_valid
+        from tunejob.data.validate import require_valid
 
         for path in filter(None, [spec.data.train, spec.data.validation]):
             require_valid(path, format="bedrock")

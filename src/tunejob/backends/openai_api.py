@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from tunejob import catalog
-from tunejob.backends import TERMINAL, RemoteRun, metrics_records, say
-from tunejob.dataset import load_examples, split_examples, write_jsonl
+from tunejob.backends.remote_run import TERMINAL, RemoteRun, metrics_records, say
+from tunejob.data.dataset import load_examples, split_examples, write_jsonl
 from tunejob.errors import BackendError
-from tunejob.jobstore import JobRecord, JobStore
+from tunejob.backends.jobstore import JobRecord, JobStore
 from tunejob.spec import JobSpec, OpenAISettings, parse_spec
 
 TAG_KEY = "tunejob_tag"
@@ -63,7 +63,7 @@ class OpenAIBackend:
     def submit(self, spec: JobSpec, store: JobStore) -> JobRecord:
         import openai
 
-        from tunejob.validate import require_valid
+        from tunejob.data.validate import require_valid
 
         for path in filter(None, [spec.data.train, spec.data.validation]):
             require_valid(path, model=spec.model)

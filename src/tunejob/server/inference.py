@@ -32,7 +32,7 @@ class ModelCache:
                 return self._models[key]
         from transformers import AutoModelForCausalLM
 
-        from tunejob.models import load_tokenizer
+        from tunejob.train.models import load_tokenizer
 
         tokenizer = load_tokenizer(base_path)
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)

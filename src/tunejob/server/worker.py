@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from tunejob.metrics import read_metrics
+from tunejob.monitor.metrics import read_metrics
 from tunejob.server.store import Store, new_id
 
 POLL_S = 0.25

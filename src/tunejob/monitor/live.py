@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from tunejob.metrics import LineSink
+from tunejob.monitor.metrics import LineSink
 
 CHART_WIDTH, CHART_HEIGHT = 60, 8
 

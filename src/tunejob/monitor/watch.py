@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from tunejob.errors import TunejobError
-from tunejob.live import make_console_sink
+from tunejob.monitor.live import make_console_sink
 
 
 def _total_steps(run_dir: Path) -> int:

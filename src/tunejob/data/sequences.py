@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunejob.dataset import text_of
+from tunejob.data.dataset import text_of
 
 IGNORE = -100
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from tunejob import checkpoint as ckpt
+from tunejob.train import checkpoint as ckpt
 from tunejob.errors import ModelError
-from tunejob.models import load_tokenizer, resolve_model_path
+from tunejob.train.models import load_tokenizer, resolve_model_path
 
 
 def run_checkpoint(run_or_ckpt: str | Path) -> Path:

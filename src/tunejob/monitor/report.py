@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from tunejob.diagnose import diagnose, smooth
+from tunejob.monitor.diagnose import diagnose, smooth
 from tunejob.errors import TunejobError
-from tunejob.metrics import read_metrics
+from tunejob.monitor.metrics import read_metrics
 
 
 def load_run(run_dir: Path) -> dict:

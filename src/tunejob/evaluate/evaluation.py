@@ -25,9 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-from tunejob import checkpoint as ckpt
+from tunejob.train import checkpoint as ckpt
 from tunejob.errors import DataError, ModelError
-from tunejob.sequences import _plain
+from tunejob.data.sequences import _plain
 
 SIDES = ("base", "finetuned")
 
@@ -98,7 +98,7 @@ def cost_per_1k_queries(model: str, prompt_tokens: float, answer_tokens: dict[st
     """USD per 1,000 queries for the base and the fine-tuned model, each at its own price and its
     own mean answer length; None when the model has no inference prices (local models)."""
     from tunejob import catalog
-    from tunejob.cost import inference_cost_per_day
+    from tunejob.plan.cost import inference_cost_per_day
 
     info = catalog.lookup(model)
     if info is None or not info.finetuned or not info.base:
@@ -125,9 +125,9 @@ def load_run_spec(run_dir: Path):
 
 def held_out_examples(spec, data: Path | None) -> list[dict]:
     """--data validated and loaded, else the run's validation split exactly as training drew it."""
-    from tunejob.dataset import load_examples
-    from tunejob.trainer import load_splits
-    from tunejob.validate import validate_file
+    from tunejob.data.dataset import load_examples
+    from tunejob.data.splits import load_splits
+    from tunejob.data.validate import validate_file
 
     if data is None:
         for path in filter(None, [spec.data.train, spec.data.validation]):
@@ -147,16 +147,16 @@ def held_out_examples(spec, data: Path | None) -> list[dict]:
 def load_tuned(spec, checkpoint: Path, device):
     """(PEFT model, tokenizer), loaded the way training evaluated it, so the losses agree: fp32,
     or the 4-bit base for a QLoRA run (a fp32 base would shift the loss by the quantisation error)."""
-    from tunejob.chat import load_for_chat
+    from tunejob.evaluate.chat import load_for_chat
 
     if spec.quantization != "4bit":
         model, tokenizer = load_for_chat(checkpoint)
         return model.to(device), tokenizer
     from peft import PeftModel
 
-    from tunejob.chat import base_model_of
-    from tunejob.models import load_tokenizer
-    from tunejob.trainer import disable_bnb_avx512bf16, load_model
+    from tunejob.evaluate.chat import base_model_of
+    from tunejob.train.models import load_tokenizer
+    from tunejob.train.adapter import disable_bnb_avx512bf16, load_model
 
     base_path = base_model_of(checkpoint)
     model = PeftModel.from_pretrained(load_model(spec, base_path, device), str(checkpoint))
@@ -173,8 +173,8 @@ def _side(model, side: str):
 
 
 def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
-    from tunejob.sequences import encode_examples
-    from tunejob.trainer import evaluate, make_collator, micro_batch_size
+    from tunejob.data.sequences import encode_examples
+    from tunejob.train.trainer import evaluate, make_collator, micro_batch_size
 
     hp = spec.hyperparameters
     seqs, _ = encode_examples(tokenizer, examples, hp.max_seq_len, hp.train_on)
@@ -195,7 +195,7 @@ def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
 
 def answer_examples(model, tokenizer, items: list[tuple[list[dict], str]], max_new_tokens: int, say=_say) -> list[dict]:
     """Greedy answers of both models to each prompt, with their scores, latency and length."""
-    from tunejob.chat import answer
+    from tunejob.evaluate.chat import answer
 
     if items:  # warm-up, untimed: the first generate() pays one-off setup that would bias one side
         answer(model, tokenizer, items[0][0], max_new_tokens=1)
@@ -251,7 +251,7 @@ def evaluate_run(
     """
     import torch
 
-    from tunejob.chat import run_checkpoint
+    from tunejob.evaluate.chat import run_checkpoint
 
     run_dir = Path(run_dir)
     if limit is not None and limit < 1:
@@ -263,7 +263,7 @@ def evaluate_run(
     examples = held_out_examples(spec, data)
     judge_client = None
     if judge is not None:  # a missing API key fails now, not after minutes of generation
-        from tunejob.judge import make_client
+        from tunejob.evaluate.judge import make_client
 
         judge_client = make_client(judge)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -291,7 +291,7 @@ def evaluate_run(
         "judge": None, "answers": rows,
     }
     if judge is not None:
-        from tunejob.judge import PairToJudge, judge_pairs
+        from tunejob.evaluate.judge import PairToJudge, judge_pairs
 
         say(f"judging {len(rows)} pair(s) with {judge.model} at {judge.base_url}")
         pairs = [PairToJudge(r["prompt"], r["reference"], r["base"]["answer"], r["finetuned"]["answer"]) for r in rows]

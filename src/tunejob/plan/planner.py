@@ -10,20 +10,21 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from tunejob import catalog, cost
+from tunejob import catalog
+from tunejob.plan import cost
 from tunejob.spec import JobSpec
 
 
 def _validated(path: Path, fmt: str = "openai", model: str | None = None):
-    from tunejob.validate import require_valid
+    from tunejob.data.validate import require_valid
 
     return require_valid(path, format=fmt, model=model)
 
 
 def token_counts(path: Path, model: str) -> tuple[list[int], bool]:
     """Per-example token counts of a chat file for an API model (cookbook arithmetic)."""
-    from tunejob.dataset import load_examples
-    from tunejob.tokens import counter_for
+    from tunejob.data.dataset import load_examples
+    from tunejob.data.tokens import counter_for
 
     counter = counter_for(model)
     examples = [ex["messages"] for ex in load_examples(path)]
@@ -71,11 +72,11 @@ def _plan_api(spec: JobSpec, price_per_1m: float | None) -> dict:
 
 
 def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
-    from tunejob.dataset import load_examples, split_examples
-    from tunejob.memory import estimate_memory, estimate_seconds, measure_cpu_peak_flops
-    from tunejob.models import load_tokenizer, resolve_model_path
-    from tunejob.sequences import encode_examples
-    from tunejob.shapes import shape_from_path
+    from tunejob.data.dataset import load_examples, split_examples
+    from tunejob.plan.memory import estimate_memory, estimate_seconds, measure_cpu_peak_flops
+    from tunejob.train.models import load_tokenizer, resolve_model_path
+    from tunejob.data.sequences import encode_examples
+    from tunejob.train.shapes import shape_from_path
 
     hp = spec.hyperparameters
     _validated(spec.data.train)
@@ -100,7 +101,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     # the trainer's own rule: one sequence per forward pass on CPU, batch / accumulation on GPUs
     import torch
 
-    from tunejob.trainer import micro_batch_size
+    from tunejob.train.trainer import micro_batch_size
 
     micro = micro_batch_size(batch, hp.gradient_accumulation, spec.distributed.world_size, torch.device(device))
     mem = estimate_memory(shape, r=spec.lora.r, target=spec.lora.target_modules, quantization=spec.quantization,

@@ -21,96 +21,20 @@ from pathlib import Path
 
 import torch
 
-from tunejob import checkpoint as ckpt
-from tunejob import distributed
-from tunejob.dataset import load_examples, split_examples
-from tunejob.errors import BackendError, DataError, ModelError
-from tunejob.live import make_console_sink
-from tunejob.metrics import JsonlSink, Stream, TensorBoardSink
-from tunejob.models import load_tokenizer, resolve_model_path
-from tunejob.sequences import IGNORE, encode_examples
-from tunejob.shapes import resolve_targets, shape_of
+from tunejob.data.sequences import IGNORE, encode_examples
+from tunejob.data.splits import load_splits
+from tunejob.errors import BackendError, DataError
+from tunejob.monitor.live import make_console_sink
+from tunejob.monitor.metrics import JsonlSink, Stream, TensorBoardSink
 from tunejob.spec import JobSpec
+from tunejob.train import checkpoint as ckpt
+from tunejob.train import distributed
+from tunejob.train.adapter import add_lora, count_parameters, load_model
+from tunejob.train.models import load_tokenizer, resolve_model_path
 
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- data
-
-
-def load_splits(spec: JobSpec) -> tuple[list[dict], list[dict]]:
-    """Validated train and validation examples (validation split off train when not given)."""
-    from tunejob.validate import require_valid
-
-    for path in filter(None, [spec.data.train, spec.data.validation]):
-        require_valid(path, min_examples=1 if path == spec.data.validation else 2)
-    train = load_examples(spec.data.train)
-    if spec.data.validation is not None:
-        return train, load_examples(spec.data.validation)
-    return split_examples(train, spec.data.val_fraction, spec.data.seed)
-
-
-# ---------------------------------------------------------------- model
-
-
-def disable_bnb_avx512bf16(model) -> int:
-    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks Linear4bit weights during an eval or
-    generate() pass, after which every LoRA gradient is 0. Turning the path off avoids it."""
-    n = 0
-    for mod in model.modules():
-        if hasattr(mod, "support_avx512bf16_for_cpu"):
-            mod.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
-
-
-def load_model(spec: JobSpec, model_path: str, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict = {"dtype": torch.float32}
-    if spec.quantization == "4bit":
-        from transformers import BitsAndBytesConfig
-
-        compute = torch.bfloat16 if device.type == "cuda" else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-        )
-        if device.type == "cuda":
-            kwargs["device_map"] = {"": device.index or 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{model_path}: cannot load the model ({exc})") from None
-    if spec.quantization != "4bit":
-        model.to(device)
-    return model
-
-
-def add_lora(spec: JobSpec, model):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if spec.quantization == "4bit":
-        # Gradient checkpointing trades ~30% speed for activation memory; off unless memory needs it.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(
-        r=spec.lora.r,
-        lora_alpha=spec.lora.resolved_alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=resolve_targets(shape_of(model).linear_names, spec.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config)
-    if spec.quantization == "4bit":
-        disable_bnb_avx512bf16(model)
-    return model
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
 
 
 # ---------------------------------------------------------------- steps

@@ -57,7 +57,7 @@ def default_model_path(progress=None) -> Path:
     say(f"converting the embedded SmolLM2-135M-Instruct (GGUF) into {target} (once)...")
     import subprocess
 
-    done = subprocess.run([sys.executable, "-c", f"from tunejob.models import _convert_default; _convert_default({str(target)!r})"],
+    done = subprocess.run([sys.executable, "-c", f"from tunejob.train.models import _convert_default; _convert_default({str(target)!r})"],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise ModelError(f"converting the embedded model failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tunejob import catalog
-from tunejob.dataset import text_of
+from tunejob.data.dataset import text_of
 
 # Pattern strings and special tokens as in tiktoken_ext/openai_public.py (tiktoken 0.14.0).
 _PAT_CL100K = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""

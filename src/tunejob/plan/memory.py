@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from tunejob.shapes import ModelShape, lora_parameters, targeted
+from tunejob.train.shapes import ModelShape, lora_parameters, targeted
 
 NF4_BYTES_PER_WEIGHT = 0.5 + 0.127 / 8
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

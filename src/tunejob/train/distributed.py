@@ -158,7 +158,7 @@ def run_workers(spec, spec_path: Path, overrides: list[str], resume: bool | None
     """
     import json
 
-    from tunejob.trainer import load_splits
+    from tunejob.data.splits import load_splits
 
     d = spec.distributed
     check_strategy(d.strategy, d.world_size)

@@ -1,0 +1,103 @@
+"""What every route of `tunejob serve` shares: the server's settings and state, OpenAI's error
+object and list page, and the owner of a request (set by the API-key check in app.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from tunejob import catalog
+from tunejob.server.store import Store
+from tunejob.server.worker import Worker
+
+DEFAULT_LR = 2e-4  # learning_rate_multiplier 1.0 = the LoRA default of the local backend
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    api_keys: set[str]
+    default_model: str = "default"
+    models: dict[str, str] = field(default_factory=dict)  # extra base models: name -> path
+    max_upload_bytes: int = 512 * 2**20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_response(status: int, message: str, type: str, param: str | None, code: str | None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+
+
+def page(items: list[dict], after: str | None, limit: int | None) -> dict:
+    """OpenAI's list object: a page of up to `limit` items after the id `after`."""
+    limit = max(1, min(int(limit or 20), 100))
+    start = 0
+    if after:
+        ids = [i["id"] for i in items]
+        start = ids.index(after) + 1 if after in ids else len(items)
+    chunk = items[start : start + limit]
+    return {"object": "list", "data": chunk, "has_more": start + limit < len(items),
+            "first_id": chunk[0]["id"] if chunk else None, "last_id": chunk[-1]["id"] if chunk else None}
+
+
+def public(job: dict) -> dict:
+    return {k: v for k, v in job.items() if not k.startswith("_") and k != "control"}
+
+
+def owner(request: Request) -> str:
+    return request.state.owner
+
+
+async def json_body(request: Request) -> object:
+    """The request body's JSON value, or a 400 in OpenAI's error shape."""
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "The request body is not valid JSON") from None
+
+
+async def json_object(request: Request) -> dict:
+    """The request body as a JSON object, or a 400 in OpenAI's error shape."""
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object")
+    return body
+
+
+@dataclass
+class ServerState:
+    """The store, the job worker and the base models, shared by the resource routers."""
+
+    config: ServerConfig
+    store: Store
+    worker: Worker
+    base_models: dict[str, str]
+    model_cache: object | None = None  # inference.ModelCache, created on the first chat
+
+    def base_for(self, model: str) -> str | None:
+        if model in self.base_models:
+            return model
+        info = catalog.lookup(model)
+        if info is not None and info.provider == "openai":
+            return "default"
+        return None
+
+    def file_or_404(self, who: str, file_id: str) -> dict:
+        f = self.store.get_file(who, file_id)
+        if f is None:
+            raise ApiError(404, f"No such File object: {file_id}", param="id", code="file_not_found")
+        return f
+
+    def job_or_404(self, who: str, job_id: str) -> dict:
+        job = self.store.get_job(who, job_id)
+        if job is None:
+            raise ApiError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="fine_tuning_job_not_found")
+        return job
