@@ -38,7 +38,8 @@ def main() -> None:
     from tunejob.data.sequences import encode_examples
     from tunejob.spec import parse_spec
     from tunejob.train.adapter import add_lora, load_model
-    from tunejob.train.trainer import _batch, batch_order, forward_loss, make_collator, micro_batch_size
+    from tunejob.train.batches import as_batch as _batch, batch_order, make_collator, micro_batch_size
+    from tunejob.train.loss import forward_loss
 
     model_path = args.model or str(default_model_path())
     spec = parse_spec(f"model: {model_path}\ndata: {{train: x.jsonl}}\n"

@@ -163,7 +163,8 @@ def final_valid_loss(model_path: str, adapter: str, val: list[dict], max_len: in
 
     from tunejob.train.models import load_tokenizer
     from tunejob.data.sequences import encode_examples
-    from tunejob.train.trainer import evaluate, make_collator
+    from tunejob.train.batches import make_collator
+    from tunejob.train.loss import evaluate
 
     tok = load_tokenizer(model_path)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter)

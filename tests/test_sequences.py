@@ -6,7 +6,8 @@ import torch
 
 from tunejob.train.models import load_tokenizer
 from tunejob.data.sequences import IGNORE, encode_example, encode_examples
-from tunejob.train.trainer import batch_order, forward_loss, make_collator
+from tunejob.train.batches import batch_order, make_collator
+from tunejob.train.loss import forward_loss
 
 MSGS = [
     {"role": "system", "content": "You help sales reps."},
@@ -39,7 +40,8 @@ def test_weight_zero_and_train_on_all(tiny_model):
     text = trained_text(tok, encode_example(tok, weighted, 512))
     assert "renewal" not in text and "Team plan" in text
     everything = encode_example(tok, MSGS, 512, train_on="all")
-    assert all(lab != IGNORE for lab in everything.labels)
+    # token 0 is never scored (nothing predicts it), so it is not counted as trained
+    assert everything.labels[0] == IGNORE and everything.labels[1:] == everything.input_ids[1:]
 
 
 def test_truncation_that_leaves_nothing_to_train_is_counted(tiny_model):
@@ -87,7 +89,7 @@ def test_one_sequence_micro_batches_give_the_padded_batch_loss_and_gradients(tin
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunejob.train.trainer import _batch, micro_batch_size
+    from tunejob.train.batches import as_batch as _batch, micro_batch_size
 
     assert micro_batch_size(8, 2, 1, torch.device("cpu")) == 1
     assert micro_batch_size(8, 2, 2, torch.device("cuda")) == 2

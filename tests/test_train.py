@@ -195,7 +195,8 @@ def test_qlora_gradients_stay_nonzero_after_an_eval(tmp_path, tiny_model):
     from tunejob.data.sequences import encode_examples
     from tunejob.spec import parse_spec
     from tunejob.train.adapter import add_lora, load_model
-    from tunejob.train.trainer import evaluate, forward_loss, make_collator
+    from tunejob.train.batches import make_collator
+    from tunejob.train.loss import evaluate, forward_loss
 
     spec = parse_spec(f"model: {tiny_model}\ndata: {{train: x}}\nquantization: 4bit\nlora: {{target_modules: all-linear}}\n")
     model = add_lora(spec, load_model(spec, str(tiny_model), torch.device("cpu")))

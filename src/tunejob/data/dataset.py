@@ -111,7 +111,10 @@ def load_examples(path: str | Path) -> list[dict]:
             obj = json.loads(raw.data.decode("utf-8-sig" if raw.number == 1 else "utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}:{raw.number}: not valid JSON ({exc}); run `tunejob validate {path}`") from None
-        examples.append({"messages": as_messages(obj)})
+        example = {"messages": as_messages(obj)}
+        # function calling: the tool list is rendered with the conversation (data/tool_calls.py)
+        example.update({k: obj[k] for k in ("tools", "functions") if obj.get(k)})
+        examples.append(example)
     return examples
 
 

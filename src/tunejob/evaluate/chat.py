@@ -30,18 +30,28 @@ def base_model_of(checkpoint_dir: Path) -> str:
     return resolve_model_path(spec.get("model", "default"))
 
 
-def load_for_chat(run_or_ckpt: str | Path | None = None, base: str | None = None):
-    """(model, tokenizer) for a run's adapter on its base model, or the bare base model."""
-    from transformers import AutoModelForCausalLM
+def quantization_of(checkpoint_dir: Path) -> str:
+    spec = yaml.safe_load((checkpoint_dir / "config.yaml").read_text()) or {}
+    return spec.get("quantization", "none")
+
+
+def load_for_chat(run_or_ckpt: str | Path | None = None, base: str | None = None, merge: bool = False):
+    """(model, tokenizer) for a run's adapter on its base model, or the bare base model.
+
+    A QLoRA adapter answers on the 4-bit base it was trained on. `merge` (export) needs plain
+    weights to fold the adapter into, so it loads the base in fp32 and says so."""
+    from tunejob.train.adapter import disable_bnb_avx512bf16, load_base
 
     checkpoint_dir = run_checkpoint(run_or_ckpt) if run_or_ckpt is not None else None
     base_path = base or (base_model_of(checkpoint_dir) if checkpoint_dir else resolve_model_path("default"))
     tokenizer = load_tokenizer(base_path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    quantization = quantization_of(checkpoint_dir) if checkpoint_dir is not None and not merge else "none"
+    model = load_base(base_path, quantization, torch.device("cpu"))
     if checkpoint_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(checkpoint_dir))
+        disable_bnb_avx512bf16(model)
     model.eval()
     return model, tokenizer
 
@@ -59,7 +69,7 @@ def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 160) ->
 
 def export_merged(run_or_ckpt: str | Path, out_dir: str | Path) -> Path:
     """Fold the adapter into the base weights and save a plain transformers model folder."""
-    model, tokenizer = load_for_chat(run_or_ckpt)
+    model, tokenizer = load_for_chat(run_or_ckpt, merge=True)
     merged = model.merge_and_unload()
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp")

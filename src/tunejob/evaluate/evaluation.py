@@ -174,7 +174,8 @@ def _side(model, side: str):
 
 def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
     from tunejob.data.sequences import encode_examples
-    from tunejob.train.trainer import evaluate, make_collator, micro_batch_size
+    from tunejob.train.batches import make_collator, micro_batch_size
+    from tunejob.train.loss import evaluate
 
     hp = spec.hyperparameters
     seqs, _ = encode_examples(tokenizer, examples, hp.max_seq_len, hp.train_on)
@@ -189,7 +190,7 @@ def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
             loss, accuracy = evaluate(model, seqs, collate, micro, device)
         # exp() overflows a float past 709; a loss that high means "no idea" either way
         out[side] = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "mean_token_accuracy": accuracy}
-    model.eval()  # trainer.evaluate leaves the model in train mode (dropout on)
+    model.eval()  # loss.evaluate leaves the model in train mode (dropout on)
     return out
 
 

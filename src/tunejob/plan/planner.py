@@ -76,6 +76,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     from tunejob.plan.memory import estimate_memory, estimate_seconds, measure_cpu_peak_flops
     from tunejob.train.models import load_tokenizer, resolve_model_path
     from tunejob.data.sequences import encode_examples
+    from tunejob.data.tool_calls import tool_rendering, uses_tools
     from tunejob.train.shapes import shape_from_path
 
     hp = spec.hyperparameters
@@ -101,7 +102,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     # the trainer's own rule: one sequence per forward pass on CPU, batch / accumulation on GPUs
     import torch
 
-    from tunejob.train.trainer import micro_batch_size
+    from tunejob.train.batches import micro_batch_size
 
     micro = micro_batch_size(batch, hp.gradient_accumulation, spec.distributed.world_size, torch.device(device))
     mem = estimate_memory(shape, r=spec.lora.r, target=spec.lora.target_modules, quantization=spec.quantization,
@@ -113,6 +114,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     eval_tokens = vstats.tokens * evals
     out = {
         "backend": "local", "model": spec.model, "model_path": model_path, "quantization": spec.quantization,
+        "tool_rendering": tool_rendering(tokenizer) if any(uses_tools(ex) for ex in train + val) else None,
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs),
         "tokens_per_epoch": tstats.tokens, "trained_tokens_per_epoch": tstats.trained_tokens,
         "tokens_per_example": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},

@@ -39,6 +39,11 @@ def render_plan(p: dict) -> str:
         lines += [
             f"validation       {p['validation_examples']} examples",
             f"tokens/epoch     {p['tokens_per_epoch']:,} ({p['trained_tokens_per_epoch']:,} trained); per example min {p['tokens_per_example']['min']}, median {p['tokens_per_example']['median']}, max {p['tokens_per_example']['max']}",
+        ]
+        if p.get("tool_rendering"):
+            how = "the chat template's own tool support" if p["tool_rendering"] == "template" else "tunejob's fallback (tools in the system turn, <tool_call>{json}</tool_call> in answers)"
+            lines.append(f"function calls   rendered with {how}")
+        lines += [
             f"schedule         {p['epochs']} epoch(s), {p['steps']} steps of {p['batch_size']} ({p['micro_batch']} x {p['gradient_accumulation']}), {p['evaluations']} evaluations",
             f"trainable        {p['trainable_parameters']:,} of {p['total_parameters']:,} parameters ({p['trainable_percent']}%)",
             f"memory           {m['total_gb']} GB = weights {m['weights_gb']} + adapter/optimizer {m['adapter_gb']} + activations {m['activations_gb']} + logits {m['logits_gb']} + runtime {m['runtime_gb']}",

@@ -52,6 +52,7 @@ class Hyperparameters(_Section):
     max_seq_len: int = Field(1024, ge=16, le=1_048_576, description="Tokens per example; longer ones are truncated.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
     weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: PositiveFloat = Field(1.0, description="Clip the global gradient norm to this (TRL and transformers default 1.0).")
     mixed_precision: Literal["no", "bf16"] = Field(
         "no", description="Local backend: bf16 autocast of the forward pass (adapter and optimizer stay fp32)."
     )

@@ -21,10 +21,16 @@ def disable_bnb_avx512bf16(model) -> int:
 
 
 def load_model(spec: JobSpec, model_path: str, device: torch.device):
+    return load_base(model_path, spec.quantization, device)
+
+
+def load_base(model_path: str, quantization: str, device: torch.device):
+    """The frozen base as training sees it: fp32, or NF4 with double quantization for QLoRA (an
+    adapter trained on the 4-bit base answers on the 4-bit base, not on weights it never saw)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch.float32}
-    if spec.quantization == "4bit":
+    if quantization == "4bit":
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -37,7 +43,9 @@ def load_model(spec: JobSpec, model_path: str, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{model_path}: cannot load the model ({exc})") from None
-    if spec.quantization != "4bit":
+    if quantization == "4bit":
+        disable_bnb_avx512bf16(model)
+    else:
         model.to(device)
     return model
 

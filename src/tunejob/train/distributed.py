@@ -3,7 +3,7 @@
 `tunejob run JOB.yaml --nproc N` (or `distributed.processes: N` in the spec) does not train in the
 calling process: it starts `accelerate launch` (torchrun underneath) with N workers, each running
 `tunejob run` again with TUNEJOB_WORKER=1. Every worker reads the same spec and data; the
-step's global batch (trainer.batch_order, a pure function of seed and epoch) is split by rank,
+step's global batch (batches.batch_order, a pure function of seed and epoch) is split by rank,
 each rank's loss is divided by the global batch's trained-token count, and the LoRA gradients
 are summed with one all_reduce: the update equals the one-process update on the same batch, so
 changing the number of processes does not change the optimisation (only float summation order).
