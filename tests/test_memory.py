@@ -87,5 +87,5 @@ def test_plan_api_cli_with_cost_fields():
     assert res.returncode == 0, res.stderr
     p = json.loads(res.stdout)
     assert p["epochs"] == 3 and p["training_cost_usd"] > 0 and p["price_per_1m_usd"] == 3.0
-    res = run_cli("plan", "examples/bedrock_claude_haiku.yaml", "--json")
+    res = run_cli("plan", "examples/bedrock_nova_micro.yaml", "--json")
     assert res.returncode == 0 and "pass --price-per-1m" in json.loads(res.stdout)["cost_note"]

@@ -1,6 +1,6 @@
 """Models tunejob knows by name: provider, tokenizer, longest training example, prices.
 
-The figures live in data/models.json, each with its source and the date it was read, so a price
+The figures live in resources/models.json, each with its source and the date it was read, so a price
 change is a data edit with a visible provenance, not a code change.
 """
 
@@ -25,6 +25,7 @@ class ModelInfo:
     date: str = ""
     end_of_life: str | None = None
     aliases: tuple[str, ...] = field(default=())
+    customization: dict | None = None  # Bedrock: hyperparameter names, ranges, defaults, source
 
 
 @lru_cache(maxsize=1)
@@ -48,6 +49,7 @@ def _index() -> dict[str, ModelInfo]:
             date=entry.get("date", ""),
             end_of_life=entry.get("end_of_life"),
             aliases=tuple(entry.get("aliases", [])),
+            customization=entry.get("customization"),
         )
         for key in (name, *info.aliases):
             index[key.lower()] = info

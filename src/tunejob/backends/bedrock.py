@@ -6,8 +6,12 @@ model customization, with boto3.
        job's tag, so a retried create finds the first job) -> poll GetModelCustomizationJob
     -> read the metrics CSVs the job writes under its S3 output into the common stream
 
-Bedrock writes step_wise_training_metrics.csv (step_number, epoch_number, training_loss) and
-validation_metrics.csv (step_number, epoch_number, validation_loss) under the output prefix.
+Bedrock writes training_artifacts/step_wise_training_metrics.csv (step_number from 0,
+epoch_number, training_loss, perplexity) and validation_artifacts/post_fine_tuning_validation/
+validation_metrics.csv (the same with validation_loss) under the output prefix (AWS, "Analyze the
+results of a model customization job"). Hyperparameters are each base model's own
+(bedrock_params.py), and the whole request is checked against botocore's service model for
+CreateModelCustomizationJob before it is sent.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import io
 import time
 from pathlib import Path
 
+from tunejob.backends import bedrock_params
 from tunejob.backends.remote_run import RemoteRun, say
 from tunejob.data.dataset import as_messages, load_examples, split_examples
 from tunejob.errors import BackendError
@@ -48,6 +53,19 @@ def _clients(settings: BedrockSettings):
     return boto3.client("bedrock", **kw), boto3.client("s3", **kw)
 
 
+def check_request(request: dict) -> None:
+    """The request against botocore's own model of CreateModelCustomizationJob (shipped with
+    boto3): names, types and required members, as the service itself would check them."""
+    import botocore.session
+    from botocore.exceptions import ParamValidationError
+    from botocore.validate import ParamValidator
+
+    shape = botocore.session.get_session().get_service_model("bedrock").operation_model("CreateModelCustomizationJob").input_shape
+    report = ParamValidator().validate(request, shape)
+    if report.has_errors():
+        raise BackendError(f"the CreateModelCustomizationJob request does not match AWS's API: {ParamValidationError(report=report.generate_report())}")
+
+
 def _explain(exc: Exception) -> BackendError:
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -67,6 +85,7 @@ class BedrockBackend:
 
         from tunejob.data.validate import require_valid
 
+        params = bedrock_params.hyperparameters(spec)  # this model's names and ranges, before any upload
         for path in filter(None, [spec.data.train, spec.data.validation]):
             require_valid(path, format="bedrock")
         settings = spec.bedrock
@@ -76,17 +95,13 @@ class BedrockBackend:
         prefix = f"{settings.s3_prefix.strip('/')}/{spec.name}/{record.tag}"
         try:
             uris = self._upload(s3, spec, settings.s3_bucket, prefix)
-            hp = spec.hyperparameters
-            params = {"epochCount": str(2 if hp.epochs == "auto" else hp.epochs), "batchSize": str(8 if hp.batch_size == "auto" else hp.batch_size),
-                      "learningRateMultiplier": str(1.0 if hp.learning_rate_multiplier == "auto" else hp.learning_rate_multiplier)}
-            if settings.early_stopping:
-                params.update(earlyStoppingEnabled="true", earlyStoppingPatience=str(spec.checkpointing.early_stopping_patience or 2))
             request = dict(
                 jobName=record.tag, customModelName=f"{spec.name}-{record.tag[-8:]}", roleArn=settings.role_arn,
                 baseModelIdentifier=spec.model, customizationType="FINE_TUNING", clientRequestToken=record.tag,
                 trainingDataConfig={"s3Uri": uris["train"]}, validationDataConfig={"validators": [{"s3Uri": uris["validation"]}]},
                 outputDataConfig={"s3Uri": f"s3://{settings.s3_bucket}/{prefix}/output/"}, hyperParameters=params,
             )
+            check_request(request)
             arn = self._create_once(bedrock, request)
         except (ClientError, BotoCoreError) as exc:
             store.update(record.id, status="failed", detail={"error": str(_explain(exc))})
@@ -159,7 +174,7 @@ class BedrockBackend:
                 continue
             text = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
             for row in csv.DictReader(io.StringIO(text)):
-                step = int(float(row["step_number"]))
+                step = int(float(row["step_number"])) + 1  # AWS counts steps from 0; the stream from 1
                 if name == TRAIN_CSV:
                     out.setdefault(step, {})["train"] = {"kind": "train", "step": step, "train_loss": float(row["training_loss"]),
                                                          "train_mean_token_accuracy": 0.0, "learning_rate": 0.0, "tokens_per_second": 0.0,

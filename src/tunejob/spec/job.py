@@ -135,7 +135,8 @@ class BedrockSettings(_Section):
     s3_bucket: str = Field(description="Bucket for the converted data and the job output.")
     s3_prefix: str = "tunejob"
     endpoint_url: str | None = Field(None, description="Override the Bedrock and S3 endpoints (tests: moto server).")
-    early_stopping: bool = True
+    early_stopping_threshold: float | None = Field(
+        None, ge=0, description="Claude 3 Haiku's earlyStoppingThreshold (minimum validation-loss improvement); unset: AWS's default.")
     poll_interval: float = Field(60.0, gt=0)
 
 
@@ -192,8 +193,7 @@ class JobSpec(_Section):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-# Bedrock's documented ranges (shared/reference/api-fine-tuning-facts.md, 2026-11).
-BEDROCK_RANGES = {"epochs": (1, 10), "batch_size": (4, 256), "learning_rate_multiplier": (0.1, 2.0)}
+# OpenAI's documented range; Bedrock's differ per base model (backends/bedrock_params.py).
 OPENAI_RANGES = {"epochs": (1, 50)}
 SECRET_KEYS = {"api_key", "apikey", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id"}
 
@@ -207,15 +207,14 @@ def _combination_problems(spec: JobSpec) -> list[str]:
             problems.append(f"quantization: '{spec.quantization}' applies to backend 'local' only; remove it for '{spec.backend}'")
         if "lora" in set_fields:
             problems.append(f"lora: the {spec.backend} service chooses its own adapter; remove the lora section or use backend 'local'")
-        if hp.learning_rate != "auto":
-            problems.append("hyperparameters.learning_rate: API backends take learning_rate_multiplier instead; set that (or 'auto')")
+        if hp.learning_rate != "auto" and spec.backend == "openai":
+            problems.append("hyperparameters.learning_rate: OpenAI takes learning_rate_multiplier instead; set that (or 'auto')")
         if hp.mixed_precision != "no":
             problems.append(f"hyperparameters.mixed_precision: the {spec.backend} service picks its own precision; remove it or use backend 'local'")
         if spec.model == "default":
-            example = "gpt-4o-mini-2024-07-18" if spec.backend == "openai" else "anthropic.claude-3-haiku-20240307-v1:0"
+            example = "gpt-4o-mini-2024-07-18" if spec.backend == "openai" else "amazon.nova-micro-v1:0:128k"
             problems.append(f"model: name the {spec.backend} base model to fine-tune, e.g. {example}")
-        ranges = OPENAI_RANGES if spec.backend == "openai" else BEDROCK_RANGES
-        for key, (lo, hi) in ranges.items():
+        for key, (lo, hi) in (OPENAI_RANGES if spec.backend == "openai" else {}).items():
             value = getattr(hp, key)
             if value != "auto" and not lo <= value <= hi:
                 problems.append(f"hyperparameters.{key}: {value} is outside {spec.backend}'s range {lo}-{hi}")
