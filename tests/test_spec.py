@@ -46,8 +46,8 @@ def test_missing_required_key():
         ("backend: openai\nmodel: gpt-4o-mini\nquantization: 4bit\ndata: {train: t}\n", "quantization: '4bit' applies to backend 'local' only"),
         ("backend: openai\ndata: {train: t}\n", "model: name the openai base model"),
         ("backend: openai\nmodel: gpt-4o-mini\nlora: {r: 8}\ndata: {train: t}\n", "lora: the openai service chooses its own adapter"),
-        ("backend: openai\nmodel: gpt-4o-mini\ndata: {train: t}\nhyperparameters: {learning_rate: 0.001}\n", "take learning_rate_multiplier instead"),
-        ("backend: bedrock\nmodel: m\ndata: {train: t}\nhyperparameters: {epochs: 11}\n", "epochs: 11 is outside bedrock's range 1-10"),
+        ("backend: openai\nmodel: gpt-4o-mini\ndata: {train: t}\nhyperparameters: {learning_rate: 0.001}\n", "takes learning_rate_multiplier instead"),
+        ("backend: openai\nmodel: gpt-4o-mini\ndata: {train: t}\nhyperparameters: {epochs: 51}\n", "epochs: 51 is outside openai's range 1-50"),  # Bedrock's ranges are per model: test_bedrock_backend
         ("data: {train: t}\nhyperparameters: {learning_rate_multiplier: 2}\n", "only for API backends"),
         ("data: {train: t}\nhyperparameters: {batch_size: 6, gradient_accumulation: 4}\n", "not divisible by gradient_accumulation"),
         ("data: {train: t}\ncheckpointing: {eval_steps: 20, save_steps: 50}\n", "set save_steps: 40"),

@@ -45,7 +45,7 @@ def chat_api(target: str, messages: list[dict], max_tokens: int) -> str | None:
     from tunejob.spec import parse_spec
 
     store = JobStore()
-    record = next((r for r in store.list() if target in (r.id, r.remote_id, r.detail.get("fine_tuned_model"))), None)
+    record = next((r for r in store.list() if target in (r.id, r.remote_id, r.detail.get("fine_tuned_model"), *r.detail.get("checkpoints", []))), None)
     if record is None:
         return None
     if record.backend != "openai":

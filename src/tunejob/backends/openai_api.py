@@ -12,6 +12,7 @@ tunejob retries it by hand, each time first looking for a job already carrying i
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -48,15 +49,48 @@ def explain(exc: Exception, settings: OpenAISettings) -> BackendError:
         return BackendError("OpenAI refused the job (403 training_not_available): OpenAI is winding down self-serve fine-tuning "
                             "(no new jobs after 2027-01-06). Train an open model instead: backend: local, or run `tunejob serve` "
                             "and point openai.base_url at it; the same code keeps working.")
+    if isinstance(exc, openai.RateLimitError):
+        return BackendError(f"rate limited (429) by {settings.base_url or 'the OpenAI API'} after {settings.max_retries} retries: "
+                            f"{_message(exc)}; wait and run again (the job is created only once), or raise openai.max_retries")
+    if isinstance(exc, openai.BadRequestError) and (_body(exc).get("param") in ("training_file", "validation_file") or "file" in str(_body(exc).get("code"))):
+        param = _body(exc).get("param") or "file"
+        return BackendError(f"the service rejected the {param}: {_message(exc)}; check it with `tunejob validate FILE --model MODEL`")
     if isinstance(exc, openai.AuthenticationError):
         return BackendError(f"the service rejected the API key in {settings.api_key_env} (401); check it and openai.base_url")
     if isinstance(exc, openai.APIStatusError):
-        body = exc.body if isinstance(exc.body, dict) else {}
-        return BackendError(f"{exc.status_code} from the fine-tuning API: {body.get('message') or exc.message} (param {body.get('param')})")
+        return BackendError(f"{exc.status_code} from the fine-tuning API: {_message(exc)} (param {_body(exc).get('param')})")
     if isinstance(exc, openai.APIConnectionError):
         return BackendError(f"cannot reach {settings.base_url or 'the OpenAI API'} after {settings.max_retries} retries ({exc.__class__.__name__}); "
                             "check the network and openai.base_url; `tunejob watch` re-attaches later")
     return BackendError(f"{exc.__class__.__name__}: {exc}")
+
+
+def request_body(spec: JobSpec, tag: str, train_file: str, val_file: str | None) -> dict:
+    """The fine_tuning.jobs.create body (OpenAI's CreateFineTuningJobRequest; tests validate it
+    against the published OpenAPI schema). A hyperparameter left unset or 'auto' is sent as
+    'auto', so OpenAI's own choice applies, not tunejob's local default."""
+    hp, settings = spec.hyperparameters, spec.openai
+    chosen = {name: getattr(hp, key) if key in hp.model_fields_set else "auto"
+              for name, key in (("n_epochs", "epochs"), ("batch_size", "batch_size"), ("learning_rate_multiplier", "learning_rate_multiplier"))}
+    body = {"model": spec.model, "training_file": train_file, "seed": hp.seed,
+            "metadata": {**(settings.metadata or {}), TAG_KEY: tag},
+            "method": {"type": "supervised", "supervised": {"hyperparameters": chosen}}}
+    if val_file:
+        body["validation_file"] = val_file
+    if settings.suffix:
+        body["suffix"] = settings.suffix
+    if settings.wandb:
+        body["integrations"] = [{"type": "wandb", "wandb": settings.wandb.model_dump(exclude_none=True)}]
+    return body
+
+
+def _body(exc) -> dict:
+    body = getattr(exc, "body", None)
+    return body if isinstance(body, dict) else {}
+
+
+def _message(exc) -> str:
+    return " ".join(str(_body(exc).get("message") or getattr(exc, "message", exc)).split())
 
 
 class OpenAIBackend:
@@ -73,20 +107,12 @@ class OpenAIBackend:
         say(f"job {record.id} recorded in {store.path} (re-attach any time: tunejob watch {record.id})")
         try:
             train_file, val_file = self._upload(client, spec, record, store)
-            kwargs = {"model": spec.model, "training_file": train_file, "validation_file": val_file, "seed": spec.hyperparameters.seed,
-                      "suffix": settings.suffix, "metadata": {TAG_KEY: record.tag},
-                      "method": {"type": "supervised", "supervised": {"hyperparameters": self._hyperparameters(spec)}}}
-            job = self._create_once(client, record.tag, kwargs, settings)
+            job = self._create_once(client, record.tag, request_body(spec, record.tag, train_file, val_file), settings)
         except (openai.OpenAIError, OSError) as exc:
             store.update(record.id, status="failed", detail={"error": str(explain(exc, settings))})
             raise explain(exc, settings) from None
         say(f"created {job.id} on {settings.base_url or 'api.openai.com'} ({job.status})")
         return store.update(record.id, remote_id=job.id, status=job.status)
-
-    @staticmethod
-    def _hyperparameters(spec: JobSpec) -> dict:
-        hp = spec.hyperparameters
-        return {"n_epochs": hp.epochs, "batch_size": hp.batch_size, "learning_rate_multiplier": hp.learning_rate_multiplier}
 
     def _upload(self, client, spec: JobSpec, record: JobRecord, store: JobStore) -> tuple[str, str | None]:
         """Upload train and validation; without a validation file, split like the local backend does."""
@@ -160,7 +186,9 @@ class OpenAIBackend:
         except openai.OpenAIError as exc:
             run.stream.close()
             raise explain(exc, settings) from None
-        ckpts = [c.fine_tuned_model_checkpoint for c in client.fine_tuning.jobs.checkpoints.list(job.id)] if job.status == "succeeded" else []
+        ckpts = _checkpoints(client, job.id) if job.status == "succeeded" else []
+        if ckpts:  # the run directory's checkpoint list: `tunejob chat ft:...:ckpt-step-N` picks one
+            (Path(record.run_dir) / "checkpoints.json").write_text(json.dumps(ckpts, indent=1) + "\n")
         info = catalog.lookup(spec.model)
         summary = run.finish({
             "status": job.status, "stop_reason": job.status, "remote_id": job.id, "fine_tuned_model": job.fine_tuned_model,
@@ -168,9 +196,10 @@ class OpenAIBackend:
             "error": job.error.message if job.error and job.error.message else None, "provider": "openai",
             "training_cost_usd": round(job.trained_tokens * info.training_per_1m / 1e6, 6) if job.trained_tokens and info and info.training_per_1m else None,
         })
-        store.update(record.id, status=job.status, detail={"fine_tuned_model": job.fine_tuned_model})
+        store.update(record.id, status=job.status, detail={"fine_tuned_model": job.fine_tuned_model, "checkpoints": [c["model"] for c in ckpts]})
         if job.status == "failed":
-            raise BackendError(f"job {job.id} failed: {summary['error'] or 'no reason given'}")
+            code = f" ({job.error.code}, param {job.error.param})" if job.error and job.error.code else ""
+            raise BackendError(f"job {job.id} failed: {summary['error'] or 'no reason given'}{code}")
         return summary
 
     def _drain_events(self, client, record: JobRecord, store: JobStore, run: RemoteRun) -> str | None:
@@ -194,6 +223,13 @@ class OpenAIBackend:
         spec = parse_spec(record.spec)
         job = make_client(spec.openai).fine_tuning.jobs.cancel(record.remote_id)
         return job.status
+
+
+def _checkpoints(client, job_id: str) -> list[dict]:
+    """The job's checkpoints, oldest first: step, the model name to chat with, and the metrics."""
+    out = [{"step": c.step_number, "model": c.fine_tuned_model_checkpoint, "metrics": c.metrics.model_dump(exclude_none=True) if c.metrics else {}}
+           for c in client.fine_tuning.jobs.checkpoints.list(job_id)]
+    return sorted(out, key=lambda c: c["step"])
 
 
 def _retry_after(exc) -> float | None:

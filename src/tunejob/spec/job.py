@@ -112,6 +112,15 @@ class DistributedSettings(_Section):
         return self.processes * self.nodes
 
 
+class WandbSettings(_Section):
+    """OpenAI's Weights & Biases integration: the job's metrics go to this W&B project too."""
+
+    project: str = Field(min_length=1, description="W&B project that receives the run.")
+    name: str | None = Field(None, description="Display name of the run (OpenAI's default: the job id).")
+    entity: str | None = Field(None, description="W&B team or user (default: the key's default entity).")
+    tags: list[str] | None = None
+
+
 class OpenAISettings(_Section):
     """Where an `openai` job runs. The API key is read from the environment, never from this file."""
 
@@ -121,7 +130,14 @@ class OpenAISettings(_Section):
     project: str | None = None
     azure_endpoint: str | None = Field(None, description="Azure OpenAI resource endpoint; uses the AzureOpenAI client.")
     api_version: str | None = Field(None, description="Azure OpenAI API version, e.g. 2025-04-01-preview.")
+
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _yaml_date(cls, v):
+        return v.isoformat() if hasattr(v, "isoformat") else v  # YAML reads a bare 2024-10-21 as a date
     suffix: str | None = Field(None, max_length=64)
+    metadata: dict[str, str] | None = Field(None, description="Your key/value tags on the job (up to 15 here: tunejob adds its own idempotency tag).")
+    wandb: WandbSettings | None = Field(None, description="Send the job's metrics to Weights & Biases (OpenAI's integrations).")
     poll_interval: float = Field(10.0, gt=0, description="Seconds between status polls.")
     max_retries: int = Field(5, ge=0, le=20, description="Retries on 429 / 5xx / connection errors (Retry-After honoured).")
     timeout: float = Field(60.0, gt=0, description="Seconds per HTTP request.")
@@ -237,6 +253,9 @@ def _combination_problems(spec: JobSpec) -> list[str]:
             problems.append(f"distributed.node_rank: {d.node_rank} must be below nodes ({d.nodes}); node ranks run 0..{d.nodes - 1}")
     if "distributed" in set_fields and spec.backend != "local":
         problems.append(f"distributed: the {spec.backend} service places its own training; remove the section or use backend 'local'")
+    meta = spec.openai.metadata if spec.openai else None
+    if meta and (len(meta) > 15 or any(len(k) > 64 or len(v) > 512 for k, v in meta.items()) or "tunejob_tag" in meta):
+        problems.append("openai.metadata: up to 15 pairs (OpenAI allows 16; tunejob uses one, tunejob_tag), keys up to 64 characters, values up to 512")
     if "openai" in set_fields and spec.backend != "openai":
         problems.append("openai: settings for backend 'openai'; remove the section or set backend: openai")
     if spec.backend == "bedrock" and spec.bedrock is None:
