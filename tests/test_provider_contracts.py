@@ -9,7 +9,6 @@ reach from here."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx2 as httpx  # the HTTP client openai 3.x is built on
 import pytest
@@ -72,6 +71,9 @@ class FakeOpenAI:
                      "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{s}", "step_number": s,
                      "metrics": {"step": s, "train_loss": 2.0 / s, "valid_loss": 1.8 / s}} for s in (2, 1)]
             return httpx.Response(200, json={"object": "list", "data": data, "has_more": False})
+        if method == "POST" and path.endswith("/chat/completions"):
+            return httpx.Response(200, json={"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}]})
         if method == "GET" and "/fine_tuning/jobs/" in path:
             final = "failed" if self.fail_job else "succeeded"
             self.job = {**self.job, "status": final, "error": self.fail_job, "trained_tokens": 100,
@@ -172,6 +174,11 @@ def test_azure_uses_its_paths_api_version_and_key_header(tmp_path, service):
     assert ("POST", "/openai/files") in paths and ("POST", "/openai/fine_tuning/jobs") in paths
     assert {r.url.params["api-version"] for r in fake.requests} == {"2024-10-21"}
     assert all(r.url.host == "res.openai.azure.com" for r in fake.requests)
+    # a fine-tuned model answers through its deployment: /openai/deployments/<name>/chat/completions
+    settings = parse_spec(spec_text("x.jsonl", tmp_path / "run", openai=", azure_endpoint: 'https://res.openai.azure.com'")).openai
+    reply = openai_api.make_client(settings).chat.completions.create(model="sales-ft-deployment", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "hi"
+    assert fake.requests[-1].url.path == "/openai/deployments/sales-ft-deployment/chat/completions"
 
 
 def test_metadata_limits_fail_in_the_spec(tmp_path):
@@ -181,4 +188,3 @@ def test_metadata_limits_fail_in_the_spec(tmp_path):
     many = ", ".join(f"k{i}: v" for i in range(16))
     with pytest.raises(SpecError, match="openai.metadata: up to 15 pairs"):
         parse_spec(spec_text(data, tmp_path / "run", openai=f", metadata: {{{many}}}"))
-    time.sleep(0)
