@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean clean-cache
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -32,3 +32,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+# The converted embedded model (~540 MB) outside the repo, where `tunejob` puts it.
+clean-cache: clean
+	rm -rf "$${TUNEJOB_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/tunejob}"

@@ -20,10 +20,11 @@ def test_bad_spec_is_exit_2_without_traceback(tmp_path):
 
 def test_missing_data_file_is_one_clear_line(tmp_path):
     spec = tmp_path / "job.yaml"
-    spec.write_text("data: {train: nothere.jsonl}\n")
-    res = run_cli("run", str(spec))
+    spec.write_text(f"data: {{train: nothere.jsonl}}\noutput_dir: {tmp_path / 'run'}\n")
+    res = run_cli("run", str(spec), cwd=tmp_path)
     assert res.returncode == 2
     assert "nothere.jsonl: no such file" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()  # a job that cannot start leaves nothing behind
 
 
 def test_api_backend_validates_the_data_before_anything_is_sent(tmp_path):

@@ -30,6 +30,14 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show the libraries' own warnings, logs and progress bars.")] = False,
+) -> None:
+    if verbose:
+        os.environ["TUNEJOB_VERBOSE"] = "1"  # child processes (serve's jobs, --nproc workers) inherit it
+
+
 class DataFormat(str, Enum):
     openai = "openai"
     bedrock = "bedrock"
@@ -109,7 +117,7 @@ def distributed_config(
 
 @app.command()
 def cost(
-    model: Annotated[str, typer.Option(help="API model id, e.g. gpt-4o-mini-2024-07-18.")],
+    model: Annotated[Optional[str], typer.Option(help="API model id, e.g. gpt-4o-mini-2024-07-18 (or give --price-per-1m).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Training JSONL to count.")] = None,
     tokens: Annotated[Optional[int], typer.Option(help="Tokens per epoch, instead of --data.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: OpenAI's auto rule from the example count).")] = None,
@@ -255,10 +263,17 @@ def demo(
 def chat(
     target: Annotated[str, typer.Argument(metavar="RUN_DIR|CHECKPOINT|JOB_ID|MODEL_ID", help="A local run (its best checkpoint), a checkpoint, or an API job id / fine-tuned model id.")],
     message: Annotated[str, typer.Argument(help="The user message.")],
-    system: Annotated[Optional[str], typer.Option(help="System prompt (default: the one the run trained with, if any).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt (default: the one every training example of the run began with, if they shared one; --system '' sends none).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 200,
 ) -> None:
-    """Answer with the base model plus the run's adapter (greedy decoding)."""
+    """Answer with the base model plus the run's adapter: greedy decoding (the most likely token
+    each step, no sampling, no repetition penalty), the same as `tunejob eval`."""
+    if system is None and Path(target).exists():
+        from tunejob.evaluate.chat import trained_system_prompt
+
+        system = trained_system_prompt(target)
+        if system:
+            _err(f"system prompt: the run's own ({system[:60]}{'...' if len(system) > 60 else ''}); --system '' sends none")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
     if not Path(target).exists():
         from tunejob.runner import chat_api
@@ -320,8 +335,13 @@ def version() -> None:
 
 
 def main() -> None:
+    from tunejob.monitor.quiet import quiet
+
+    if "--verbose" in sys.argv[1:]:  # before quiet() is entered; the callback below only documents it
+        os.environ["TUNEJOB_VERBOSE"] = "1"
     try:
-        app()
+        with quiet():
+            app()
     except TunejobError as exc:
         _err(f"error: {exc}")
         sys.exit(exc.exit_code)

@@ -33,7 +33,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "mixed_formats": ("error", "use one format in a file: chat (messages) or prompt/completion"),
     "duplicate_example": ("error", "remove the repeated example: duplicates can land in both train and validation and hide overfitting"),
     "too_many_tokens": ("error", "shorten the example or pick a model with a longer context; it would be truncated"),
-    "too_few_examples": ("error", "add examples: OpenAI requires at least 10, and 50-100 good ones is a sensible start"),
+    "too_few_examples": ("error", "add examples: 50-100 good ones is a sensible start"),
     "bedrock_unrecognized_key": ("error", "Bedrock allows only \"system\" and \"messages\" at the top level and role/content in messages"),
     "bedrock_too_few_messages": ("error", "Bedrock needs at least one user and one assistant message"),
     "bedrock_first_not_user": ("error", "start the conversation with a user message (the system prompt goes in \"system\")"),

@@ -94,8 +94,9 @@ def validate_file(
 
     if report.lines == 0 or (report.examples == 0 and report.counts.get("blank_line", 0) == report.lines):
         report.add("empty_file", None, "the file has no examples")
-    elif report.examples < min_examples and report.ok:
-        report.add("too_few_examples", None, f"{report.examples} valid example(s); at least {min_examples} are needed")
+    elif report.examples < min_examples:  # said with the other errors, not only once they are fixed
+        whose = " (OpenAI's minimum)" if format == "openai" and min_examples == MIN_EXAMPLES else ""
+        report.add("too_few_examples", None, f"{report.examples} valid example(s); at least {min_examples} are needed{whose}")
     report.stats = _stats(per_example_messages, totals, assistant)
     return report
 

@@ -56,12 +56,30 @@ def load_for_chat(run_or_ckpt: str | Path | None = None, base: str | None = None
     return model, tokenizer
 
 
+def trained_system_prompt(run_or_ckpt: str | Path) -> str | None:
+    """The system prompt every training example of the run began with, or None when they had
+    none or several (then no single prompt is "the one the run trained with")."""
+    from tunejob.data.dataset import load_examples
+    from tunejob.errors import TunejobError
+
+    try:
+        spec = yaml.safe_load((run_checkpoint(run_or_ckpt) / "config.yaml").read_text()) or {}
+        examples = load_examples(Path(spec["data"]["train"]))
+    except (OSError, KeyError, TypeError, yaml.YAMLError, TunejobError):
+        return None
+    prompts = {ex["messages"][0].get("content") if ex["messages"] and ex["messages"][0].get("role") == "system" else None for ex in examples}
+    only = prompts.pop() if len(prompts) == 1 else None
+    return only if isinstance(only, str) and only else None
+
+
 def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 160) -> str:
-    """Greedy answer to a conversation (deterministic, so base and fine-tuned compare fairly)."""
+    """Greedy answer to a conversation: the most likely token at each step, no sampling and no
+    repetition penalty, as `tunejob eval` and serve's temperature 0 decode (deterministic, so base
+    and fine-tuned compare fairly)."""
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
     with torch.no_grad():
         out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.1,
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -83,7 +83,7 @@ class CostEstimate:
 
 
 def estimate(
-    model: str,
+    model: str | None,
     *,
     tokens_per_example: list[int] | None = None,
     total_tokens: int | None = None,
@@ -97,8 +97,10 @@ def estimate(
     """The whole estimate from per-example token counts (or a total) and the price table."""
     from tunejob import catalog
 
-    info = catalog.lookup(model)
+    info = catalog.lookup(model) if model else None
     if price_per_1m is None:
+        if not model:
+            raise PriceError("give --model (its price comes from the table) or --price-per-1m (the guide's formula needs a price)")
         if info is None or info.training_per_1m is None:
             known = ", ".join(n for n in catalog.known_models() if (catalog.lookup(n) and catalog.lookup(n).training_per_1m))
             why = "has no per-token training price" if info else "is not in the price table"

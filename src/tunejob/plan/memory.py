@@ -97,8 +97,9 @@ def estimate_memory(
     est = MemoryEstimate(
         weights_gb=round(weights / GIB, 3), adapter_gb=round(adapter / GIB, 4), activations_gb=round(activations / GIB, 3),
         logits_gb=round(logits / GIB, 3), runtime_gb=round(runtime / GIB, 2), total_gb=round(total / GIB, 2),
-        trainable_parameters=trainable, total_parameters=shape.total_params,
-        trainable_percent=round(100 * trainable / max(shape.total_params, 1), 3),
+        # the total counts the adapter too, as `tunejob run` reports it (base 134,515,008 + LoRA = 139,399,488)
+        trainable_parameters=trainable, total_parameters=shape.total_params + trainable,
+        trainable_percent=round(100 * trainable / max(shape.total_params + trainable, 1), 3),
     )
     if gpu_memory_gb is not None:
         est.fits = total / GIB <= gpu_memory_gb

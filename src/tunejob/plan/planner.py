@@ -31,7 +31,7 @@ def token_counts(path: Path, model: str) -> tuple[list[int], bool]:
     return [total for total, _ in counter.count(examples)], counter.approximate
 
 
-def cost_report(model: str, data: Path | None = None, tokens: int | None = None, epochs: int | None = None, price_per_1m: float | None = None,
+def cost_report(model: str | None, data: Path | None = None, tokens: int | None = None, epochs: int | None = None, price_per_1m: float | None = None,
                 queries_per_day: float | None = None, tokens_per_query: float | None = None, output_fraction: float = 0.25) -> dict:
     counts, approx = (None, False)
     if data is not None:
@@ -41,7 +41,7 @@ def cost_report(model: str, data: Path | None = None, tokens: int | None = None,
                         queries_per_day=queries_per_day, tokens_per_query=tokens_per_query, output_fraction=output_fraction,
                         tokens_approximate=approx)
     out = est.to_dict()
-    info = catalog.lookup(model)
+    info = catalog.lookup(model) if model else None
     if info and info.provider == "openai":
         out["notes"] = ["validation tokens are not billed on OpenAI"]
         out["openai_wind_down"] = catalog.openai_wind_down()

@@ -11,7 +11,7 @@ def render_cost(c: dict) -> str:
     approx = " (approximate token count)" if c.get("tokens_approximate") else ""
     epochs = f"{c['epochs']}{' (auto)' if c.get('epochs_auto') else ''}"
     lines = [
-        f"model            {c['model']}",
+        f"model            {c['model'] or '- (price from --price-per-1m)'}",
         f"examples         {c['examples'] if c.get('examples') is not None else '-'}",
         f"trained tokens   {c['trained_tokens']:,} per epoch{approx}",
         f"epochs           {epochs}",

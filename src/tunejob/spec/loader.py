@@ -50,6 +50,8 @@ def parse_spec(
     lines = _key_lines(node)
     for item in overrides or []:
         _apply_override(raw, item)
+        # a bad value given with --set is reported against the --set, not the file's line for that key
+        lines[tuple(item.partition("=")[0].strip().split("."))] = f"--set {item}"
     if default_name and "name" not in raw:
         raw["name"] = _safe_name(default_name)
     try:
@@ -144,8 +146,7 @@ def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple
     for err in exc.errors():
         loc = _trim_loc(err["loc"])
         key = ".".join(str(p) for p in loc)
-        line = _line_for(lines, loc)
-        where = f"{source}:{line}" if line else source
+        where = _where(source, lines, loc)
         kind, msg = err["type"], err["msg"]
         if kind == "extra_forbidden" and str(loc[-1]).lower() in SECRET_KEYS:
             problems.append(f"{where}: {key}: secrets never go in a job spec; put the key in an environment variable "
@@ -162,8 +163,7 @@ def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple
             for part in msg.removeprefix("Value error, ").split(" | "):
                 full = f"{key}.{part}" if key and not part.startswith(key) else part
                 sub = tuple(full.split(":", 1)[0].split("."))
-                sub_line = _line_for(lines, sub)
-                problems.append(f"{source}:{sub_line}: {full}" if sub_line else f"{source}: {full}")
+                problems.append(f"{_where(source, lines, sub)}: {full}")
         else:
             entry = invalid.setdefault(loc, (where, repr(err.get("input")), []))
             entry[2].append(msg[0].lower() + msg[1:] if msg else msg)
@@ -175,12 +175,14 @@ def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple
     return "\n".join([head] + [f"  - {p}" for p in unique])
 
 
-def _line_for(lines: dict[tuple, int], loc: tuple) -> int | None:
+def _where(source: str, lines: dict[tuple, int | str], loc: tuple) -> str:
+    """'job.yaml:13' for a key from the file, '--set key=value' for one given on the command line."""
     while loc:
         if loc in lines:
-            return lines[loc]
+            line = lines[loc]
+            return line if isinstance(line, str) else f"{source}:{line}"
         loc = loc[:-1]
-    return None
+    return source
 
 
 def _fix_hint(loc: tuple) -> str:

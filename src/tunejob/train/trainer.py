@@ -267,10 +267,10 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         say(saved.finished_message(run_dir, done))
         return done
     resuming = existing is not None
+    run = _prepare(spec, world, model_path, config_yaml, say)  # data and model first: a job that cannot start writes nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
-    run = _prepare(spec, world, model_path, config_yaml, say)
     if resuming:
         run.state = saved.restore_checkpoint(existing, run.model, run.optimizer, run.scheduler, rank=world.rank)
         say(f"resuming from {existing} (step {run.state['step']})")
