@@ -249,10 +249,10 @@ def dashboard(
 @app.command()
 def demo(
     output_dir: Annotated[Path, typer.Option(help="Run directory (an existing one is resumed).")] = Path("runs/demo"),
-    question: Annotated[str, typer.Option(help="Asked of the base and the fine-tuned model at the end.")] = "Prep me for the Globex call.",
+    question: Annotated[Optional[str], typer.Option(help="One more question for both models at the end, e.g. 'Prep me for the Globex call.'")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field of the demo spec.")] = None,
 ) -> None:
-    """Fine-tune the embedded SmolLM2-135M on the Sales Companion data, then compare answers."""
+    """Fine-tune the embedded SmolLM2-135M on the Sales Companion data, then ask both models facts only the data holds."""
     from tunejob.demo import run_demo
 
     result = run_demo(output_dir, question, set_ or [])
@@ -311,6 +311,7 @@ def eval_(
     judge_api_key_env: Annotated[str, typer.Option(help="Environment variable holding the judge endpoint's API key.")] = "OPENAI_API_KEY",
     judge_seed: Annotated[int, typer.Option(help="Seed of the per-example answer order shown to the judge.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print eval.json on stdout instead of the tables.")] = False,
+    facts: Annotated[Optional[Path], typer.Option(metavar="FACTS.jsonl", help='Questions the training data answers, one {"question", "expect"} a line: base vs fine-tuned recall.')] = None,
 ) -> None:
     """Base vs fine-tuned on held-out examples: loss, perplexity, answers, EM / F1 / ROUGE-L, latency, judge."""
     from tunejob.evaluate.evaluation import evaluate_run, render
@@ -319,7 +320,7 @@ def eval_(
     if (judge_base_url is None) != (judge_model is None):
         raise JudgeError("give both --judge-base-url and --judge-model to use a judge, or neither")
     judge = JudgeSettings(judge_base_url, judge_model, judge_api_key_env, judge_seed) if judge_base_url else None
-    result = evaluate_run(run_dir, data, checkpoint, max_new_tokens, limit, judge)
+    result = evaluate_run(run_dir, data, checkpoint, max_new_tokens, limit, judge, facts=facts)
     if as_json:
         print(json.dumps(result, indent=2))
     else:

@@ -244,6 +244,7 @@ def evaluate_run(
     limit: int | None = None,
     judge=None,
     say=_say,
+    facts: Path | None = None,
 ) -> dict:
     """Evaluate base vs fine-tuned on held-out examples; writes and returns RUN_DIR/eval.json.
 
@@ -275,6 +276,7 @@ def evaluate_run(
     scores = loss_scores(model, tokenizer, spec, examples, device)
     items = [pr for pr in (prompt_and_reference(ex["messages"]) for ex in examples) if pr is not None][:limit]
     rows = answer_examples(model, tokenizer, items, max_new_tokens, say)
+    fact_recall = _fact_recall(model, tokenizer, facts, say) if facts is not None else None
     answers = summarise_answers(rows)
     models = {side: {**scores[side], **answers[side]} for side in SIDES}
     mean_prompt = mean([r["prompt_tokens"] for r in rows]) or 0.0
@@ -289,7 +291,7 @@ def evaluate_run(
         "models": models,
         "cost_per_1k_queries_usd": cost,
         "compute": None if cost else {s: {"tokens_per_second": models[s]["tokens_per_second"], "latency_s": models[s]["latency_s"]} for s in SIDES},
-        "judge": None, "answers": rows,
+        "judge": None, "answers": rows, "facts": fact_recall,
     }
     if judge is not None:
         from tunejob.evaluate.judge import PairToJudge, judge_pairs
@@ -299,6 +301,17 @@ def evaluate_run(
         result["judge"] = judge_pairs(judge, pairs, judge_client)
     ckpt.write_json_atomic(run_dir / "eval.json", result)
     return result
+
+
+def _fact_recall(model, tokenizer, path: Path, say) -> dict:
+    from tunejob.evaluate.facts import load_facts, recall, verdict
+
+    facts = load_facts(path)
+    say(f"asking {len(facts)} fact question(s) from {path}")
+    model.eval()
+    result = recall(model, tokenizer, facts)
+    say(verdict(result))
+    return {"file": str(path), **result}
 
 
 # ---------------------------------------------------------------- terminal rendering
@@ -348,6 +361,9 @@ def render(result: dict, console=None, show_answers: int = 5) -> None:
         answers.add_row(last_user, row["reference"], row["base"]["answer"], row["finetuned"]["answer"])
     if result["answers"]:
         console.print(answers)
+    facts = result.get("facts")
+    if facts:
+        console.print(f"facts ({facts['file']}): base {facts['base_right']}/{facts['facts']}, fine-tuned {facts['finetuned_right']}/{facts['facts']}")
     j = result.get("judge")
     if j:
         rate = "-" if j["win_rate"] is None else f"{j['win_rate']:.0%}"

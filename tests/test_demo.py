@@ -1,0 +1,53 @@
+"""`tunejob demo` proves learning with facts only its training data holds, and `tunejob eval
+--facts` on the same run reports the same score (same greedy decoding, same model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from tunejob.demo import demo_facts_path, demo_spec_path
+
+
+def test_demo_facts_are_trained_and_never_validated():
+    from tunejob.evaluate.facts import load_facts
+    from tunejob.spec import load_spec
+
+    spec = load_spec(demo_spec_path())
+    facts = load_facts(demo_facts_path())
+    train = spec.data.train.read_text()
+    validation = [json.loads(line) for line in spec.data.validation.read_text().splitlines()]
+    for fact in facts:
+        assert fact.question not in train  # asked in new words
+        stating = [line for line in train.splitlines() if any(e in m["content"] for e in fact.expect
+                   for m in json.loads(line)["messages"] if m["role"] == "assistant")]
+        assert len(stating) >= 5, f"{fact.expect}: stated by {len(stating)} training answers"
+        assert not any(e in m["content"] for ex in validation for m in ex["messages"] if m["role"] == "assistant" for e in fact.expect)
+
+
+def test_facts_file_errors_name_the_line(tmp_path):
+    from tunejob.errors import DataError
+    from tunejob.evaluate.facts import Fact, is_right, load_facts
+
+    bad = tmp_path / "f.jsonl"
+    bad.write_text('{"question": "q", "expect": "x"}\n{"question": "no expect"}\n')
+    with pytest.raises(DataError, match=r"f.jsonl:2: a fact is"):
+        load_facts(bad)
+    assert is_right("It is Dan WHITAKER.", Fact("q", ("Whitaker",))) and not is_right("Dan", Fact("q", ("Whitaker",)))
+
+
+def test_demo_end_to_end_then_eval_reports_the_same_fact_score(tmp_path, tiny_model):
+    out = tmp_path / "demo"
+    res = run_cli("demo", "--output-dir", str(out), "--set", f"model={tiny_model}", "--set", "hyperparameters.max_steps=2",
+                  "--set", "hyperparameters.max_seq_len=128", "--set", "checkpointing.eval_steps=2", "--set", "checkpointing.save_steps=2")
+    assert res.returncode == 0, res.stderr
+    demo = json.loads(res.stdout)["facts"]
+    assert demo["facts"] == 4 and len(demo["rows"]) == 4
+    assert "Verdict: " in res.stderr and f"tunejob eval {out} --facts" in res.stderr and "tunejob export" in res.stderr
+    ev = run_cli("eval", str(out), "--facts", str(demo_facts_path()), "--limit", "1", "--max-new-tokens", "4", "--json")
+    assert ev.returncode == 0, ev.stderr
+    facts = json.loads(ev.stdout)["facts"]
+    assert (facts["base_right"], facts["finetuned_right"]) == (demo["base_right"], demo["finetuned_right"])
+    assert [r["finetuned"]["answer"] for r in facts["rows"]] == [r["finetuned"]["answer"] for r in demo["rows"]]
