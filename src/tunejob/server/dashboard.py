@@ -29,6 +29,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from tunejob.server.api import ApiError
 from tunejob.server.job_sources import JobSource, RunDirs, ServerJobs, records_of, series, summary_of
 from tunejob.server.pages import fragments, frame, num, report_html, table, upload_form_html
 
@@ -95,7 +96,12 @@ class _Viewer:
         """The POSTed form of a logged-in viewer, once its CSRF token is the session's."""
         from tunejob.server.files import read_form
 
-        form = await read_form(request, max_bytes)
+        try:
+            form = await read_form(request, max_bytes)
+        except ApiError as exc:
+            if exc.status == 413:
+                raise
+            raise _BadCsrf() from None  # not a form: it carries no token either
         if not hmac.compare_digest(str(form.get("csrf") or "").encode(), self.csrf_for(request).encode()):
             raise _BadCsrf()
         return form
@@ -313,7 +319,10 @@ def mount_dashboard(app: FastAPI, config) -> None:
         if throttle.blocked(client):
             return HTMLResponse(f"<p>Too many failed logins from {e(client)}: wait a minute, then try again.</p>",
                                 status_code=429, headers={"Retry-After": str(LOGIN_WINDOW_S)})
-        key = str((await read_form(request, 64 * 1024)).get("key") or "")
+        try:
+            key = str((await read_form(request, 64 * 1024)).get("key") or "")
+        except ApiError:  # not a form at all: the same answer as a wrong key
+            key = ""
         if not key or store.owner_of(key) not in accepted:
             throttle.fail(client)
             return RedirectResponse("/login?error=1", status_code=303)
