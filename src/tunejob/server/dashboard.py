@@ -5,8 +5,12 @@ One set of server-rendered pages over two job sources:
     server's API keys. Logging in gives an HTTP-only, SameSite=Strict session cookie holding a
     random token; the server maps the token to the key's owner digest (store.owner_of), so the key
     itself is never stored, logged or sent back, and each session sees only its owner's jobs.
+    Failed logins are limited per client address (5 a minute, then 429), and every POST form
+    carries the session's CSRF token, checked before the form is acted on.
   - `tunejob dashboard RUN_DIR...` serves local run directories (RunDirs) on 127.0.0.1, no login:
     the runs are the user's own files, readable by anyone on the machine who could open them anyway.
+    It answers only Host 127.0.0.1:PORT / localhost:PORT (DNS rebinding), and its forms carry a
+    per-process CSRF token.
 
 Both read a job's metrics.jsonl (the trainer's stream), so a chart, a diagnosis and a report
 of the same run agree. Charts are drawn by plotly.js, served from the installed `plotly` package
