@@ -142,13 +142,13 @@ class Store:
         now = int(time.time())
         self._q("INSERT INTO events (id, job_id, created_at, level, message, type, data) VALUES (?,?,?,?,?,?,?)",
                 (event_id, job_id, now, level, message, type, json.dumps(data) if data is not None else None))
-        return {"id": event_id, "object": "fine_tuning.job.event", "created_at": now, "level": level, "message": message, "type": type, "data": data}
+        return {"id": event_id, "object": "fine_tuning.job.event", "created_at": now, "level": level, "message": message, "type": type, "data": data or {}}
 
     def list_events(self, job_id: str) -> list[dict]:
         """Newest first, as OpenAI returns them."""
         rows = self._q("SELECT id, created_at, level, message, type, data FROM events WHERE job_id=? ORDER BY seq DESC", (job_id,))
         return [{"id": r[0], "object": "fine_tuning.job.event", "created_at": r[1], "level": r[2], "message": r[3], "type": r[4],
-                 "data": json.loads(r[5]) if r[5] else None} for r in rows]
+                 "data": json.loads(r[5]) if r[5] else {}} for r in rows]  # OpenAI's schema: an object, {} for a message
 
     def has_event(self, job_id: str, message: str) -> bool:
         return bool(self._q("SELECT 1 FROM events WHERE job_id=? AND message=? LIMIT 1", (job_id, message)))
