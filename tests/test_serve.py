@@ -123,8 +123,10 @@ def test_files_events_checkpoints_models_and_streaming(server, tmp_path):
 
     events = c.fine_tuning.jobs.list_events(job.id, limit=100).data
     metrics = [e for e in events if e.type == "metrics"]
-    train_steps = sorted(e.data["step"] for e in metrics if "train_loss" in e.data)
+    train_steps = sorted(e.data["step"] for e in metrics if "train_loss" in e.data and "valid_loss" not in e.data)
     assert train_steps == list(range(1, 17))  # 30 examples / 4 = 8 steps x 2 epochs
+    at_eval = [e.data for e in metrics if "valid_loss" in e.data]
+    assert at_eval and all("train_loss" in d and d["total_steps"] == 16 for d in at_eval)  # OpenAI's eval-step events carry both
     assert any("valid_loss" in e.data and "full_valid_loss" in e.data for e in metrics)
     assert events[0].created_at >= events[-1].created_at  # newest first
     page = c.fine_tuning.jobs.list_events(job.id, limit=5)
@@ -224,7 +226,7 @@ def test_bad_requests_get_openai_error_shapes(server, tmp_path):
     assert exc.value.body["param"] == "training_file"
     good = c.files.create(file=open(write_chat_data(tmp_path / "g.jsonl", 12), "rb"), purpose="fine-tune")
     for kwargs, param in (({"model": "llama-9000"}, "model"), ({"model": "default", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-                          ({"model": "default", "extra_body": {"tunejob": {"lora": {"r": -1}}}}, "tunejob")):
+                          ({"model": "default", "extra_body": {"tunejob": {"lora": {"r": -1}}}}, "tunejob.lora.r")):
         with pytest.raises(openai.BadRequestError) as exc:
             c.fine_tuning.jobs.create(training_file=good.id, **kwargs)
         assert exc.value.body["param"] == param, exc.value.body

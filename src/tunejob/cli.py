@@ -222,28 +222,31 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     data_dir: Annotated[Path, typer.Option(help="Files, jobs and the SQLite store live here.")] = Path("tunejob-server"),
-    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="An accepted API key (repeatable); each key sees only its own files and jobs.")] = None,
+    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="An accepted API key (repeatable; local use: it shows in `ps`). Prefer $TUNEJOB_API_KEYS (comma-separated) or --keys-file.")] = None,
     keys_file: Annotated[Optional[Path], typer.Option(help="File with one API key per line.")] = None,
     default_model: Annotated[str, typer.Option(help="Base model for 'default' and for OpenAI model ids.")] = "default",
     model: Annotated[Optional[list[str]], typer.Option("--model", help="Another base model: NAME=PATH (repeatable).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
+    max_epochs: Annotated[int, typer.Option(help="Most epochs one job may ask for.")] = 50,
+    max_steps: Annotated[int, typer.Option(help="Most optimizer steps one job may run.")] = 10_000,
+    max_seq_len: Annotated[int, typer.Option(help="Longest max_seq_len one job may ask for (tokens).")] = 4096,
 ) -> None:
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
 
-    _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb)
+    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len}
+    _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps)
 
 
 @app.command()
 def dashboard(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories written by `tunejob run`.")],
-    host: Annotated[str, typer.Option(help="Address to listen on (the dashboard has no login: keep it local).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (the dashboard has no login, so it listens locally only).")] = 8001,
 ) -> None:
     """Web dashboard for local runs: live loss charts, diagnosis, checkpoints (chat), compare, upload."""
     from tunejob.server.run import dashboard as _dashboard
 
-    _dashboard(run_dirs, host, port)
+    _dashboard(run_dirs, port)
 
 
 @app.command()

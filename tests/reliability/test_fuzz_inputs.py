@@ -229,21 +229,34 @@ def test_spec_loader_only_raises_spec_error_on_generated_yaml_text(text):
 
 
 # ---------------------------------------------------------------- 1c: server request bodies
-# 3,800 + 3,800 + 1,400 + 1,000 = 10,000 bodies, ~9 ms each on the in-process app (87 s in all on 2 cores, 71 s for the former 7,500).
+# 3,800 + 3,800 + 1,400 + 1,000 = 10,000 bodies on the in-process app with a tiny model as the
+# default base and real uploaded file ids, so generated bodies get past the file checks into the
+# hyperparameters, tunejob's extras and (for chat) the sampling parameters and generation itself.
 
-KEY = "sk-fuzz-1"
+KEY, CHAT_KEY = "sk-fuzz-1", "sk-fuzz-chat-2"  # two owners: thousands of queued fuzz jobs stay out of chat's model lookup
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory):
-    """The app in-process; TestClient outside `with` runs no startup, so the worker never trains."""
+def api(tmp_path_factory, tiny_model):
+    """The app in-process; TestClient outside `with` runs no startup, so the worker never starts
+    and a valid body only queues a job (nothing trains)."""
     from fastapi.testclient import TestClient
 
+    from conftest import write_chat_data
     from tunejob.server.app import ServerConfig, create_app
 
     data_dir = tmp_path_factory.mktemp("server")
-    app = create_app(ServerConfig(data_dir=data_dir, api_keys={KEY}, default_model=str(data_dir / "no-such-model")))
-    return TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {KEY}"})
+    app = create_app(ServerConfig(data_dir=data_dir, api_keys={KEY, CHAT_KEY}, default_model=str(tiny_model),
+                                  models={"missing": str(data_dir / "no-such-model")}))
+    client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": f"Bearer {KEY}"})
+    good = write_chat_data(data_dir.parent / "good.jsonl", 12)
+    for name, data in (("good", good.read_bytes()), ("bad", b'{"messages": []}\n')):
+        res = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (f"{name}.jsonl", data)})
+        FILE_IDS[name] = res.json()["id"]
+    return client
+
+
+FILE_IDS: dict[str, str] = {}
 
 
 def _check_error_shape(res, what) -> None:
@@ -255,40 +268,82 @@ def _check_error_shape(res, what) -> None:
         assert isinstance(err["message"], str) and err["message"], (what, body)
 
 
-job_fields = st.fixed_dictionaries({}, optional={
-    "training_file": st.one_of(st.text(max_size=12), json_values, st.just("file-abc")),
-    "validation_file": json_values, "model": st.one_of(st.sampled_from(["default", "gpt-4o-mini-2024-07-18", "", "llama-9000"]), json_values),
-    "hyperparameters": st.one_of(json_values, st.fixed_dictionaries({}, optional={
-        "n_epochs": weird, "batch_size": weird, "learning_rate_multiplier": weird})),
-    "suffix": weird, "seed": weird, "metadata": json_values, "method": json_values, "integrations": json_values,
-    "tunejob": st.one_of(json_values, st.fixed_dictionaries({}, optional={"lora": json_values, "quantization": weird})),
-})
-chat_fields = st.fixed_dictionaries({}, optional={
-    # Not "default": the server's default model path is missing on purpose (see the xfail below).
-    "model": st.one_of(st.sampled_from(["ft:nope", "ft:default:x:ckpt-step-1", ""]), json_values.filter(lambda v: v not in ("default", "smollm2-135m-instruct"))),
-    "messages": st.one_of(json_values, st.lists(st.one_of(json_values, st.fixed_dictionaries({"role": roles}, optional={"content": weird})), max_size=3)),
-    "max_tokens": weird, "max_completion_tokens": weird, "temperature": weird, "top_p": weird, "stream": weird, "n": weird, "stop": weird,
-})
+edge_numbers = st.sampled_from([0, 1, 2, 50, 51, 256, 257, -1, 10**9, 1e9, 1e-300, 1.5, 0.5, 2.0, 2.5, 2**31 - 1, 2**31, 2**63, -(2**63) - 1,
+                                "auto", "3", "1e9", True, False, None, [], {}])
+numbers = st.one_of(edge_numbers, weird, st.floats(allow_nan=True, allow_infinity=True))
+spec_hp = st.dictionaries(st.sampled_from(["epochs", "batch_size", "learning_rate", "learning_rate_multiplier", "max_steps", "max_seq_len",
+                                          "warmup", "gradient_accumulation", "seed", "weight_decay", "train_on", "bogus"]), numbers, max_size=4)
+extras = st.one_of(json_values, st.fixed_dictionaries({}, optional={
+    "hyperparameters": st.one_of(spec_hp, json_values), "lora": st.one_of(st.dictionaries(st.sampled_from(["r", "alpha", "dropout", "target_modules"]), numbers, max_size=3), json_values),
+    "quantization": st.one_of(st.sampled_from(["none", "4bit", "8bit"]), weird),
+    "checkpointing": st.one_of(st.dictionaries(st.sampled_from(["eval_steps", "save_steps", "keep_last", "early_stopping_patience"]), numbers, max_size=3), json_values),
+    "bogus": weird}))
+openai_hp = st.one_of(json_values, st.dictionaries(st.sampled_from(["n_epochs", "batch_size", "learning_rate_multiplier", "beta"]), numbers, max_size=3))
+
+
+@st.composite
+def job_bodies(draw) -> dict:
+    """A body that would queue a job, with one to four fields replaced by generated values."""
+    body = {"training_file": FILE_IDS["good"], "model": draw(st.sampled_from(["default", "gpt-4o-mini-2024-07-18"])),
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4}}
+    fields = {"training_file": st.one_of(st.sampled_from(sorted(FILE_IDS.values()) + ["file-nope"]), weird),
+              "validation_file": st.one_of(st.sampled_from(sorted(FILE_IDS.values())), weird),
+              "model": st.one_of(st.sampled_from(["default", "missing", "ft:gpt-4o-mini-2024-07-18:x:y:z", "", "llama-9000"]), weird),
+              "hyperparameters": openai_hp, "tunejob": extras, "integrations": json_values,
+              "method": st.one_of(json_values, st.fixed_dictionaries({"type": st.sampled_from(["supervised", "dpo", "reinforcement", "x"])},
+                                                                  optional={"supervised": st.fixed_dictionaries({}, optional={"hyperparameters": openai_hp}), "dpo": json_values})),
+              "suffix": st.one_of(st.sampled_from(["a" * 64, "a" * 65, "a:b", "", "ok"]), weird),
+              "seed": numbers, "metadata": st.one_of(json_values, st.dictionaries(st.text(max_size=70), st.one_of(st.text(max_size=600), weird), max_size=18)),
+              "bogus": weird}
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), min_size=1, max_size=4, unique=True)):
+        body[name] = draw(fields[name])
+    if draw(st.booleans()):
+        body.pop(draw(st.sampled_from(sorted(body))))
+    return body
+
+
+messages = st.one_of(json_values, st.lists(st.one_of(json_values, st.fixed_dictionaries({"role": roles}, optional={
+    "content": st.one_of(weird, st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": weird}), max_size=2)),
+    "name": weird, "tool_calls": json_values, "tool_call_id": weird})), max_size=3))
+chat_fields = st.fixed_dictionaries({"model": st.one_of(st.sampled_from(["default", "gpt-4o-mini-2024-07-18", "missing", "ft:nope", "ft:default:x:ckpt-step-1", ""]), json_values),
+                                     "messages": st.one_of(messages, st.just([{"role": "user", "content": "alpha beta"}]))}, optional={
+    "max_tokens": numbers, "max_completion_tokens": numbers, "temperature": numbers, "top_p": numbers, "stream": weird, "n": numbers,
+    "stop": weird, "seed": numbers, "stream_options": json_values, "tools": json_values, "tool_choice": weird, "presence_penalty": numbers,
+    "logprobs": weird, "top_logprobs": numbers, "response_format": json_values, "bogus": weird})
+
+
+def post_json(api, path: str, body, key: str = KEY):
+    """json.dumps allows NaN / Infinity (and Python's json.loads on the server reads them back):
+    a client can send them, so the fuzz does too."""
+    return api.post(path, content=json.dumps(body), headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+
+
+def _short(body: dict) -> dict:
+    """A body that will generate gets at most 2 new tokens: the fuzz checks answers, not speed."""
+    if isinstance(body, dict):
+        for key in ("max_tokens", "max_completion_tokens"):
+            if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > 2:
+                body[key] = 2
+        if not any(isinstance(body.get(k), int) for k in ("max_tokens", "max_completion_tokens")):
+            body["max_completion_tokens"] = 2
+    return body
 
 
 @fuzz(3800)
-@given(st.one_of(job_fields, json_values))
+@given(st.one_of(job_bodies(), job_bodies(), job_bodies(), json_values))
 def test_create_job_bodies_get_4xx_with_openais_error_shape(api, body):
-    res = api.post("/v1/fine_tuning/jobs", json=body)
+    res = post_json(api, "/v1/fine_tuning/jobs", body)
     _check_error_shape(res, body)
     assert res.status_code != 200 or isinstance(body, dict), body
-    _count("server POST /v1/fine_tuning/jobs")
+    _count(f"server POST /v1/fine_tuning/jobs ({'accepted' if res.status_code == 200 else 'refused'})")
 
 
 @fuzz(3800)
-@given(st.one_of(chat_fields, json_values))
-def test_chat_bodies_get_4xx_with_openais_error_shape(api, body):
-    # No body here names an existing fine-tuned model, and the default model path does not exist,
-    # so nothing may load a model: every answer is a 4xx.
-    res = api.post("/v1/chat/completions", json=body)
+@given(st.one_of(chat_fields, chat_fields, chat_fields, json_values))
+def test_chat_bodies_never_5xx(api, body):
+    res = post_json(api, "/v1/chat/completions", _short(body), CHAT_KEY)
     _check_error_shape(res, body)
-    assert 400 <= res.status_code < 500, (body, res.status_code, res.text[:300])
-    _count("server POST /v1/chat/completions")
+    _count(f"server POST /v1/chat/completions ({'answered' if res.status_code == 200 else 'refused'})")
 
 
 @fuzz(1400)
@@ -302,15 +357,29 @@ def test_file_uploads_never_5xx(api, content, purpose, filename, with_file):
 
 
 @fuzz(1000)
-@given(st.binary(max_size=200), st.sampled_from(["/v1/fine_tuning/jobs", "/v1/chat/completions"]))
-def test_non_json_bodies_get_4xx(api, raw, path):
+@given(st.binary(max_size=200), st.sampled_from(["/v1/fine_tuning/jobs", "/v1/chat/completions"]),
+       st.sampled_from(["", "?limit=0", "?limit=x", "?after=%00", "?limit=101", "?metadata%5Bk%5D=v"]))
+def test_non_json_bodies_and_odd_queries_get_4xx(api, raw, path, query):
     res = api.post(path, content=raw, headers={"Content-Type": "application/json"})
     _check_error_shape(res, raw[:50])
-    _count("server raw (non-JSON) bodies")
+    _check_error_shape(api.get("/v1/fine_tuning/jobs" + query), query)
+    _count("server raw (non-JSON) bodies + list queries")
 
 
 # Found by this fuzzing: a ModelError while resolving the chat model answered a bare 500; the
 # server now maps tunejob's errors to OpenAI's error shape (400).
 def test_chat_with_an_unloadable_base_model_is_a_clean_error(api):
-    res = api.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "hi"}]})
-    _check_error_shape(res, "default model missing")
+    res = api.post("/v1/chat/completions", json={"model": "missing", "messages": [{"role": "user", "content": "hi"}]})
+    _check_error_shape(res, "base model folder missing")
+    assert res.status_code == 400
+
+
+def test_epochs_of_a_billion_through_the_extras_are_refused(api):
+    for extra, param in (({"hyperparameters": {"epochs": 1e9}}, "tunejob.hyperparameters.epochs"),
+                         ({"hyperparameters": [1]}, "tunejob.hyperparameters"), ({"hyperparameters": "x"}, "tunejob.hyperparameters"),
+                         ({"hyperparameters": {"max_seq_len": 10**6}}, "tunejob.hyperparameters.max_seq_len")):
+        res = api.post("/v1/fine_tuning/jobs", json={"training_file": FILE_IDS["good"], "model": "default", "tunejob": extra})
+        assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text
+    for field, value in (("temperature", "1"), ("top_p", "0.5"), ("temperature", 2.5), ("top_p", 1.5)):
+        res = api.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "hi"}], field: value})
+        assert res.status_code == 400 and res.json()["error"]["param"] == field, res.text

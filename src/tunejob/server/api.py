@@ -24,6 +24,12 @@ class ServerConfig:
     default_model: str = "default"
     models: dict[str, str] = field(default_factory=dict)  # extra base models: name -> path
     max_upload_bytes: int = 512 * 2**20
+    # Caps on what one job may ask of this machine, whatever its body says (tunejob's extras
+    # included): 50 epochs is OpenAI's own n_epochs limit; 10,000 steps of a 135M model on CPU
+    # is about a day; 4,096 tokens per example keeps one sequence's activations under ~2 GB.
+    max_epochs: int = 50
+    max_steps: int = 10_000
+    max_seq_len: int = 4096
 
 
 class ApiError(Exception):
@@ -83,8 +89,12 @@ class ServerState:
     model_cache: object | None = None  # inference.ModelCache, created on the first chat
 
     def base_for(self, model: str) -> str | None:
+        """The base model a plain name or OpenAI model id trains and chats with. Never an `ft:`
+        name: catalog.lookup strips `ft:` for pricing, which would make a fine-tuned name the base."""
         if model in self.base_models:
             return model
+        if model.startswith("ft:"):
+            return None
         info = catalog.lookup(model)
         if info is not None and info.provider == "openai":
             return "default"

@@ -9,18 +9,26 @@ code written for it runs unchanged with another base_url:
 
 OpenAI model ids are served by the server's default open model (say so in the job's events);
 tunejob's own options travel in an extra body field, `"tunejob": {"lora": {...}, "quantization": ...}`.
-This module is the factory: the API-key check, the error handlers, and one router per resource
-(files.py, jobs.py, models.py, chat.py) plus the dashboard.
+This module is the factory: the API-key dependency, the error handlers, and one router per
+resource (files.py, jobs.py, models.py, chat.py) plus the dashboard.
+
+The key check is a dependency of every API router, not middleware matching paths: a route added
+to a router cannot be public by mistake (tests/test_server_security.py walks app.routes). There is
+no /docs or /openapi.json: OpenAI's published spec documents this API, and a schema endpoint would
+be one more route to guard.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunejob.errors import ModelError, TunejobError
 from tunejob.server import chat, files, jobs, models
 from tunejob.server.api import ApiError, ServerConfig, ServerState, error_response
-from tunejob.server.store import Store, owner_of
+from tunejob.server.requests import param_of
+from tunejob.server.store import Store
 from tunejob.server.worker import Worker
 
 __all__ = ["ServerConfig", "create_app"]
@@ -37,42 +45,62 @@ def _add_error_handlers(app: FastAPI) -> None:
         code = "model_not_available" if isinstance(exc, ModelError) else "invalid_request"
         return error_response(400, str(exc), "invalid_request_error", "model" if isinstance(exc, ModelError) else None, code)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        param = param_of(tuple(err["loc"])[1:])  # loc starts with 'query' / 'path' / 'body'
+        return error_response(400, f"Invalid value for '{param}': {err['msg']}", "invalid_request_error", param, None)
 
-def _add_key_check(app: FastAPI, config: ServerConfig) -> None:
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            key = header[7:].strip() if header.lower().startswith("bearer ") else ""
-            if key not in config.api_keys:
-                shown = f"{key[:3]}...{key[-4:]}" if len(key) > 8 else "(none)"
-                return error_response(401, f"Incorrect API key provided: {shown}. Pass the key the server was started with.",
-                                      "invalid_request_error", None, "invalid_api_key")
-            request.state.owner = owner_of(key)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        # unmatched routes and wrong methods: OpenAI's error object, not FastAPI's {"detail": ...}
+        message = {404: "Invalid URL", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
+        message = f"{message} ({request.method} {request.url.path})"
+        return error_response(exc.status_code, message, "invalid_request_error", None, None)
+
+
+def key_check(config: ServerConfig, store: Store):
+    """The dependency every API router carries: a Bearer key the server accepts, or OpenAI's 401.
+    Keys are compared as HMAC digests (the owner ids), so no comparison runs over the key itself."""
+    accepted = {store.owner_of(k) for k in config.api_keys}
+
+    def check(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        who = store.owner_of(key) if key else None
+        if who not in accepted:
+            shown = f"{key[:3]}...{key[-4:]}" if len(key) > 8 else "(none)"
+            raise ApiError(401, f"Incorrect API key provided: {shown}. Pass a key the server was started with.",
+                           "invalid_request_error", None, "invalid_api_key")
+        request.state.owner = who
+        return who
+
+    return check
 
 
 def create_app(config: ServerConfig) -> FastAPI:
     store = Store(config.data_dir)
+    for key in config.api_keys:
+        store.adopt_legacy_owner(key)
     base_models = {"default": config.default_model, "smollm2-135m-instruct": config.default_model, **config.models}
     worker = Worker(store, base_models)
     state = ServerState(config, store, worker, base_models)
 
-    app = FastAPI(title="tunejob", docs_url=None, redoc_url=None)
+    app = FastAPI(title="tunejob", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.worker = store, worker
     app.router.on_startup.append(worker.start)
     app.router.on_shutdown.append(worker.stop)
     _add_error_handlers(app)
-    _add_key_check(app, config)
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
 
+    needs_key = [Depends(key_check(config, store))]
     for resource in (files, jobs, models):
-        app.include_router(resource.router(state))
+        app.include_router(resource.router(state), dependencies=needs_key)
     chat_router = chat.router(state)
-    app.include_router(chat_router)
+    app.include_router(chat_router, dependencies=needs_key)
 
     # The web dashboard at / (server-rendered pages); its chat form calls chat_completions in-process.
     from tunejob.server.dashboard import mount_dashboard

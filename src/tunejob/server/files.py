@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated, AsyncIterator
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
 from tunejob.server.api import ApiError, ServerState, owner, page
+from tunejob.server.requests import ListFilesQuery, UploadForm, parse
 from tunejob.server.store import new_id, safe_filename
 
-PURPOSES = ("fine-tune", "fine-tune-results", "assistants", "batch", "user_data")
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the purpose field around the file
 
 
 def validation_status(path) -> tuple[str, str | None]:
@@ -23,38 +29,62 @@ def validation_status(path) -> tuple[str, str | None]:
     return "error", f"{report.errors} error(s): " + "; ".join(first)
 
 
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"File too large: over {limit:,} bytes; this server accepts up to {limit:,} (its --max-upload-mb)",
+                    param="file", code="file_too_large")
+
+
+async def _counted(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The request body, stopped with a 413 as soon as it passes `limit` + the form's overhead.
+
+    Counting here, before the form parser, is what holds for a chunked body (no Content-Length):
+    Starlette's request.form() would spool the whole body to a temp file first."""
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > limit + FORM_OVERHEAD:
+            raise too_large(limit)
+        yield chunk
+
+
+async def read_form(request: Request, limit: int) -> FormData:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + FORM_OVERHEAD:
+        raise too_large(limit)  # refused before a byte of the body is read
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = _counted(request.stream(), limit)
+    if kind == "multipart/form-data":
+        parser = MultiPartParser(request.headers, body, max_files=1, max_fields=10)
+    elif kind == "application/x-www-form-urlencoded":
+        parser = FormParser(request.headers, body)
+    else:
+        raise ApiError(400, "Send the upload as multipart/form-data with fields 'file' and 'purpose'", param="file")
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"Malformed multipart body: {exc.message}", param="file") from None
+
+
 def router(state: ServerState) -> APIRouter:
     api, store, limit = APIRouter(), state.store, state.config.max_upload_bytes
 
     @api.post("/v1/files")
     async def upload(request: Request):
-        length = int(request.headers.get("content-length") or 0)
-        if length > limit + 64 * 1024:
-            raise ApiError(413, f"File too large: {length:,} bytes; this server accepts up to {limit:,}", code="file_too_large")
-        form = await request.form()
-        purpose, upload_file = form.get("purpose"), form.get("file")
-        if purpose not in PURPOSES:
-            raise ApiError(400, f"Invalid purpose {purpose!r}; use 'fine-tune'", param="purpose")
-        if upload_file is None or isinstance(upload_file, str):
-            raise ApiError(400, "Missing file: send it as multipart field 'file'", param="file")
-        file_id = new_id("file")
-        path = store.file_path(file_id)
-        size, tmp = 0, path.with_name(f".{file_id}.part")
-        with tmp.open("wb") as out:
-            while chunk := await upload_file.read(1024 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    out.close()
-                    tmp.unlink(missing_ok=True)
-                    raise ApiError(413, f"File too large: over {limit:,} bytes", code="file_too_large")
-                out.write(chunk)
-        tmp.replace(path)
-        status, details = validation_status(path) if purpose == "fine-tune" else ("processed", None)
-        return store.add_file(owner(request), safe_filename(upload_file.filename), purpose, size, status, details, file_id)
+        form = await read_form(request, limit)
+        try:
+            fields = {k: v for k, v in form.multi_items() if k != "file" and isinstance(v, str)}
+            parse(UploadForm, fields)
+            upload_file = form.get("file")
+            if upload_file is None or isinstance(upload_file, str):
+                raise ApiError(400, "Missing required parameter: 'file' (send it as multipart field 'file')", param="file")
+            return await _store_upload(state, owner(request), upload_file, fields["purpose"], limit)
+        finally:
+            await form.close()
 
     @api.get("/v1/files")
-    def list_files(request: Request, purpose: str | None = None, after: str | None = None, limit: int | None = None):
-        return page(store.list_files(owner(request), purpose), after, limit or 100)
+    def list_files(request: Request, q: Annotated[ListFilesQuery, Query()]):
+        files = store.list_files(owner(request), q.purpose)
+        return page(files if q.order == "desc" else files[::-1], q.after, q.limit)
 
     @api.get("/v1/files/{file_id}")
     def get_file(request: Request, file_id: str):
@@ -72,3 +102,24 @@ def router(state: ServerState) -> APIRouter:
         return {"id": file_id, "object": "file", "deleted": True}
 
     return api
+
+
+async def _store_upload(state: ServerState, who: str, upload_file, purpose: str, limit: int) -> dict:
+    """The upload written under its new id (a `.part` first, renamed when complete), then validated."""
+    store = state.store
+    file_id = new_id("file")
+    path = store.file_path(file_id)
+    size, tmp = 0, path.with_name(f".{file_id}.part")
+    try:
+        with tmp.open("wb") as out:
+            while chunk := await upload_file.read(1024 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                out.write(chunk)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # validating reads every line: off the event loop, so other requests keep being answered
+    status, details = await run_in_threadpool(validation_status, path) if purpose == "fine-tune" else ("processed", None)
+    return store.add_file(who, safe_filename(upload_file.filename), purpose, size, status, details, file_id)

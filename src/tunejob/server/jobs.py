@@ -4,121 +4,108 @@ list, retrieve, cancel, pause, resume, events and checkpoints."""
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 
-from tunejob.server.api import DEFAULT_LR, ApiError, ServerState, json_object, owner, page, public
+from tunejob.server.api import DEFAULT_LR, ApiError, ServerState, json_body, owner, page, public
+from tunejob.server.requests import CheckpointQuery, CreateFineTuningJob, ListQuery, TunejobOptions, parse
 from tunejob.server.store import new_id
 from tunejob.server.worker import ACTIVE
 
-HYPERPARAMETERS = (("n_epochs", int, 1, 50), ("batch_size", int, 1, 256), ("learning_rate_multiplier", float, 0.001, 100.0))
 
-
-def hyperparameters(body: dict) -> dict:
-    """OpenAI's hyperparameters (top level, or under method.supervised), each 'auto' or in range."""
-    method = body.get("method")
-    hp = body.get("hyperparameters") or {}
-    if isinstance(method, dict):
-        if method.get("type", "supervised") != "supervised":
-            raise ApiError(400, f"method.type {method.get('type')!r} is not supported here; use 'supervised'", param="method.type")
-        hp = {**hp, **((method.get("supervised") or {}).get("hyperparameters") or {})}
-    if not isinstance(hp, dict):
-        raise ApiError(400, "hyperparameters must be an object", param="hyperparameters")
-    out = {}
-    for key, kind, lo, hi in HYPERPARAMETERS:
-        value = hp.get(key, "auto")
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) or not lo <= value <= hi):
-            raise ApiError(400, f"hyperparameters.{key} must be 'auto' or a number in {lo}..{hi}, got {value!r}", param=f"hyperparameters.{key}")
-        out[key] = value
-    unknown = set(hp) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
-    if unknown:
-        raise ApiError(400, f"unknown hyperparameter(s): {', '.join(sorted(unknown))}", param="hyperparameters")
-    return out
-
-
-def job_spec(state: ServerState, base: str, hp: dict, extra: dict, seed: int) -> dict:
-    """The local job spec a server job runs: OpenAI's 'auto' is OpenAI's meaning (batch 4, 3 epochs)."""
+def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | None, seed: int) -> dict:
+    """The local job spec a server job runs: OpenAI's 'auto' is OpenAI's meaning (batch 4, 3 epochs);
+    tunejob's extras are checked by the job spec's own models, then against the server's caps."""
     from tunejob.spec import JobSpec
 
     lr = DEFAULT_LR * (1.0 if hp["learning_rate_multiplier"] == "auto" else float(hp["learning_rate_multiplier"]))
-    hyper = {"epochs": 3 if hp["n_epochs"] == "auto" else int(hp["n_epochs"]),
-             "batch_size": 4 if hp["batch_size"] == "auto" else int(hp["batch_size"]), "learning_rate": lr, "seed": seed}
-    if not isinstance(extra, dict):
-        raise ApiError(400, "tunejob: must be an object of tunejob job-spec sections", param="tunejob")
-    hyper.update(extra.get("hyperparameters") or {})
+    hyper = {"epochs": 3 if hp["n_epochs"] == "auto" else hp["n_epochs"],
+             "batch_size": 4 if hp["batch_size"] == "auto" else hp["batch_size"], "learning_rate": lr, "seed": seed}
+    extra = extra or TunejobOptions()
+    hyper.update(extra.hyperparameters or {})
     spec = {"name": "job", "backend": "local", "model": state.base_models[base], "data": {"train": "x.jsonl", "seed": seed},
-            "hyperparameters": hyper}
-    for section in ("lora", "quantization", "checkpointing"):
-        if section in extra:
-            spec[section] = extra[section]
-    spec.setdefault("checkpointing", {"eval_steps": 10, "save_steps": 10})
+            "hyperparameters": hyper, "checkpointing": {"eval_steps": 10, "save_steps": 10}}
+    spec.update(extra.model_dump(exclude_none=True, exclude={"hyperparameters"}))
     try:
-        JobSpec.model_validate(spec)
+        checked = JobSpec.model_validate(spec)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ApiError(400, f"invalid tunejob options: {'.'.join(map(str, first['loc']))}: {first['msg']}", param="tunejob") from None
+        err = exc.errors(include_url=False)[0]
+        param = "tunejob." + ".".join(map(str, err["loc"]))
+        raise ApiError(400, f"Invalid value for '{param}': {err['msg']} (got {repr(err.get('input'))[:80]})", param=param) from None
+    _check_caps(state, checked.hyperparameters)
+    spec["hyperparameters"].setdefault("max_steps", state.config.max_steps)
     return spec
 
 
-def _training_files(state: ServerState, who: str, body: dict) -> dict:
-    files = {}
+def _check_caps(state: ServerState, h) -> None:
+    """The server's limits on one job (ServerConfig.max_*), whichever field asked for more."""
+    cfg = state.config
+    epochs = h.epochs if h.epochs != "auto" else 3
+    for name, value, cap, flag in (("epochs", epochs, cfg.max_epochs, "--max-epochs"), ("max_steps", h.max_steps or 0, cfg.max_steps, "--max-steps"),
+                                   ("max_seq_len", h.max_seq_len, cfg.max_seq_len, "--max-seq-len")):
+        if value > cap:
+            raise ApiError(400, f"tunejob.hyperparameters.{name}={value} is over this server's limit of {cap} "
+                                f"(the server's {flag}); ask for at most {cap}", param=f"tunejob.hyperparameters.{name}")
+
+
+def _training_files(state: ServerState, who: str, req: CreateFineTuningJob) -> None:
     for key in ("training_file", "validation_file"):
-        fid = body.get(key)
-        if fid is None and key == "validation_file":
+        fid = getattr(req, key)
+        if fid is None:
             continue
-        if not isinstance(fid, str):
-            raise ApiError(400, f"Missing required parameter: '{key}'", param=key)
         f = state.store.get_file(who, fid)
         if f is None:
             raise ApiError(400, f"invalid {key}: no such file {fid}", param=key, code="invalid_file")
         if f["status"] != "processed":
             raise ApiError(400, f"invalid {key}: file {fid} failed validation: {f['status_details']}", param=key, code="invalid_file")
-        files[key] = fid
-    return files
 
 
-def _options(body: dict) -> tuple[str | None, dict | None, int]:
-    suffix = body.get("suffix")
-    if suffix is not None and (not isinstance(suffix, str) or len(suffix) > 64 or ":" in suffix):
-        raise ApiError(400, "suffix: up to 64 characters, no ':'", param="suffix")
-    metadata = body.get("metadata")
-    if metadata is not None and (not isinstance(metadata, dict) or len(metadata) > 16 or not all(isinstance(v, str) for v in metadata.values())):
-        raise ApiError(400, "metadata: up to 16 string key/value pairs", param="metadata")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, "seed must be an integer", param="seed")
-    return suffix, metadata, seed if seed is not None else int(time.time()) % 2**31
-
-
-def create_job(state: ServerState, who: str, body: dict) -> dict:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "Missing required parameter: 'model'", param="model")
-    base = state.base_for(model)
+def create_job(state: ServerState, who: str, body: object) -> dict:
+    req = parse(CreateFineTuningJob, body)
+    base = state.base_for(req.model)
     if base is None:
         known = ", ".join(sorted(state.base_models))
-        raise ApiError(400, f"Model {model!r} is not available for fine-tuning here; use {known} or an OpenAI model id", param="model", code="model_not_available")
-    files = _training_files(state, who, body)
-    hp = hyperparameters(body)
-    suffix, metadata, seed = _options(body)
-    spec = job_spec(state, base, hp, body.get("tunejob") or {}, seed)
+        raise ApiError(400, f"Model {req.model!r} is not available for fine-tuning here; use {known} or an OpenAI model id", param="model", code="model_not_available")
+    _training_files(state, who, req)
+    hp = req.openai_hyperparameters()
+    seed = req.seed if req.seed is not None else int(time.time()) % 2**31
+    spec = job_spec(state, base, hp, req.tunejob, seed)
+    model, suffix, metadata = req.model, req.suffix, req.metadata
     job_id = new_id("ftjob")
     job = {
         "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "model": model, "fine_tuned_model": None,
         "organization_id": "org-tunejob", "status": "queued", "hyperparameters": hp,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
-        "training_file": files["training_file"], "validation_file": files.get("validation_file"), "result_files": [],
+        "training_file": req.training_file, "validation_file": req.validation_file, "result_files": [],
         "trained_tokens": None, "error": None, "finished_at": None, "seed": seed, "suffix": suffix,
         "user_provided_suffix": suffix, "metadata": metadata, "estimated_finish": None, "integrations": [],
         "_spec": spec, "_ft_name": f"ft:{model}:tunejob:{suffix or ''}:{job_id[-8:]}",
     }
     state.store.add_job(who, job)
-    state.store.add_event(job_id, "Validating training file: " + files["training_file"])
+    state.store.add_event(job_id, "Validating training file: " + req.training_file)
     if base != model:
         state.store.add_event(job_id, f"{model} is served by the open model '{base}' on this tunejob server")
     state.store.add_event(job_id, "Files validated; fine-tuning job queued")
     return public(job)
+
+
+def metadata_filter(request: Request) -> dict[str, str] | None:
+    """OpenAI's `metadata[k]=v` query filter (a deepObject, which FastAPI does not parse)."""
+    pairs = {k[9:-1]: v for k, v in request.query_params.multi_items() if k.startswith("metadata[") and k.endswith("]")}
+    return pairs or None
+
+
+def _stop(state: ServerState, job: dict, control: str, status: str) -> dict:
+    """Cancel or pause: OpenAI answers with the new status at once; for a running job the worker
+    then stops the child (its last checkpoint stays) and clears `control`."""
+    store, job_id = state.store, job["id"]
+    done = {"finished_at": int(time.time())} if status == "cancelled" else {}
+    if job["status"] == "running":
+        return public(store.update_job(job_id, status=status, control=control, **done))
+    store.add_event(job_id, f"Fine-tuning job {status}")
+    return public(store.update_job(job_id, status=status, **done))
 
 
 def router(state: ServerState) -> APIRouter:
@@ -126,11 +113,15 @@ def router(state: ServerState) -> APIRouter:
 
     @api.post("/v1/fine_tuning/jobs")
     async def create(request: Request):
-        return create_job(state, owner(request), await json_object(request))
+        return create_job(state, owner(request), await json_body(request))
 
     @api.get("/v1/fine_tuning/jobs")
-    def list_jobs(request: Request, after: str | None = None, limit: int | None = None):
-        return page([public(j) for j in store.list_jobs(owner(request))], after, limit)
+    def list_jobs(request: Request, q: Annotated[ListQuery, Query()]):
+        wanted = metadata_filter(request)
+        jobs = [public(j) for j in store.list_jobs(owner(request))]
+        if wanted:
+            jobs = [j for j in jobs if all((j.get("metadata") or {}).get(k) == v for k, v in wanted.items())]
+        return page(jobs, q.after, q.limit)
 
     @api.get("/v1/fine_tuning/jobs/{job_id}")
     def get_job(request: Request, job_id: str):
@@ -141,22 +132,14 @@ def router(state: ServerState) -> APIRouter:
         job = state.job_or_404(owner(request), job_id)
         if job["status"] not in (*ACTIVE, "paused"):
             raise ApiError(400, f"Job {job_id} is {job['status']} and cannot be cancelled", code="invalid_state")
-        if job["status"] == "running":
-            job = store.update_job(job_id, control="cancel")
-        else:
-            job = store.update_job(job_id, status="cancelled", finished_at=int(time.time()))
-            store.add_event(job_id, "Fine-tuning job cancelled")
-        return public(job)
+        return _stop(state, job, "cancel", "cancelled")
 
     @api.post("/v1/fine_tuning/jobs/{job_id}/pause")
     def pause_job(request: Request, job_id: str):
         job = state.job_or_404(owner(request), job_id)
-        if job["status"] == "running":
-            return public(store.update_job(job_id, control="pause"))
-        if job["status"] == "queued":
-            store.add_event(job_id, "Fine-tuning job paused")
-            return public(store.update_job(job_id, status="paused"))
-        raise ApiError(400, f"Job {job_id} is {job['status']} and cannot be paused", code="invalid_state")
+        if job["status"] not in ("running", "queued"):
+            raise ApiError(400, f"Job {job_id} is {job['status']} and cannot be paused", code="invalid_state")
+        return _stop(state, job, "pause", "paused")
 
     @api.post("/v1/fine_tuning/jobs/{job_id}/resume")
     def resume_job(request: Request, job_id: str):
@@ -164,17 +147,20 @@ def router(state: ServerState) -> APIRouter:
         if job["status"] != "paused":
             raise ApiError(400, f"Job {job_id} is {job['status']}; only a paused job can be resumed", code="invalid_state")
         store.add_event(job_id, "Fine-tuning job resumed")
+        # A pending `control` stays: the worker is still stopping the child and clears it then.
         return public(store.update_job(job_id, status="queued"))
 
     @api.get("/v1/fine_tuning/jobs/{job_id}/events")
-    def job_events(request: Request, job_id: str, after: str | None = None, limit: int | None = None):
+    def job_events(request: Request, job_id: str, q: Annotated[ListQuery, Query()]):
+        # Newest first, as OpenAI lists them; `after` is the last id of the previous page, so the
+        # next page holds older events.
         state.job_or_404(owner(request), job_id)
-        return page(store.list_events(job_id), after, limit)
+        return page(store.list_events(job_id), q.after, q.limit)
 
     @api.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    def job_checkpoints(request: Request, job_id: str, after: str | None = None, limit: int | None = None):
+    def job_checkpoints(request: Request, job_id: str, q: Annotated[CheckpointQuery, Query()]):
         state.job_or_404(owner(request), job_id)
         items = [{k: v for k, v in c.items() if not k.startswith("_")} for c in store.list_checkpoints(job_id)]
-        return page(items, after, limit or 10)
+        return page(items, q.after, q.limit)
 
     return api

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -12,21 +13,33 @@ from pathlib import Path
 from tunejob.errors import TunejobError
 
 
-def load_keys(keys: list[str], keys_file: Path | None) -> set[str]:
-    out = {k.strip() for k in keys if k.strip()}
+KEYS_ENV = "TUNEJOB_API_KEYS"
+
+
+def load_keys(keys: list[str], keys_file: Path | None, environ: dict | None = None) -> set[str]:
+    """The accepted keys: $TUNEJOB_API_KEYS (comma-separated), --keys-file (one per line, `#`
+    comments), and --api-key. The first two keep keys out of `ps`; --api-key is for local use."""
+    environ = os.environ if environ is None else environ
+    out = {k.strip() for k in environ.get(KEYS_ENV, "").split(",") if k.strip()}
+    if keys:
+        print("warning: --api-key shows the key to anyone who can run `ps` on this machine; "
+              f"use ${KEYS_ENV} or --keys-file outside local tests", file=sys.stderr, flush=True)
+        out |= {k.strip() for k in keys if k.strip()}
     if keys_file is not None:
         try:
             lines = keys_file.read_text().splitlines()
         except OSError as exc:
             raise TunejobError(f"{keys_file}: cannot read the keys file ({exc.strerror or exc})") from None
-        out |= {line.split()[0] for line in lines if line.strip() and not line.startswith("#")}
+        out |= {line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")}
     if not out:
-        raise TunejobError("give at least one API key: --api-key KEY or --keys-file FILE (clients send it as their api_key)")
+        raise TunejobError(f"give at least one API key: set {KEYS_ENV}=KEY1,KEY2, or --keys-file FILE (one per line), "
+                           "or --api-key KEY for local use (clients send it as their api_key)")
     return out
 
 
 def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path | None, default_model: str,
-          models: list[str], max_upload_mb: float) -> None:
+          models: list[str], max_upload_mb: float, caps: dict | None = None) -> None:
+    """`tunejob serve`; `caps` holds ServerConfig's max_epochs / max_steps / max_seq_len."""
     import uvicorn
 
     from tunejob.server.app import ServerConfig, create_app
@@ -38,13 +51,14 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
             raise TunejobError(f"--model {item!r}: write it as NAME=PATH")
         extra[name] = path
     config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
-                          models=extra, max_upload_bytes=int(max_upload_mb * 2**20))
+                          models=extra, max_upload_bytes=int(max_upload_mb * 2**20), **(caps or {}))
     print(f"tunejob serve: http://{host}:{port}/v1 (data in {data_dir}, {len(config.api_keys)} key(s))", file=sys.stderr, flush=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
 
 
-def dashboard(run_dirs: list[Path], host: str, port: int) -> None:
-    """`tunejob dashboard`: the web pages over local run directories (no login; see dashboard.py)."""
+def dashboard(run_dirs: list[Path], port: int) -> None:
+    """`tunejob dashboard`: the web pages over local run directories, on 127.0.0.1 only (no login;
+    requests naming another Host are refused, see dashboard.local_dashboard)."""
     import uvicorn
 
     from tunejob.server.dashboard import local_dashboard
@@ -52,10 +66,8 @@ def dashboard(run_dirs: list[Path], host: str, port: int) -> None:
     missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").is_file() and not (d / "config.yaml").is_file()]
     if missing:
         raise TunejobError(f"not a run directory (no metrics.jsonl or config.yaml): {', '.join(missing)}; pass what `tunejob run` wrote, e.g. runs/demo")
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: the dashboard has no login; anyone who reaches {host}:{port} sees these runs", file=sys.stderr)
-    print(f"tunejob dashboard: http://{host}:{port}/ ({len(run_dirs)} run(s))", file=sys.stderr, flush=True)
-    uvicorn.run(local_dashboard(list(run_dirs)), host=host, port=port, log_level="warning")
+    print(f"tunejob dashboard: http://127.0.0.1:{port}/ ({len(run_dirs)} run(s))", file=sys.stderr, flush=True)
+    uvicorn.run(local_dashboard(list(run_dirs), port), host="127.0.0.1", port=port, log_level="warning")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,13 +1,16 @@
 """The server's state: files, jobs, events and checkpoints in SQLite, file bytes on disk.
 
 Everything a restart needs lives here, under one data directory:
-    DATA_DIR/tunejob.sqlite3   rows (owners are sha256 digests of API keys, never the keys)
+    DATA_DIR/tunejob.sqlite3   rows (owners are HMAC-SHA256 digests of API keys, never the keys)
+    DATA_DIR/server.secret     the HMAC key of those digests (mode 0600, created once)
     DATA_DIR/files/<file_id>   uploaded bytes (stored under the id, never under a client's name)
     DATA_DIR/jobs/<job_id>/    the job spec and its run directory
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -40,7 +43,19 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
+        self._secret = _server_secret(self.dir / "server.secret")
         self._sweep_files()
+
+    def owner_of(self, key: str) -> str:
+        """The owner id of an API key: HMAC-SHA256 under this server's secret, so a leaked database
+        alone cannot be matched against a list of candidate keys (a plain hash could)."""
+        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
+
+    def adopt_legacy_owner(self, key: str) -> None:
+        """Rows written before the HMAC digests (unsalted sha256[:32]) move to the key's new id."""
+        old, new = hashlib.sha256(key.encode()).hexdigest()[:32], self.owner_of(key)
+        for table in ("files", "jobs"):
+            self._q(f"UPDATE {table} SET owner=? WHERE owner=?", (new, old))
 
     def _sweep_files(self) -> None:
         """Delete what a server killed mid-upload left in files/: a `.file-*.part` being written, or
@@ -127,13 +142,13 @@ class Store:
         now = int(time.time())
         self._q("INSERT INTO events (id, job_id, created_at, level, message, type, data) VALUES (?,?,?,?,?,?,?)",
                 (event_id, job_id, now, level, message, type, json.dumps(data) if data is not None else None))
-        return {"id": event_id, "object": "fine_tuning.job.event", "created_at": now, "level": level, "message": message, "type": type, "data": data}
+        return {"id": event_id, "object": "fine_tuning.job.event", "created_at": now, "level": level, "message": message, "type": type, "data": data or {}}
 
     def list_events(self, job_id: str) -> list[dict]:
         """Newest first, as OpenAI returns them."""
         rows = self._q("SELECT id, created_at, level, message, type, data FROM events WHERE job_id=? ORDER BY seq DESC", (job_id,))
         return [{"id": r[0], "object": "fine_tuning.job.event", "created_at": r[1], "level": r[2], "message": r[3], "type": r[4],
-                 "data": json.loads(r[5]) if r[5] else None} for r in rows]
+                 "data": json.loads(r[5]) if r[5] else {}} for r in rows]  # OpenAI's schema: an object, {} for a message
 
     def has_event(self, job_id: str, message: str) -> bool:
         return bool(self._q("SELECT 1 FROM events WHERE job_id=? AND message=? LIMIT 1", (job_id, message)))
@@ -154,13 +169,20 @@ class Store:
 
 
 def _file_obj(r) -> dict:
-    return {"id": r[0], "object": "file", "filename": r[1], "purpose": r[2], "bytes": r[3], "created_at": r[4], "status": r[5], "status_details": r[6]}
+    # OpenAI's OpenAIFile: status_details is a string when present, never null
+    f = {"id": r[0], "object": "file", "filename": r[1], "purpose": r[2], "bytes": r[3], "created_at": r[4], "status": r[5]}
+    return {**f, "status_details": r[6]} if r[6] is not None else f
 
 
-def owner_of(key: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
+def _server_secret(path: Path) -> bytes:
+    """32 random bytes kept in the data dir (0600): created once, read on every start after."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path.read_bytes()
 
 
 def safe_filename(name: str | None) -> str:

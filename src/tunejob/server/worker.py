@@ -128,11 +128,13 @@ class Worker:
         if self._stop.is_set() and control not in ("cancel", "pause"):
             return  # server shutting down: the job stays 'running' and resumes on the next start
         now = int(time.time())
+        # The API already answered cancelled / paused (as OpenAI does) and set the status; a resume
+        # that came while the child was stopping set 'queued', which must stay.
         if control == "cancel":
-            self.store.update_job(job_id, status="cancelled", finished_at=now, control=None)
+            self.store.update_job(job_id, control=None)
             self.store.add_event(job_id, "Fine-tuning job cancelled")
         elif control == "pause":
-            self.store.update_job(job_id, status="paused", control=None)
+            self.store.update_job(job_id, control=None)
             self.store.add_event(job_id, "Fine-tuning job paused; resume continues from the last checkpoint")
         elif rc == 0:
             self._succeed(job_id, run_dir)
@@ -145,7 +147,9 @@ class Worker:
         job = self.store.get_job(None, job_id)
         kind, step = r.get("kind"), r.get("step", 0)
         seen = job.get("_seen", {"train": 0, "eval": 0})
-        if kind == "train" and step > seen["train"]:
+        if kind == "start":
+            self.store.update_job(job_id, _total_steps=r.get("total_steps"))
+        elif kind == "train" and step > seen["train"]:
             data = {"step": step, "train_loss": r["train_loss"], "train_mean_token_accuracy": r["train_mean_token_accuracy"], "total_steps": job.get("_total_steps")}
             self.store.add_event(job_id, f"Step {step}: training loss={r['train_loss']:.4f}", type="metrics", data=data)
             seen["train"] = step
@@ -153,9 +157,13 @@ class Worker:
         elif kind == "eval" and step > seen["eval"]:
             data = {"step": step, "valid_loss": r["valid_loss"], "valid_mean_token_accuracy": r["valid_mean_token_accuracy"],
                     "full_valid_loss": r["full_valid_loss"], "full_valid_mean_token_accuracy": r["full_valid_mean_token_accuracy"]}
+            last = job.get("_last_train") or {}
+            if last.get("step") == step:  # OpenAI's metrics event at an eval step carries both losses
+                data.update(train_loss=last["train_loss"], train_mean_token_accuracy=last["train_mean_token_accuracy"])
+            data["total_steps"] = job.get("_total_steps")
             self.store.add_event(job_id, f"Step {step}: validation loss={r['valid_loss']:.4f}", type="metrics", data=data)
             seen["eval"] = step
-            self.store.update_job(job_id, _seen=seen, _last_eval={**data})
+            self.store.update_job(job_id, _seen=seen, _last_eval={k: v for k, v in data.items() if k != "total_steps"})
         elif kind == "checkpoint":
             metrics = {**(job.get("_last_train") or {})}
             if (job.get("_last_eval") or {}).get("step") == step:

@@ -1,0 +1,239 @@
+"""Every request body and query of `tunejob serve`, as pydantic models with OpenAI's limits.
+
+`parse(Model, value)` is the one door: a value that does not fit is a 400 in OpenAI's error shape
+whose `param` names the field (`hyperparameters.n_epochs`, `messages.0.role`), never a 5xx. Models
+are strict (no "3" for 3, no "true" for true) and refuse unknown fields, as OpenAI does
+("Unrecognized request argument supplied"). tunejob's own options (`"tunejob": {...}` in a job's
+body) are checked by the job spec's own section models, so a server job and a local run accept
+the same values, plus the server's caps (ServerConfig.max_*).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+
+from tunejob.server.api import ApiError
+
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none", "is-instance", "nullable"}
+
+
+def param_of(loc: tuple) -> str | None:
+    """The request field a pydantic error location names, without pydantic's union-member tags
+    (`literal['auto']`, `constrained-int`, `function-after[...]`, `[key]`)."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or any(c in p for c in "[(-")))]
+    return ".".join(parts) or None
+
+
+def parse(model: type[BaseModel], value: object, prefix: str = ""):
+    """`value` validated as `model`, or ApiError(400) naming the first bad field and the fix."""
+    if not isinstance(value, dict):
+        raise ApiError(400, "The request body must be a JSON object", param=prefix or None)
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        err = errors[0]
+        param = ".".join(p for p in (prefix, param_of(err["loc"])) if p) or None
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"Unrecognized request argument supplied: {param}", param=param) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"Missing required parameter: '{param}'", param=param) from None
+        # a union ('auto' or an integer in 1..50) fails once per member: say all of them
+        msgs = dict.fromkeys(x["msg"] for x in errors if param_of(x["loc"]) == param_of(err["loc"]))
+        raise ApiError(400, f"Invalid value for '{param}': {'; or '.join(msgs)} (got {repr(err.get('input'))[:80]})", param=param) from None
+
+
+# ---------------------------------------------------------------- fine-tuning jobs
+
+Auto = Literal["auto"]
+Epochs = Annotated[int, Field(ge=1, le=50)]
+Batch = Annotated[int, Field(ge=1, le=256)]
+LrMultiplier = Annotated[float, Field(gt=0)]
+MetaKey = Annotated[str, StringConstraints(max_length=64)]
+MetaValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+class OpenAIHyperparameters(BaseModel):
+    model_config = _STRICT
+    n_epochs: Auto | Epochs = "auto"
+    batch_size: Auto | Batch = "auto"
+    learning_rate_multiplier: Auto | LrMultiplier = "auto"
+
+
+class SupervisedMethod(BaseModel):
+    model_config = _STRICT
+    hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
+
+
+class Method(BaseModel):
+    model_config = _STRICT
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: dict | None = None
+    reinforcement: dict | None = None
+
+    @model_validator(mode="after")
+    def _only_supervised(self):
+        if self.type != "supervised":
+            raise ValueError(f"method.type {self.type!r} is not supported by tunejob serve yet; use 'supervised'")
+        return self
+
+
+class TunejobOptions(BaseModel):
+    """`"tunejob": {...}` in a job body: sections of tunejob's job spec, checked by its models."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora: dict | None = None
+    quantization: str | None = None
+    checkpointing: dict | None = None
+    hyperparameters: dict | None = None
+
+
+class CreateFineTuningJob(BaseModel):
+    model_config = _STRICT
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    training_file: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    validation_file: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
+    hyperparameters: OpenAIHyperparameters | None = None
+    method: Method | None = None
+    suffix: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^:]*$")] | None = None
+    seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
+    metadata: Annotated[dict[MetaKey, MetaValue], Field(max_length=16)] | None = None
+    integrations: Annotated[list[dict], Field(max_length=0)] | None = None  # W&B is not wired here
+    tunejob: TunejobOptions | None = None
+
+    def openai_hyperparameters(self) -> dict:
+        """method.supervised's hyperparameters over the deprecated top-level ones, as OpenAI merges them."""
+        hp = self.hyperparameters.model_dump() if self.hyperparameters else OpenAIHyperparameters().model_dump()
+        if self.method and self.method.supervised:
+            hp.update(self.method.supervised.hyperparameters.model_dump(exclude_unset=True))
+        return hp
+
+
+class ListQuery(BaseModel):
+    """after / limit of OpenAI's list endpoints (limit default 20, 1-100)."""
+
+    model_config = ConfigDict(extra="ignore")  # query strings carry metadata[k]=v, read apart
+    after: Annotated[str, StringConstraints(max_length=256)] | None = None
+    limit: Annotated[int, Field(ge=1, le=100)] = 20
+
+
+class CheckpointQuery(ListQuery):
+    limit: Annotated[int, Field(ge=1, le=100)] = 10  # OpenAI's default for checkpoints
+
+
+class ListFilesQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    purpose: Annotated[str, StringConstraints(max_length=64)] | None = None
+    after: Annotated[str, StringConstraints(max_length=256)] | None = None
+    limit: Annotated[int, Field(ge=1, le=10_000)] = 10_000
+    order: Literal["asc", "desc"] = "desc"
+
+
+class UploadForm(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    purpose: Literal["fine-tune", "assistants", "batch", "user_data", "vision"]  # OpenAI's uploadable purposes
+
+
+# ---------------------------------------------------------------- chat completions
+
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _needs_content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs 'content'")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs 'tool_call_id'")
+        return self
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: dict[Literal["name"], str]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's CreateChatCompletionRequest, the fields a tunejob server can honour or must refuse."""
+
+    model_config = _STRICT
+    model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] | None = None  # one choice per request here
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: Annotated[str, StringConstraints(max_length=256)] | Annotated[list[str], Field(max_length=4)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
+    user: str | None = None
+    store: bool | None = None
+    metadata: Annotated[dict[MetaKey, MetaValue], Field(max_length=16)] | None = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_only(cls, v, info):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return v
+
+    def limit(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 256
+
+    def plain_messages(self) -> list[dict]:
+        """{role, content} with `developer` as `system` (open models' templates know no developer)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
