@@ -396,10 +396,15 @@ def test_chat_with_an_unloadable_base_model_is_a_clean_error(api):
 
 
 def test_epochs_of_a_billion_through_the_extras_are_refused(api):
+    """Each of OpenAI's limits and the server's caps, named by its param (before: 500s, or accepted)."""
     for extra, param in (({"hyperparameters": {"epochs": 1e9}}, "tunejob.hyperparameters.epochs"),
                          ({"hyperparameters": [1]}, "tunejob.hyperparameters"), ({"hyperparameters": "x"}, "tunejob.hyperparameters"),
                          ({"hyperparameters": {"max_seq_len": 10**6}}, "tunejob.hyperparameters.max_seq_len")):
         res = api.post("/v1/fine_tuning/jobs", json={"training_file": FILE_IDS["good"], "model": "default", "tunejob": extra})
+        assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text
+    for extra, param in (({"method": {"type": "dpo", "dpo": {}}}, "method"), ({"suffix": "x" * 65}, "suffix"), ({"seed": 2**31}, "seed"),
+                         ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"), ({"hyperparameters": {"batch_size": 257}}, "hyperparameters.batch_size")):
+        res = api.post("/v1/fine_tuning/jobs", json={"training_file": FILE_IDS["good"], "model": "default", **extra})
         assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text
     for field, value in (("temperature", "1"), ("top_p", "0.5"), ("temperature", 2.5), ("top_p", 1.5)):
         res = api.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "hi"}], field: value})
