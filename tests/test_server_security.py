@@ -137,3 +137,16 @@ def test_keys_come_from_the_environment_or_a_file_and_api_key_warns(tmp_path, ca
     assert "warning" not in capsys.readouterr().err
     assert load_keys(["sk-flag"], None, {}) == {"sk-flag"}
     assert "shows the key to anyone who can run `ps`" in capsys.readouterr().err
+
+
+def test_rows_of_the_old_sha256_owner_ids_move_to_the_hmac_ids(tmp_path):
+    """A data dir written before HMAC owner ids: the key's files are still its own after the upgrade."""
+    from tunejob.server.store import Store
+
+    old_owner = hashlib.sha256(KEY.encode()).hexdigest()[:32]
+    store = Store(tmp_path / "data")
+    store.file_path("file-old").write_bytes(b"x")
+    store.add_file(old_owner, "old.jsonl", "user_data", 1, "processed", None, "file-old")
+    store.close()
+    app = create_app(ServerConfig(data_dir=tmp_path / "data", api_keys={KEY}))
+    assert [f["id"] for f in TestClient(app, headers={"Authorization": f"Bearer {KEY}"}).get("/v1/files").json()["data"]] == ["file-old"]

@@ -24,7 +24,7 @@ def router(state: ServerState) -> APIRouter:
         base_path, adapter = resolve_chat_model(state, owner(request), name)
         state.model_cache = state.model_cache or inference.ModelCache()
         model, tokenizer = state.model_cache.get(base_path, adapter)
-        args = dict(max_tokens=req.limit(), temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        args = req.sampling()
         if req.stream:
             def events():
                 for chunk in inference.stream(model, tokenizer, messages, name, **args):
