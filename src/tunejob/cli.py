@@ -219,11 +219,15 @@ def serve(
     default_model: Annotated[str, typer.Option(help="Base model for 'default' and for OpenAI model ids.")] = "default",
     model: Annotated[Optional[list[str]], typer.Option("--model", help="Another base model: NAME=PATH (repeatable).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
+    train_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of a training job (default: the cores minus chat's share).")] = None,
+    chat_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of chat generation (default: a quarter of the cores, at least 1, while a job trains; all when none does).")] = None,
+    chat_queue: Annotated[int, typer.Option(min=1, help="Chat requests waiting or generating before new ones get 429.")] = 8,
 ) -> None:
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
 
-    _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb)
+    _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb,
+           train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue)
 
 
 @app.command()

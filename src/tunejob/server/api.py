@@ -24,6 +24,9 @@ class ServerConfig:
     default_model: str = "default"
     models: dict[str, str] = field(default_factory=dict)  # extra base models: name -> path
     max_upload_bytes: int = 512 * 2**20
+    train_threads: int | None = None  # torch threads of a training child (None: train.threads.budget)
+    chat_threads: int | None = None  # torch threads of chat generation while a job trains (None: the budget's)
+    chat_queue: int = 8  # chat requests waiting or generating before 429 (server/generation.py)
 
 
 class ApiError(Exception):

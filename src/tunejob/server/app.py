@@ -55,7 +55,7 @@ def _add_key_check(app: FastAPI, config: ServerConfig) -> None:
 def create_app(config: ServerConfig) -> FastAPI:
     store = Store(config.data_dir)
     base_models = {"default": config.default_model, "smollm2-135m-instruct": config.default_model, **config.models}
-    worker = Worker(store, base_models)
+    worker = Worker(store, base_models, train_threads=config.train_threads, chat_threads=config.chat_threads)
     state = ServerState(config, store, worker, base_models)
 
     app = FastAPI(title="tunejob", docs_url=None, redoc_url=None)

@@ -26,7 +26,8 @@ def load_keys(keys: list[str], keys_file: Path | None) -> set[str]:
 
 
 def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path | None, default_model: str,
-          models: list[str], max_upload_mb: float) -> None:
+          models: list[str], max_upload_mb: float, train_threads: int | None = None, chat_threads: int | None = None,
+          chat_queue: int = 8) -> None:
     import uvicorn
 
     from tunejob.server.app import ServerConfig, create_app
@@ -38,7 +39,8 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
             raise TunejobError(f"--model {item!r}: write it as NAME=PATH")
         extra[name] = path
     config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
-                          models=extra, max_upload_bytes=int(max_upload_mb * 2**20))
+                          models=extra, max_upload_bytes=int(max_upload_mb * 2**20), train_threads=train_threads,
+                          chat_threads=chat_threads, chat_queue=chat_queue)
     print(f"tunejob serve: http://{host}:{port}/v1 (data in {data_dir}, {len(config.api_keys)} key(s))", file=sys.stderr, flush=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
 
