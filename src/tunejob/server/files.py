@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from tunejob.server.api import ApiError, ServerState, owner, page
@@ -49,7 +50,7 @@ def router(state: ServerState) -> APIRouter:
                     raise ApiError(413, f"File too large: over {limit:,} bytes", code="file_too_large")
                 out.write(chunk)
         tmp.replace(path)
-        status, details = validation_status(path) if purpose == "fine-tune" else ("processed", None)
+        status, details = await run_in_threadpool(validation_status, path) if purpose == "fine-tune" else ("processed", None)
         return store.add_file(owner(request), safe_filename(upload_file.filename), purpose, size, status, details, file_id)
 
     @api.get("/v1/files")
