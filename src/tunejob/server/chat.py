@@ -80,8 +80,8 @@ async def _result(gen: Generation, request: Request) -> inference.ChatResult:
         while True:
             event = await gen.next_event(POLL_S)
             if event is None:
-                if await request.is_disconnected():
-                    raise asyncio.CancelledError
+                if await request.is_disconnected():  # nobody reads the answer: 499 as nginx logs it
+                    raise ApiError(499, "the client closed the request", code="client_closed_request")
                 continue
             kind, value = event
             if kind == "error":
