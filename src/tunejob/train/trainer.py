@@ -246,9 +246,9 @@ def _loop(run: Run, stream: Stream) -> str:
     run.model.train()
     started = time.time() - state["elapsed_s"]
     step = state["step"]
+    if run.stop and run.stop.agreed(run.world):  # asked while loading: the last checkpoint holds it all
+        return "stopped"
     while step < run.total_steps:
-        if run.stop and run.stop.agreed(run.world):  # asked before any new step: the last checkpoint holds it all
-            return "stopped"
         step += 1
         record = _train_step(run, step)
         if record["kind"] != "train":
