@@ -42,6 +42,13 @@ def test_serve_latency_smoke(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
+def test_serve_load_smoke(tmp_path, tiny_model):
+    r = json.loads(run_bench("serve_load.py", tmp_path / "l.json", "--model", str(tiny_model), "--clients", "2", "--seconds", "3",
+                             "--max-seq-len", "128", "--stream-tokens", "8", "--chat-tokens", "2"))
+    assert r["server_errors_5xx"] == 0 and r["latency"] and set(r["training_tokens_per_s"]) == {"alone", "under_load", "under_load_vs_alone"}
+
+
+@pytest.mark.slow
 def test_profile_step_smoke(tmp_path, tiny_model):
     text = run_bench("profile_step.py", tmp_path / "p.txt", "--model", str(tiny_model), "--steps", "1", "--examples", "16", "--max-len", "128", timeout=300)
     # the phase lines ("forward     1.23   45.6%"); the operator table below names the phases too

@@ -145,7 +145,7 @@ def test_files_events_checkpoints_models_and_streaming(server, tmp_path):
     answer = c.chat.completions.create(model=ck.fine_tuned_model_checkpoint, messages=[{"role": "user", "content": "alpha beta"}], max_tokens=6)
     assert answer.choices[0].finish_reason in ("stop", "length")
     pieces = list(c.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "alpha"}], max_tokens=6, stream=True))
-    assert pieces[0].choices[0].delta.role == "assistant" and pieces[-1].choices[0].finish_reason == "stop"
+    assert pieces[0].choices[0].delta.role == "assistant" and pieces[-1].choices[0].finish_reason in ("stop", "length")
 
     assert [j.id for j in c.fine_tuning.jobs.list()][:1] == [job.id]
     assert c.files.delete(f_val.id).deleted is True

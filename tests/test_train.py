@@ -149,15 +149,35 @@ def _wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model):
-    data = write_chat_data(tmp_path / "d.jsonl", 60)
-    extra = ("hyperparameters: {epochs: 3, batch_size: 4, learning_rate: 0.01, max_seq_len: 64}\n"
-             "lora: {r: 8, dropout: 0.1}\ncheckpointing: {eval_steps: 4, save_steps: 4, early_stopping_patience: null}\n")
-    ref_out, out = tmp_path / "ref", tmp_path / "killed"
-    ref = run_cli("run", str(write_spec(tmp_path / "ref.yaml", tiny_model, data, ref_out, extra)))
-    assert ref.returncode == 0, ref.stderr
+RESUME_EXTRA = ("hyperparameters: {epochs: 3, batch_size: 4, learning_rate: 0.01, max_seq_len: 64}\n"
+                "lora: {r: 8, dropout: 0.1}\ncheckpointing: {eval_steps: 4, save_steps: 4, early_stopping_patience: null}\n")
 
-    spec = write_spec(tmp_path / "job.yaml", tiny_model, data, out, extra)
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
+    """(data, run dir) of the 36-step run the interrupted-and-resumed runs must reproduce."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    data = write_chat_data(tmp / "d.jsonl", 60)
+    ref = run_cli("run", str(write_spec(tmp / "ref.yaml", tiny_model, data, tmp / "ref", RESUME_EXTRA)))
+    assert ref.returncode == 0, ref.stderr
+    return data, tmp / "ref"
+
+
+def _assert_same_run(out: Path, ref_out: Path) -> None:
+    got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+    want = {r["step"]: r for r in read_metrics(ref_out / "metrics.jsonl") if r["kind"] == "train"}
+    assert sorted(got) == sorted(want) == list(range(1, 37))
+    for step in want:
+        assert abs(got[step]["train_loss"] - want[step]["train_loss"]) < 1e-4, step
+    a = load_file(str(ref_out / "checkpoints" / "step-000036" / "adapter_model.safetensors"))
+    b = load_file(str(out / "checkpoints" / "step-000036" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_model, uninterrupted):
+    data, ref_out = uninterrupted
+    out = tmp_path / "killed"
+    spec = write_spec(tmp_path / "job.yaml", tiny_model, data, out, RESUME_EXTRA)
     proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(spec)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     assert _wait_for(lambda: any(s >= 8 for s, _ in list_checkpoints(out)), 300), "no checkpoint appeared"
     os.kill(proc.pid, signal.SIGKILL)
@@ -168,14 +188,34 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, tiny_
     res = run_cli("run", str(spec))  # resumes by default: the output dir holds checkpoints
     assert res.returncode == 0, res.stderr
     assert "resuming from" in res.stderr
-    got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
-    want = {r["step"]: r for r in read_metrics(ref_out / "metrics.jsonl") if r["kind"] == "train"}
-    assert sorted(got) == sorted(want) == list(range(1, 37))
-    for step in want:
-        assert abs(got[step]["train_loss"] - want[step]["train_loss"]) < 1e-4, step
-    a = load_file(str(ref_out / "checkpoints" / "step-000036" / "adapter_model.safetensors"))
-    b = load_file(str(out / "checkpoints" / "step-000036" / "adapter_model.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    _assert_same_run(out, ref_out)
+
+
+def _train_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(path) if r["kind"] == "train"] if path.is_file() else []
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_resume_loses_no_step(tmp_path, tiny_model, uninterrupted):
+    """serve's pause and cancel send SIGTERM: the run stops after the step in flight with a checkpoint
+    of it (between save_steps), exits 143, and the resumed run repeats the uninterrupted one."""
+    data, ref_out = uninterrupted
+    out = tmp_path / "paused"
+    spec = write_spec(tmp_path / "job.yaml", tiny_model, data, out, RESUME_EXTRA)
+    proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(spec)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    assert _wait_for(lambda: any(s >= 5 for s in _train_steps(out)), 300), "training never reached step 5"
+    proc.send_signal(signal.SIGTERM)  # mid-interval: the next save_steps checkpoint is step 8
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, stderr
+    assert "stopped on request (SIGTERM)" in stderr
+    stopped_at = max(_train_steps(out))
+    assert 5 <= stopped_at < 36 and max(s for s, _ in list_checkpoints(out)) == stopped_at  # no trained step lost
+
+    res = run_cli("run", str(spec))
+    assert res.returncode == 0, res.stderr
+    assert f"(step {stopped_at})" in res.stderr  # resumed from the stop's own checkpoint
+    _assert_same_run(out, ref_out)
 
 
 def test_no_resume_refuses_to_overwrite(tmp_path, tiny_model):

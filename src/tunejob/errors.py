@@ -32,3 +32,10 @@ class PriceError(TunejobError):
 
 class BackendError(TunejobError):
     """A training backend (local, OpenAI, Bedrock) failed in a way the user can act on."""
+
+
+class Stopped(TunejobError):
+    """Training stopped on request (SIGTERM: serve's pause or cancel, a scheduler's preemption)
+    after saving a checkpoint of the last finished step; running the job again resumes it."""
+
+    exit_code = 143  # 128 + SIGTERM, the shell's code for a process ended by SIGTERM

@@ -30,6 +30,9 @@ class ServerConfig:
     max_epochs: int = 50
     max_steps: int = 10_000
     max_seq_len: int = 4096
+    train_threads: int | None = None  # torch threads of a training child (None: train.threads.budget)
+    chat_threads: int | None = None  # torch threads of chat generation while a job trains (None: the budget's)
+    chat_queue: int = 8  # chat requests waiting or generating before 429 (server/generation.py)
 
 
 class ApiError(Exception):

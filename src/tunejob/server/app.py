@@ -83,7 +83,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     for key in config.api_keys:
         store.adopt_legacy_owner(key)
     base_models = {"default": config.default_model, "smollm2-135m-instruct": config.default_model, **config.models}
-    worker = Worker(store, base_models)
+    worker = Worker(store, base_models, train_threads=config.train_threads, chat_threads=config.chat_threads)
     state = ServerState(config, store, worker, base_models)
 
     app = FastAPI(title="tunejob", docs_url=None, redoc_url=None, openapi_url=None)

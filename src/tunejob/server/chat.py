@@ -1,37 +1,147 @@
-"""/v1/chat/completions: a base model, or a fine-tuned model or checkpoint (base + its adapter)."""
+"""/v1/chat/completions: a base model, or a fine-tuned model or checkpoint (base + its adapter).
+
+The handler only parses, queues and awaits: loading and generation run on generation.py's worker
+thread. Streams follow OpenAI's chunks: the role first, content pieces, the finish reason, then
+(with stream_options.include_usage) one chunk with `choices: []` and the usage, then [DONE].
+With tools (tool_choice "auto"), the answer is generated whole before it is sent, since whether
+text is a call is known only once its </tool_call> closes: the stream then carries the content (if
+any) and each call as one tool_calls delta, then finish_reason "tool_calls".
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
+import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from tunejob.server.api import ServerState, json_body, owner
+from tunejob.server import inference
+from tunejob.server.api import ApiError, ServerState, error_response, json_body, owner
+from tunejob.server.generation import Busy, Engine, Generation
 from tunejob.server.models import resolve_chat_model
 from tunejob.server.requests import ChatCompletionRequest, parse
+from tunejob.server.store import new_id
+from tunejob.train import threads
+
+POLL_S = 1.0  # how often a waiting request checks that its client is still there
+
+
+def parse_request(body: object) -> tuple[str, inference.ChatRequest, bool, bool]:
+    """(model name, request, stream, include_usage). The body is checked by requests.py's model of
+    OpenAI's CreateChatCompletionRequest (a 400 naming the field otherwise); tool turns keep their
+    tool_calls / tool_call_id, since prompts are rendered with tools as training rendered them."""
+    req = parse(ChatCompletionRequest, body)
+    messages = []
+    for m in req.messages:
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text() if m.content is not None else None}
+        msg.update({k: v for k, v in (("name", m.name), ("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id)) if v is not None})
+        messages.append(msg)
+    if req.tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, "tool_choice: this server supports 'auto' and 'none'", param="tool_choice")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+    sampling = req.sampling()  # a temperature under 1e-4 is taken as 0 (greedy): 1e-300 overflowed the logits
+    chat = inference.ChatRequest(messages=messages, tools=tools, tool_choice=req.tool_choice or "auto", max_tokens=sampling["max_tokens"],
+                                 seed=sampling["seed"], temperature=1.0 if sampling["temperature"] is None else sampling["temperature"],
+                                 top_p=1.0 if sampling["top_p"] is None else sampling["top_p"])
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return req.model, chat, bool(req.stream), include_usage
+
+
+def busy_response(exc: Busy) -> JSONResponse:
+    response = error_response(429, f"The server is busy: {exc.pending} chat requests are waiting or generating. "
+                              f"Retry after {exc.retry_after} s.", "requests", None, "rate_limit_exceeded")
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+async def _result(gen: Generation, request: Request) -> inference.ChatResult:
+    """The finished result; cancels the generation if the client leaves (or this task is cancelled)."""
+    try:
+        while True:
+            event = await gen.next_event(POLL_S)
+            if event is None:
+                if await request.is_disconnected():  # nobody reads the answer: 499 as nginx logs it
+                    raise ApiError(499, "the client closed the request", code="client_closed_request")
+                continue
+            kind, value = event
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return value
+    finally:
+        gen.cancel()  # no-op once done
+
+
+def _chunks(gen: Generation, request: Request, name: str, include_usage: bool):
+    cid, created = new_id("chatcmpl"), int(time.time())
+
+    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+               "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if include_usage:
+            out["usage"] = usage  # null on every chunk but the last, as OpenAI sends it
+        return f"data: {json.dumps(out)}\n\n"
+
+    async def events():
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                event = await gen.next_event(POLL_S)
+                if event is None:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                kind, value = event
+                if kind == "text":
+                    yield chunk({"content": value})
+                    continue
+                if kind == "error":
+                    err = {"message": str(value) or value.__class__.__name__, "type": "server_error", "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    return
+                result: inference.ChatResult = value
+                if result.tool_calls:
+                    if result.content:
+                        yield chunk({"content": result.content})
+                    for i, call in enumerate(result.tool_calls):
+                        yield chunk({"tool_calls": [{"index": i, **call}]})
+                elif gen.request.parses_calls and result.content:  # buffered text that held no call
+                    yield chunk({"content": result.content})
+                yield chunk({}, result.finish_reason)
+                if include_usage:
+                    yield chunk(None, usage=inference.usage(result))
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            gen.cancel()  # the client closed the stream (or it ended): stop within one token
+
+    return events()
 
 
 def router(state: ServerState) -> APIRouter:
     api = APIRouter()
+    config = state.config
+    budget = threads.budget(config.train_threads, config.chat_threads)
+    engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    api.add_event_handler("shutdown", engine.stop)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        from tunejob.server import inference
-
-        req = parse(ChatCompletionRequest, await json_body(request))
-        messages, name = req.plain_messages(), req.model
+        name, chat, stream, include_usage = parse_request(await json_body(request))
         base_path, adapter = resolve_chat_model(state, owner(request), name)
-        state.model_cache = state.model_cache or inference.ModelCache()
-        model, tokenizer = state.model_cache.get(base_path, adapter)
-        args = req.sampling()
-        if req.stream:
-            def events():
-                for chunk in inference.stream(model, tokenizer, messages, name, **args):
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
-        return inference.complete(model, tokenizer, messages, name, **args)
+        gen = Generation(base_path, adapter, chat, stream, asyncio.get_running_loop())
+        try:
+            engine.submit(gen)
+        except Busy as exc:
+            return busy_response(exc)
+        if stream:
+            return StreamingResponse(_chunks(gen, request, name, include_usage), media_type="text/event-stream")
+        return inference.completion(await _result(gen, request), name)
 
     api.chat_completions = chat_completions  # the dashboard's chat box calls it in-process
+    api.engine = engine
     return api

@@ -1,7 +1,10 @@
-"""Chat completions for base models and fine-tuned ones (base + LoRA adapter), loaded on demand.
+"""Chat completions for base models and fine-tuned ones (base + LoRA adapter): the models, cached,
+and one generation from a conversation (with tools) to OpenAI's message, finish reason and usage.
 
 Models stay cached (the last few used) so a conversation does not reload weights per request.
-Generation runs under a lock: one generate() at a time on a 2-core CPU is faster than two.
+Prompts are rendered exactly as training rendered them (data.tool_calls.render_inputs: the
+template's own tool support, or the Hermes-style fallback), and generated <tool_call> blocks are
+parsed back into OpenAI tool calls. generation.py runs these calls on its one worker thread.
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from tunejob.data import tool_calls
 from tunejob.server.store import new_id
 
 CACHE_SIZE = 3
@@ -48,63 +54,128 @@ class ModelCache:
         return model, tokenizer
 
 
-_generate_lock = threading.Lock()
+@dataclass
+class ChatRequest:
+    """What one completion needs. Sampling defaults are OpenAI's (temperature 1, top_p 1);
+    temperature 0 asks for greedy decoding."""
+
+    messages: list[dict]
+    tools: list[dict] = field(default_factory=list)
+    tool_choice: str = "auto"  # "auto" or "none"
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def parses_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
 
-def _inputs(tokenizer, messages: list[dict], model_device):
-    plain = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
-    return tokenizer.apply_chat_template(plain, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model_device)
+@dataclass
+class ChatResult:
+    content: str | None
+    tool_calls: list[dict]
+    finish_reason: str  # "stop" (the model ended), "length" (max_tokens), "tool_calls", "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
 
 
-def _gen_kwargs(tokenizer, max_tokens: int, temperature: float | None, top_p: float | None, seed: int | None) -> dict:
-    kwargs = {"max_new_tokens": max_tokens, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    if temperature is not None and temperature > 0:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p if top_p is not None else 1.0)
-        if seed is not None:
-            torch.manual_seed(seed)
+def _inputs(tokenizer, request: ChatRequest, device):
+    messages, tools = tool_calls.render_inputs(tokenizer, request.messages, request.tools or None)
+    return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True).to(device)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
+
+
+def _gen_kwargs(tokenizer, request: ChatRequest, eos: set[int]) -> dict:
+    kwargs = {"max_new_tokens": request.max_tokens, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": sorted(eos)}
+    if request.temperature > 0:
+        kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=0)
+        if request.seed is not None:
+            torch.manual_seed(request.seed)  # one generation at a time (generation.py), so the seed holds
     else:
-        kwargs["do_sample"] = False
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kwargs
 
 
-def complete(model, tokenizer, messages: list[dict], model_name: str, max_tokens: int = 256,
-             temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> dict:
-    inputs = _inputs(tokenizer, messages, model.device)
-    with _generate_lock, torch.no_grad():
-        out = model.generate(**inputs, **_gen_kwargs(tokenizer, max_tokens, temperature, top_p, seed))
+def _stopping(cancelled: Callable[[], bool], counter: list[int]):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cancel(StoppingCriteria):
+        """Checked after every generated token: a client that went away stops the generation
+        within one token instead of holding the one generation slot for max_tokens."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            counter[0] += 1
+            return torch.full((input_ids.shape[0],), bool(cancelled()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Cancel()])
+
+
+def _streamer(tokenizer, on_text: Callable[[str], None]):
+    from transformers import TextStreamer
+
+    class Pieces(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return Pieces(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def generate(model, tokenizer, request: ChatRequest, on_text: Callable[[str], None] | None = None,
+             cancelled: Callable[[], bool] = lambda: False) -> ChatResult:
+    """One completion. `on_text` gets the text as it is decoded (not when calls are parsed: those
+    are known only at the end); `cancelled` is polled after every token."""
+    inputs = _inputs(tokenizer, request, model.device)
+    eos, counter = _eos_ids(model, tokenizer), [0]
+    streamer = _streamer(tokenizer, on_text) if on_text is not None and not request.parses_calls else None
+    with torch.no_grad():
+        out = model.generate(**inputs, **_gen_kwargs(tokenizer, request, eos), streamer=streamer,
+                             stopping_criteria=_stopping(cancelled, counter))
     new = out[0, inputs["input_ids"].shape[1]:]
     text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    finish = "stop" if len(new) < max_tokens or (len(new) and int(new[-1]) == tokenizer.eos_token_id) else "length"
-    prompt_tokens = int(inputs["input_ids"].shape[1])
-    return {
-        "id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "finish_reason": finish, "logprobs": None}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": int(len(new)), "total_tokens": prompt_tokens + int(len(new))},
-    }
+    ended = len(new) > 0 and int(new[-1]) in eos
+    finish = "cancelled" if cancelled() else "length" if len(new) >= request.max_tokens and not ended else "stop"
+    content, calls = tool_calls.parse_tool_calls(text) if request.parses_calls else (text, [])
+    if calls and finish != "cancelled":
+        finish = "tool_calls"
+    return ChatResult(content=content or (None if calls else ""), tool_calls=calls, finish_reason=finish,
+                      prompt_tokens=int(inputs["input_ids"].shape[1]), completion_tokens=int(len(new)))
 
 
-def stream(model, tokenizer, messages: list[dict], model_name: str, max_tokens: int = 256,
-           temperature: float | None = None, top_p: float | None = None, seed: int | None = None):
-    """chat.completion.chunk dicts, as OpenAI streams them (role first, then content pieces, then finish)."""
-    from transformers import TextIteratorStreamer
+def message(result: ChatResult) -> dict:
+    msg = {"role": "assistant", "content": result.content, "refusal": None}
+    if result.tool_calls:
+        msg["tool_calls"] = result.tool_calls
+    return msg
 
-    inputs = _inputs(tokenizer, messages, model.device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    cid, created = new_id("chatcmpl"), int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+def usage(result: ChatResult) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
 
-    def run() -> None:
-        with _generate_lock, torch.no_grad():
-            model.generate(**inputs, streamer=streamer, **_gen_kwargs(tokenizer, max_tokens, temperature, top_p, seed))
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield chunk({"role": "assistant", "content": ""})
-    for piece in streamer:
-        if piece:
-            yield chunk({"content": piece})
-    thread.join()
-    yield chunk({}, "stop")
+def completion(result: ChatResult, model_name: str) -> dict:
+    """OpenAI's chat.completion object."""
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model_name,
+            "choices": [{"index": 0, "message": message(result), "finish_reason": result.finish_reason, "logprobs": None}],
+            "usage": usage(result)}
+
+
+def complete(model, tokenizer, messages: list[dict], model_name: str, max_tokens: int = 256,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> dict:
+    """One chat.completion, generated in the calling thread (tunejob dashboard's chat, benchmarks);
+    one at a time, as in generation.py: two generate() calls on 2 cores are slower than one after the other."""
+    request = ChatRequest(messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    with _direct_lock:
+        return completion(generate(model, tokenizer, request), model_name)
+
+
+_direct_lock = threading.Lock()

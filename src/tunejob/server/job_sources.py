@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 from tunejob.monitor.metrics import read_metrics
 
@@ -175,7 +176,7 @@ class RunDirs:
 
         def run_chat() -> str:
             m, tok = self._cache.get(base_model_of(ckpt_dir), ckpt_dir)
-            out = inference.complete(m, tok, [{"role": "user", "content": message}], model, max_tokens=64)
+            out = inference.complete(m, tok, [{"role": "user", "content": message}], model, max_tokens=64, temperature=0)
             return out["choices"][0]["message"]["content"] or ""
 
         return await asyncio.get_running_loop().run_in_executor(None, run_chat)
@@ -193,6 +194,7 @@ async def chat_in_process(app: FastAPI, owner: str, model: str, message: str) ->
     request = Request(scope, receive)
     request.state.owner = owner
     try:
-        return await app.state.chat_completions(request)
+        out = await app.state.chat_completions(request)
+        return json.loads(out.body) if isinstance(out, Response) else out  # a 429 comes back as a response
     except Exception as exc:  # ApiError and friends: show the message on the page
         return {"error": {"message": getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"}}

@@ -38,7 +38,8 @@ def load_keys(keys: list[str], keys_file: Path | None, environ: dict | None = No
 
 
 def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path | None, default_model: str,
-          models: list[str], max_upload_mb: float, caps: dict | None = None) -> None:
+          models: list[str], max_upload_mb: float, caps: dict | None = None, train_threads: int | None = None,
+          chat_threads: int | None = None, chat_queue: int = 8) -> None:
     """`tunejob serve`; `caps` holds ServerConfig's max_epochs / max_steps / max_seq_len."""
     import uvicorn
 
@@ -51,7 +52,8 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
             raise TunejobError(f"--model {item!r}: write it as NAME=PATH")
         extra[name] = path
     config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
-                          models=extra, max_upload_bytes=int(max_upload_mb * 2**20), **(caps or {}))
+                          models=extra, max_upload_bytes=int(max_upload_mb * 2**20), train_threads=train_threads,
+                          chat_threads=chat_threads, chat_queue=chat_queue, **(caps or {}))
     print(f"tunejob serve: http://{host}:{port}/v1 (data in {data_dir}, {len(config.api_keys)} key(s))", file=sys.stderr, flush=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
 

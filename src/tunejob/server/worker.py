@@ -27,6 +27,12 @@ from tunejob.monitor.metrics import read_metrics
 from tunejob.server.store import Store, new_id
 
 POLL_S = 0.25
+# Pause and cancel send SIGTERM; the trainer finishes the optimizer step in flight and checkpoints
+# it before exiting. A step of the default 135M model at batch 8 is ~20 s on 2 cores at 180 real
+# tokens/s (bench/RESULTS.md), ~45 s on the 1 thread a training child gets beside chat, and the
+# checkpoint ~1-5 s more; model loading before the first step can take longer still on a cold
+# cache. Only past this does the worker kill the child (it then resumes from the checkpoint before).
+STOP_GRACE_S = 300
 ACTIVE = ("validating_files", "queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -39,10 +45,14 @@ def _die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, store: Store, base_models: dict[str, str], log=print):
+    def __init__(self, store: Store, base_models: dict[str, str], log=print, train_threads: int | None = None,
+                 chat_threads: int | None = None):
+        from tunejob.train import threads
+
         self.store = store
         self.base_models = base_models
         self.log = log
+        self.train_threads = threads.budget(train_threads, chat_threads).train  # the cores minus chat's share
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tunejob-worker", daemon=True)
         self._proc: subprocess.Popen | None = None
@@ -55,6 +65,12 @@ class Worker:
         for job in self.store.list_jobs(status="validating_files"):
             self.store.update_job(job["id"], status="queued")
         self._thread.start()
+
+    @property
+    def training(self) -> bool:
+        """Whether a training child is running now (chat then keeps to its share of the cores)."""
+        proc = self._proc
+        return proc is not None and proc.poll() is None
 
     def stop(self) -> None:
         self._stop.set()
@@ -101,9 +117,12 @@ class Worker:
         self.store.update_job(job_id, status="running", control=None)
         self.store.add_event(job_id, "Fine-tuning job started")
         log_path = self.job_dir(job_id) / "train.log"
+        from tunejob.train.threads import child_env
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **child_env(self.train_threads)}
         with log_path.open("ab") as log:
             self._proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(spec_path)], stdout=log, stderr=log,
-                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env)
         tail = _Tail(run_dir / "metrics.jsonl")
         control = None
         while True:
@@ -114,9 +133,9 @@ class Worker:
                 break
             control = (self.store.get_job(None, job_id) or {}).get("control")
             if control in ("cancel", "pause") or self._stop.is_set():
-                self._proc.send_signal(signal.SIGTERM)
+                self._proc.send_signal(signal.SIGTERM)  # the trainer checkpoints the step in flight, then exits (143)
                 try:
-                    self._proc.wait(timeout=10)
+                    self._proc.wait(timeout=10 if self._stop.is_set() else STOP_GRACE_S)
                 except subprocess.TimeoutExpired:
                     self._proc.kill()
                     self._proc.wait()

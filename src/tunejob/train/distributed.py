@@ -165,8 +165,9 @@ def run_workers(spec, spec_path: Path, overrides: list[str], resume: bool | None
     load_splits(spec)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // d.processes))
-    env = {**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": threads}
+    from tunejob.train import threads
+
+    env = {**os.environ, WORKER_ENV: "1", **threads.child_env(threads.training_threads(d.processes))}
     print(f"launching {d.processes} worker process(es) on this node ({d.world_size} in all) with accelerate; "
           f"effective batch {spec.hyperparameters.batch_size} = micro-batch x {spec.hyperparameters.gradient_accumulation} accumulation x {d.world_size} processes",
           file=sys.stderr, flush=True)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -24,13 +26,14 @@ import torch
 
 from tunejob.data.sequences import encode_examples
 from tunejob.data.splits import load_splits
-from tunejob.errors import BackendError, DataError
+from tunejob.errors import BackendError, DataError, Stopped
 from tunejob.monitor.live import make_console_sink
 from tunejob.monitor.metrics import JsonlSink, Stream, TensorBoardSink
 from tunejob.spec import JobSpec
 from tunejob.train import checkpoint as ckpt
 from tunejob.train import distributed
 from tunejob.train import resume as saved
+from tunejob.train import threads
 from tunejob.train.adapter import add_lora, count_parameters, load_model
 from tunejob.train.batches import EpochOrder, as_batch, autocast, make_collator, micro_batch_size
 from tunejob.train.loss import LossPath, evaluate
@@ -70,6 +73,7 @@ class Run:
     trainable: int
     total: int
     bf16: bool = False
+    stop: "StopRequest | None" = None
     state: dict = field(default_factory=lambda: {"step": 0, "best_step": None, "best_valid_loss": None, "evals_without_improvement": 0,
                                                  "tokens_seen": 0, "trained_tokens": 0, "elapsed_s": 0.0})
 
@@ -197,6 +201,31 @@ def _evaluate(run: Run, step: int, stream: Stream, started: float) -> bool:
     return False
 
 
+class StopRequest:
+    """SIGTERM (serve's pause and cancel, a scheduler's preemption) asks the loop to stop after
+    the optimizer step in flight, with a checkpoint of it, so a resume loses no step: stopping
+    at once lost up to save_steps - 1 steps (the default model's step is ~20-45 s on 2 cores)."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, world: distributed.World) -> bool:
+        """Whether any rank was asked to stop: every rank must stop after the same step."""
+        return distributed.sum_(world, [float(self.requested)])[0] > 0 if world.distributed else self.requested
+
+
 def _save(run: Run, step: int, new_best: bool, stop_early: bool, stream: Stream) -> None:
     cp, run_dir = run.spec.checkpointing, run.spec.run_dir
     if not (step % cp.save_steps == 0 or (new_best and cp.keep_best) or step == run.total_steps or stop_early):
@@ -217,6 +246,8 @@ def _loop(run: Run, stream: Stream) -> str:
     run.model.train()
     started = time.time() - state["elapsed_s"]
     step = state["step"]
+    if run.stop and run.stop.agreed(run.world):  # asked while loading: the last checkpoint holds it all
+        return "stopped"
     while step < run.total_steps:
         step += 1
         record = _train_step(run, step)
@@ -227,7 +258,11 @@ def _loop(run: Run, stream: Stream) -> str:
         new_best = _evaluate(run, step, stream, started)
         state["step"], state["elapsed_s"] = step, time.time() - started
         stop_early = bool(cp.early_stopping_patience) and state["evals_without_improvement"] >= cp.early_stopping_patience
-        _save(run, step, new_best, stop_early, stream)
+        stopping = bool(run.stop) and run.stop.agreed(run.world)
+        _save(run, step, new_best, stop_early or stopping, stream)
+        if stopping and not (stop_early or step == run.total_steps):
+            stream.emit({"kind": "event", "step": step, "message": f"stopped on request after step {step}; checkpoint saved, resume continues from it"})
+            return "stopped"
         if stop_early:
             stream.emit({"kind": "event", "step": step, "message": f"early stopping: no improvement in {cp.early_stopping_patience} evaluations; best is step {state['best_step']}"})
             return "early_stopping"
@@ -267,7 +302,17 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
         say(saved.finished_message(run_dir, done))
         return done
     resuming = existing is not None
+    n_threads = threads.training_threads()  # serve's worker and the distributed launch set it per process
+    threads.apply(n_threads)
+    if not world.distributed:
+        threads.warn_if_oversubscribed(n_threads, say)
+    with StopRequest() as stop:
+        return _train(spec, world, run_dir, config_yaml, resuming, existing, model_path, say, stop)
+
+
+def _train(spec: JobSpec, world, run_dir, config_yaml: str, resuming: bool, existing, model_path, say, stop: StopRequest) -> dict:
     run = _prepare(spec, world, model_path, config_yaml, say)  # data and model first: a job that cannot start writes nothing
+    run.stop = stop
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
@@ -281,6 +326,11 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
     started = time.time() - run.state["elapsed_s"]
     stop_reason = _loop(run, stream)
     state = run.state
+    if stop_reason == "stopped":
+        stream.close()
+        distributed.barrier(world)
+        raise Stopped(f"training stopped on request (SIGTERM) at step {state['step']} of {run.total_steps}; "
+                      f"its checkpoint is saved: run the job again to resume")
     stream.emit({"kind": "end", "step": state["step"], "stop_reason": stop_reason, "best_step": state["best_step"],
                  "message": f"finished: {stop_reason}, best step {state['best_step']}"})
     stream.close()

@@ -1,0 +1,26 @@
+"""train.threads: the torch-thread budget of a training child and in-process chat (pure functions)."""
+
+from __future__ import annotations
+
+import os
+
+from tunejob.train import threads
+
+
+def test_the_budget_never_gives_more_threads_than_cores():
+    # 2 cores, a job training: the child and chat get 1 each; chat alone gets both.
+    assert threads.budget(cores=2) == threads.Budget(cores=2, train=1, chat=1, chat_alone=2)
+    assert threads.budget(cores=16) == threads.Budget(cores=16, train=12, chat=4, chat_alone=16)
+    assert threads.budget(cores=1).train == threads.budget(cores=1).chat == 1  # one core cannot be split
+    assert threads.budget(train=3, chat=2, cores=8) == threads.Budget(cores=8, train=3, chat=2, chat_alone=2)
+    assert threads.budget(chat=3, cores=8).train == 5
+
+
+def test_cores_follow_the_affinity_mask_and_a_child_gets_its_share(monkeypatch):
+    assert 1 <= threads.available_cores() <= len(os.sched_getaffinity(0))
+    monkeypatch.setenv("TUNEJOB_THREADS", "3")
+    assert threads.training_threads() == 3
+    monkeypatch.delenv("TUNEJOB_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.training_threads() == 2
+    assert threads.child_env(1) == {"TUNEJOB_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
