@@ -142,3 +142,101 @@ def test_smollm2_types_stay_within_their_bounds(tmp_path, smollm2_run, kind):
     worst = max((logits_of(reference, tokenizer, p) - logits_of(back, tokenizer, p)).abs().max().item() for p in PROMPTS)
     print(f"{kind}: largest |logit difference| {worst:.2e}")
     assert worst < BOUNDS[kind]
+
+
+def _eot_of(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name one colour."}]
+
+
+def test_smollm2_chat_template_and_greedy_stop_survive_the_file(tmp_path, smollm2_run):
+    """transformers' GGUF tokenizer renders conversations as the original does, and greedy
+    generation from the file's model gives the adapter's tokens and ends at <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    from tunejob.export.gguf_model import export_gguf
+
+    ckpt, reference = smollm2_run
+    original = AutoTokenizer.from_pretrained(str(Path(yaml.safe_load((ckpt / "config.yaml").read_text())["model"])))
+    export_gguf(ckpt, tmp_path / "m.gguf", kind="f32")
+    from_file = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for messages in (CHAT, CHAT[1:], [*CHAT, {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another?"}]):
+        for prompt in (True, False):
+            want = original.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+            assert from_file.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == want
+            assert from_file(want, add_special_tokens=False).input_ids == original(want, add_special_tokens=False).input_ids
+    back = read_back(tmp_path / "m.gguf")
+    ids = original.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        want = reference.generate(input_ids=ids, max_new_tokens=48, do_sample=False, eos_token_id=_eot_of(original))[0, ids.shape[1]:]
+        got = back.generate(input_ids=ids, max_new_tokens=48, do_sample=False)[0, ids.shape[1]:]  # the file's own EOS
+    assert got.tolist() == want.tolist()
+    assert got[-1].item() == _eot_of(original) and len(got) < 48, original.decode(got)
+
+
+def test_unsupported_family_and_template_fail_in_one_line(tokenizer_dir):
+    from transformers import AutoTokenizer, GPT2Config
+
+    from tunejob.errors import ModelError
+    from tunejob.export.modelfile import template_style
+    from tunejob.export.tensors import family_of
+
+    with pytest.raises(ModelError, match=r"supports model types llama, mistral, qwen2 .*this model is 'gpt2'"):
+        family_of(GPT2Config())
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert template_style(tokenizer) == "chatml"
+    tokenizer.chat_template = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    with pytest.raises(ModelError, match="not ChatML"):
+        template_style(tokenizer)
+
+
+def test_ollama_export_writes_gguf_modelfile_and_the_create_line(tmp_path, tokenizer_dir):
+    from tunejob.export.modelfile import CHATML_TEMPLATE
+
+    base = tiny_base("llama", tmp_path / "base", tokenizer_dir)
+    data = write_chat_data(tmp_path / "train.jsonl", 6, system="Answer in capitals.")
+    ckpt, _ = adapted_checkpoint(base, tmp_path / "run" / "ckpt", data)
+    res = run_cli("export", str(ckpt), "--ollama", str(tmp_path / "ollama"), "--type", "q8_0")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "ollama"
+    assert f"ollama create ckpt -f {out / 'Modelfile'}" in res.stdout
+    text = (out / "Modelfile").read_text()
+    assert text.startswith("FROM ./model.gguf\n")
+    assert f'TEMPLATE """{CHATML_TEMPLATE}"""' in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'SYSTEM """Answer in capitals."""' in text
+    import gguf
+
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == 2
+    assert {t.tensor_type.name for t in reader.tensors} == {"Q8_0", "F32"}
+
+
+def test_gguf_adapter_holds_the_lora_delta_in_llama_cpp_layout(tmp_path, tokenizer_dir):
+    """B·A·alpha/r from the file, with transformers' GGUF loader's un-permutation, equals PEFT's delta."""
+    import gguf
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from tunejob.export.lora_gguf import write_adapter
+
+    base = tiny_base("llama", tmp_path / "base", tokenizer_dir)
+    ckpt, peft_model = adapted_checkpoint(base, tmp_path / "ckpt")
+    config = AutoConfig.from_pretrained(str(base))
+    write_adapter(ckpt, config, tmp_path / "a.gguf", "f32")
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == 8.0
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    assert len(tensors) == 2 * 7 * config.num_hidden_layers
+    unpermute = LlamaTensorProcessor(config=config.to_dict())
+    for module, gguf_name in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("down_proj", "ffn_down")):
+        layer = peft_model.base_model.model.model.layers[1]
+        lin = getattr(layer.self_attn if "proj" in module and module[0] in "qk" else layer.mlp, module)
+        want = (lin.lora_B["default"].weight @ lin.lora_A["default"].weight) * 2.0  # alpha 8 / r 4
+        got = tensors[f"blk.1.{gguf_name}.weight.lora_b"] @ tensors[f"blk.1.{gguf_name}.weight.lora_a"] * 2.0
+        got = torch.from_numpy(unpermute.process(got.numpy(), f"blk.1.{gguf_name}.weight").weights.copy())
+        assert torch.allclose(got, want.detach(), atol=1e-6), module
