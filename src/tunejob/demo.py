@@ -40,5 +40,6 @@ def run_demo(output_dir: Path, question: str, overrides: list[str]) -> dict:
 
     html_path, png = write_report(Path(summary["run_dir"]))
     _say(f"report: {html_path} (loss chart {png})")
+    _say(f"next: tunejob export {summary['run_dir']} --ollama {summary['run_dir']}/ollama   (GGUF + Modelfile for Ollama, llama.cpp)")
     _say(f"\nQ: {question}\n\n--- base model ---\n{answers['base']}\n\n--- fine-tuned ---\n{answers['fine_tuned']}\n")
     return {"summary": summary, "question": question, "answers": answers, "report": str(html_path)}
