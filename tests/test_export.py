@@ -305,3 +305,18 @@ def test_llama_cpp_reads_each_file_and_generates_the_adapters_tokens(tmp_path, t
     llm = llama_cpp.Llama(model_path=str(tmp_path / "smollm2.gguf"), n_ctx=256, n_threads=2, verbose=False)
     done = llm.create_completion(prompt, max_tokens=48, temperature=0.0, top_k=1, repeat_penalty=1.0)
     assert done["choices"][0]["finish_reason"] == "stop"  # llama.cpp's own end-of-generation check
+
+
+def test_checkpoint_choice_and_a_missing_output_fail_in_one_line(tmp_path):
+    from tunejob.errors import ModelError
+    from tunejob.export.gguf_model import choose_checkpoint
+
+    for step in (4, 8):
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step:06d}" / "state.json").write_text(json.dumps({"step": step}))
+    assert choose_checkpoint(tmp_path, "step-8") == tmp_path / "checkpoints" / "step-000008"
+    assert choose_checkpoint(tmp_path, "step-000004") == tmp_path / "checkpoints" / "step-000004"
+    with pytest.raises(ModelError, match="use best or one of: step-4, step-8"):
+        choose_checkpoint(tmp_path, "step-5")
+    res = run_cli("export", str(tmp_path))
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "--gguf OUT.gguf" in res.stderr
