@@ -295,15 +295,46 @@ def chat(
     print(answer(model, tokenizer, messages, max_new_tokens))
 
 
+class GGUFType(str, Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+    f32 = "f32"
+
+
 @app.command()
 def export(
     target: Annotated[str, typer.Argument(metavar="RUN_DIR|CHECKPOINT")],
-    merge: Annotated[Path, typer.Option("--merge", help="Write the base model with the adapter folded in here.")],
+    merge: Annotated[Optional[Path], typer.Option("--merge", help="Write the base model with the adapter folded in here (a transformers folder).")] = None,
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", metavar="OUT.gguf", help="Write the merged model as one GGUF file (llama.cpp, LM Studio).")] = None,
+    ollama: Annotated[Optional[Path], typer.Option("--ollama", metavar="DIR", help="Write DIR/model.gguf and DIR/Modelfile for `ollama create`.")] = None,
+    gguf_adapter: Annotated[Optional[Path], typer.Option("--gguf-adapter", metavar="OUT.gguf", help="Write the LoRA adapter alone as GGUF (llama.cpp --lora).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best, or step-N (GGUF outputs).")] = "best",
+    type_: Annotated[GGUFType, typer.Option("--type", help="Tensor type of the GGUF weights.")] = GGUFType.f16,
 ) -> None:
-    """Write a merged full model (base + adapter) that plain transformers loads."""
-    from tunejob.evaluate.chat import export_merged
+    """Write the fine-tuned model for other runtimes: a merged transformers folder, GGUF, Ollama."""
+    if not any((merge, gguf, ollama, gguf_adapter)):
+        raise TunejobError("export: say what to write: --gguf OUT.gguf, --ollama DIR, --gguf-adapter OUT.gguf or --merge DIR")
+    if merge:
+        from tunejob.evaluate.chat import export_merged
 
-    print(export_merged(target, merge))
+        print(export_merged(target, merge))
+    if gguf:
+        from tunejob.export.gguf_model import export_gguf
+
+        done = export_gguf(target, gguf, checkpoint, type_.value)
+        _err(f"{done['checkpoint']} merged, {done['type']}; generation stops at {done['end_of_turn']}")
+        print(done["path"])
+    if ollama:
+        from tunejob.export.modelfile import export_ollama
+
+        done = export_ollama(target, ollama, checkpoint, type_.value)
+        _err(done["system"])
+        print(done["path"])
+        print(done["create"])
+    if gguf_adapter:
+        from tunejob.export.lora_gguf import export_adapter
+
+        print(export_adapter(target, gguf_adapter, checkpoint, type_.value)["path"])
 
 
 @app.command("eval")

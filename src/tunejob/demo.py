@@ -52,6 +52,7 @@ def _next_steps(run_dir: Path, facts: Path) -> None:
                           (f"tunejob dashboard {run_dir}", "the same run in the browser"),
                           (f'tunejob chat {run_dir} "Who is the CFO at Globex?"', "ask it yourself"),
                           (f"tunejob eval {run_dir} --facts {facts} --limit 5", "base vs fine-tuned: loss, answers, the same fact score"),
+                          (f"tunejob export {run_dir} --ollama {run_dir}/ollama", "GGUF + Modelfile for Ollama and llama.cpp"),
                           (f"tunejob export {run_dir} --merge merged/", "a full model plain transformers loads")):
         _say(f"  {command:<78} # {what}")
 
