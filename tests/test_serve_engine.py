@@ -11,7 +11,6 @@ import threading
 import time
 
 import openai
-import pytest
 
 from conftest import write_chat_data
 from test_serve import KEY_A, Server, client, wait_status

@@ -35,12 +35,11 @@ def available_cores() -> int:
 
 def _cgroup_quota() -> float | None:
     """CPUs the cgroup allows (cgroup v2 cpu.max "QUOTA PERIOD", v1 cfs files), None if unlimited."""
-    for path in (Path("/sys/fs/cgroup/cpu.max"),):
-        try:
-            quota, period = path.read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
-        except (OSError, ValueError):
-            pass
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
     try:
         quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
         period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
