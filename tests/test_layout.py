@@ -113,3 +113,11 @@ def test_the_cli_starts_without_torch():
     out = subprocess.run([sys.executable, "-c", "import sys, tunejob.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    # `tunejob --help` runs main() (quiet(), typer); importing transformers there once cost 1 s
+    code = ("import sys\nfrom tunejob.cli import main\nsys.argv = ['tunejob', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, 'transformers' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stderr.split() == ["False", "False"], out.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 
 KNOWN_WARNINGS = (r".*`is_gradient_checkpointing` is deprecated.*",)
@@ -23,23 +24,27 @@ def verbose() -> bool:
     return os.environ.get("TUNEJOB_VERBOSE", "") not in ("", "0")
 
 
+ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}  # read when transformers is imported
+
+
 @contextlib.contextmanager
 def quiet():
+    """Never imports transformers itself (1 s of `tunejob --help`): environment variables cover an
+    import that happens inside, the library's own switches one that already happened."""
     if verbose():
         yield
         return
     levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
-    bars = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
-    try:
-        from transformers.utils import logging as hf_logging  # torch-free import; absent without the train extra
-
-        bars_were_on = hf_logging.is_progress_bar_enabled()
+    saved_env = {name: os.environ.get(name) for name in ENV}
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    # A transformers imported inside keeps its bars off (huggingface_hub reads the variable once, at
+    # import); one imported before gets them back on the way out.
+    bars_were_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if hf_logging is not None:
         hf_logging.disable_progress_bar()
-    except ImportError:
-        hf_logging, bars_were_on = None, False
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ.update(ENV)
     try:
         with warnings.catch_warnings():
             for pattern in KNOWN_WARNINGS:
@@ -48,9 +53,7 @@ def quiet():
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
-        if hf_logging is not None and bars_were_on:
+        for name, value in saved_env.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        if bars_were_on:
             hf_logging.enable_progress_bar()
-        if bars is None:
-            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
-        else:
-            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = bars
