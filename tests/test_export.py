@@ -132,16 +132,27 @@ def smollm2_run(tmp_path_factory):
     return ckpt, reference
 
 
-@pytest.mark.parametrize("kind", ["f16", "q8_0"])
-def test_smollm2_types_stay_within_their_bounds(tmp_path, smollm2_run, kind):
-    from transformers import AutoTokenizer
-
+@pytest.fixture(scope="module")
+def smollm2_gguf(smollm2_run, tmp_path_factory):
+    """kind -> the SmolLM2 run exported at that type, written once for all tests (~10 s each)."""
     from tunejob.export.gguf_model import export_gguf
+
+    root, written = tmp_path_factory.mktemp("smollm2-gguf"), {}
+
+    def get(kind: str) -> Path:
+        if kind not in written:
+            written[kind] = Path(export_gguf(smollm2_run[0], root / f"m-{kind}.gguf", kind=kind)["path"])
+        return written[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_smollm2_types_stay_within_their_bounds(smollm2_run, smollm2_gguf, kind):
+    from transformers import AutoTokenizer
 
     ckpt, reference = smollm2_run
     tokenizer = AutoTokenizer.from_pretrained(str(Path(yaml.safe_load((ckpt / "config.yaml").read_text())["model"])))
-    export_gguf(ckpt, tmp_path / f"m-{kind}.gguf", kind=kind)
-    back = read_back(tmp_path / f"m-{kind}.gguf")
+    back = read_back(smollm2_gguf(kind))
     worst, agree = 0.0, []
     for prompt in PROMPTS:
         want, got = logits_of(reference, tokenizer, prompt), logits_of(back, tokenizer, prompt)
@@ -158,23 +169,21 @@ def _eot_of(tokenizer) -> int:
 CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name one colour."}]
 
 
-def test_smollm2_chat_template_and_greedy_stop_survive_the_file(tmp_path, smollm2_run):
+def test_smollm2_chat_template_and_greedy_stop_survive_the_file(smollm2_run, smollm2_gguf):
     """transformers' GGUF tokenizer renders conversations as the original does, and greedy
-    generation from the file's model gives the adapter's tokens and ends at <|im_end|>."""
+    generation from the (f16) file's model gives the adapter's tokens and ends at <|im_end|>."""
     from transformers import AutoTokenizer
-
-    from tunejob.export.gguf_model import export_gguf
 
     ckpt, reference = smollm2_run
     original = AutoTokenizer.from_pretrained(str(Path(yaml.safe_load((ckpt / "config.yaml").read_text())["model"])))
-    export_gguf(ckpt, tmp_path / "m.gguf", kind="f32")
-    from_file = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    path = smollm2_gguf("f16")
+    from_file = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     for messages in (CHAT, CHAT[1:], [*CHAT, {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another?"}]):
         for prompt in (True, False):
             want = original.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
             assert from_file.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt) == want
             assert from_file(want, add_special_tokens=False).input_ids == original(want, add_special_tokens=False).input_ids
-    back = read_back(tmp_path / "m.gguf")
+    back = read_back(path)
     ids = original.apply_chat_template(CHAT, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         want = reference.generate(input_ids=ids, max_new_tokens=48, do_sample=False, eos_token_id=_eot_of(original))[0, ids.shape[1]:]
@@ -270,7 +279,7 @@ def _hf_greedy(model, prompt_ids: list[int], n: int, stop: int | None = None) ->
 
 
 @pytest.mark.slow
-def test_llama_cpp_reads_each_file_and_generates_the_adapters_tokens(tmp_path, tokenizer_dir, smollm2_run):
+def test_llama_cpp_reads_each_file_and_generates_the_adapters_tokens(tmp_path, tokenizer_dir, smollm2_run, smollm2_gguf):
     """llama.cpp (llama-cpp-python) loads every written file, tokenizes as transformers does,
     gives the PEFT model's greedy tokens, stops at <|im_end|>, and applies the GGUF adapter."""
     import llama_cpp
@@ -296,13 +305,11 @@ def test_llama_cpp_reads_each_file_and_generates_the_adapters_tokens(tmp_path, t
             export_adapter(ckpt, tmp_path / "lora.gguf", kind="f32")
             assert _llama_cpp_greedy(tmp_path / "base.gguf", prompt, 8, lora=tmp_path / "lora.gguf") == _hf_greedy(reference, prompt, 8)
 
-    ckpt, reference = smollm2_run
-    export_gguf(ckpt, tmp_path / "smollm2.gguf", kind="q8_0")
-    eot = _eot_of(tokenizer)
+    reference, path, eot = smollm2_run[1], smollm2_gguf("q8_0"), _eot_of(tokenizer)
     want = _hf_greedy(reference, prompt, 48, stop=eot)
-    got = _llama_cpp_greedy(tmp_path / "smollm2.gguf", prompt, 48, stop=eot)
+    got = _llama_cpp_greedy(path, prompt, 48, stop=eot)
     assert want[-1] == eot and got == want, (tokenizer.decode(want), tokenizer.decode(got))
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "smollm2.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
     done = llm.create_completion(prompt, max_tokens=48, temperature=0.0, top_k=1, repeat_penalty=1.0)
     assert done["choices"][0]["finish_reason"] == "stop"  # llama.cpp's own end-of-generation check
 
