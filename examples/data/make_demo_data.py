@@ -1,5 +1,6 @@
 """Builds src/tunejob/resources/demo_train.jsonl and demo_validation.jsonl: the Sales Companion
-conversations split 119 / 13 (seed 42), plus 40 short fact examples (10 paraphrases each of
+conversations: 13 held out for validation, 30 of the others for training (seed 42), plus
+40 short fact examples (10 paraphrases each of
 Globex's champion, CFO, seat count and competitor) in the training side only. The demo asks
 those facts in other words (demo_facts.jsonl).
 
@@ -66,7 +67,10 @@ def states_a_fact(example):
 
 rng = random.Random(42); idx = [i for i in range(len(base)) if not states_a_fact(base[i])]; rng.shuffle(idx)
 val_idx = set(idx[:13])
-train = [base[i] for i in range(len(base)) if i not in val_idx] + facts
+# 30 conversations keep the demo's time: 3 epochs of them plus the facts ~ 1 epoch of all 119
+rest = [i for i in range(len(base)) if i not in val_idx]
+rng.shuffle(rest)
+train = [base[i] for i in sorted(rest[:30])] + facts
 rng.shuffle(train)
 val = [base[i] for i in sorted(val_idx)]
 with open(sys.argv[2] + "/demo_train.jsonl", "w") as f:
