@@ -6,11 +6,10 @@ special tokens and chat template, for llama.cpp, Ollama, LM Studio and transform
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from tunejob.errors import ModelError
-from tunejob.export.tensors import TYPES, family_of, file_type, gguf_tensors
+from tunejob.export.tensors import TYPES, family_of, file_type, gguf_file, gguf_tensors
 
 
 def choose_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
@@ -73,23 +72,13 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, out: str | Path, kind: str
     config = model.config
     fam = family_of(config)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[fam.arch]])
-    try:
+    with gguf_file(out, fam.arch) as writer:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or out.stem)
         add_hyperparameters(writer, config, kind)
         eot = add_vocab(writer, tokenizer, tokenizer_dir, config.vocab_size)
         for tensor_name, data, qtype in gguf_tensors(model.state_dict(), config, kind):
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return eot
 
 

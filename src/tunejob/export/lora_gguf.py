@@ -9,11 +9,10 @@ the base weights; only B has those rows, so only B is permuted.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from tunejob.errors import ModelError
-from tunejob.export.tensors import family_of, permute
+from tunejob.export.tensors import family_of, gguf_file, permute
 
 PREFIX = "base_model.model."
 
@@ -51,22 +50,12 @@ def write_adapter(checkpoint_dir: Path, config, out: str | Path, kind: str = "f1
         raise ModelError("--gguf-adapter: rsLoRA / DoRA adapters have no llama.cpp equivalent; use --gguf (merged) instead")
     state = load_file(str(checkpoint_dir / "adapter_model.safetensors"))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family_of(config).arch]])
-    try:
+    with gguf_file(out, family_of(config).arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(settings["lora_alpha"]))
         for name, data, qtype in adapter_tensors(state, config, kind):
             writer.add_tensor(name, data, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -8,7 +8,10 @@ to F16, as the converter does).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -91,3 +94,24 @@ def gguf_tensors(state_dict: dict, config, kind: str):
             data = permute(data, n_head, n_kv)
         qtype = _qtype(name, data, kind)
         yield name, gguf.quants.quantize(data, qtype), qtype
+
+
+@contextlib.contextmanager
+def gguf_file(out: str | Path, arch: str):
+    """A GGUFWriter for `out` of llama.cpp architecture `arch`: written beside it and renamed into
+    place once complete, so a crash never leaves a truncated file under the final name."""
+    import gguf
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
+    try:
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
