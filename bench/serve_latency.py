@@ -37,9 +37,10 @@ KEY = "sk-bench-local"
 MESSAGES = [{"role": "user", "content": "Prep me for the Globex call."}]
 
 
-def start_server(data_dir: Path, model: str, port: int, log: Path) -> subprocess.Popen:
+def start_server(data_dir: Path, model: str, port: int, log: Path, extra: list[str] | tuple[str, ...] = ()) -> subprocess.Popen:
+    """`tunejob serve` on loopback with the bench key (serve_load.py starts it this way too)."""
     proc = subprocess.Popen([sys.executable, "-m", "tunejob", "serve", "--port", str(port), "--data-dir", str(data_dir),
-                             "--api-key", KEY, "--default-model", model], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                             "--api-key", KEY, "--default-model", model, *extra], stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", proc, timeout=120)
     except RuntimeError as exc:

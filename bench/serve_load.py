@@ -23,8 +23,6 @@ import argparse
 import http.client
 import json
 import random
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,23 +30,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from report import publish
-from tunejob.server.run import free_port, wait_until_up
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
-KEY = "sk-bench-local"
-MESSAGES = [{"role": "user", "content": "Prep me for the Globex call."}]
-
-
-def start_server(data_dir: Path, model: str, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "tunejob", "serve", "--port", str(port), "--data-dir", str(data_dir),
-                             "--api-key", KEY, "--default-model", model, *extra], stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", proc, timeout=120)
-    except RuntimeError as exc:
-        proc.kill()
-        raise SystemExit(f"{exc}:\n{log.read_text()[-2000:]}") from None
-    return proc
+from serve_latency import DATA, KEY, MESSAGES, start_server  # the same server start, key and data as the latency bench
+from tunejob.server.run import free_port
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -140,9 +140,6 @@ class UploadForm(BaseModel):
 
 # ---------------------------------------------------------------- chat completions
 
-ROLES = ("system", "user", "assistant", "developer", "tool")
-
-
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
