@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--examples", type=int, default=200)
     ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"], help="hyperparameters.mixed_precision")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -38,16 +39,18 @@ def main() -> None:
     from tunejob.data.sequences import encode_examples
     from tunejob.spec import parse_spec
     from tunejob.train.adapter import add_lora, load_model
-    from tunejob.train.batches import as_batch as _batch, batch_order, make_collator, micro_batch_size
+    from tunejob.train.batches import as_batch as _batch, autocast, batch_order, make_collator, micro_batch_size
     from tunejob.train.loss import forward_loss
+    from tunejob.train.precision import resolve
 
     model_path = args.model or str(default_model_path())
     spec = parse_spec(f"model: {model_path}\ndata: {{train: x.jsonl}}\n"
                       f"lora: {{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}, target_modules: [q_proj, v_proj]}}\n")
     tok = load_tokenizer(model_path)
-    train, _ = datasets_for(args.examples)
+    train, _ = datasets_for(args.examples, 100)
     seqs, _ = encode_examples(tok, train, args.max_len)
-    model = add_lora(spec, load_model(spec, model_path, torch.device("cpu")))
+    mixed = resolve(args.precision, "cpu")
+    model = add_lora(spec, load_model(spec, model_path, torch.device("cpu"), mixed))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
@@ -66,7 +69,7 @@ def main() -> None:
         for j in range(0, len(batch_seqs), micro):
             batch = _batch(collate, batch_seqs[j : j + micro], torch.device("cpu"))
             t0 = time.perf_counter()
-            with record_function("forward"):
+            with record_function("forward"), autocast(torch.device("cpu"), mixed == "bf16"):
                 loss, _, _ = forward_loss(model, batch)
             t1 = time.perf_counter()
             with record_function("backward"):
@@ -89,7 +92,7 @@ def main() -> None:
         for i in range(1, args.steps + 1):
             step(i, timed=True)
     total = sum(phases.values())
-    lines = [f"model {model_path}; {args.steps} profiled steps, batch 4, {tokens:,} real tokens; torch {torch.__version__}, "
+    lines = [f"model {model_path}; {'bf16' if mixed == 'bf16' else 'fp32'}; {args.steps} profiled steps, batch 4, {tokens:,} real tokens; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads", "",
              "phase       seconds   share"]
     lines += [f"{k:<10} {v:8.2f}   {100 * v / total:5.1f}%" for k, v in phases.items()]

@@ -1,27 +1,34 @@
-"""Training throughput: tunejob's local backend vs the TRL recipe a user would write instead.
+"""Training throughput, like for like: tunejob's local backend vs TRL's SFTTrainer at its best.
 
-    python bench/train_throughput.py --steps 20 --out bench/results/train_throughput.json
-    python bench/train_throughput.py --model /path/to/tiny --steps 2 --examples 16   # smoke size
+    python bench/train_throughput.py --out bench/results/train_throughput.json
+    python bench/train_throughput.py --model /path/to/tiny --train-examples 8 --held-out 8 --seeds 1   # smoke size
 
-Same base model (embedded SmolLM2-135M-Instruct by default), same data, same LoRA config
-(r=16, alpha=32, q_proj+v_proj, dropout 0.05), same effective batch (4), same learning rate and
-steps. Each configuration runs in its own process (its peak RSS is its own):
+What is held equal (the script asserts the first):
+- trained tokens: TRL gets a pre-tokenized dataset (`input_ids` + `assistant_masks`) made by
+  tunejob's own encoder, so both sides put loss on exactly the same tokens; one epoch over the same
+  training rows, so both sides train the same token count;
+- base model (embedded SmolLM2-135M-Instruct by default), LoRA r 16 / alpha 32 / q_proj+v_proj /
+  dropout 0.05, batch 4, learning rate 2e-4, cosine schedule, no warm-up, the seed;
+- no gradient checkpointing, except one row labelled as TRL's default (SFTConfig turns it on).
 
-  trl-default            SFTTrainer + LoraConfig as TRL's docs show it: pads to the longest in the batch
-  trl-padding-free       the same with SFTConfig(padding_free=True)
-  trl-padding-free-bf16  the same with bf16=True as well (autocast; pays off only where the CPU has
-                         bf16 matrix units, AMX or AVX512-BF16)
-  tunejob                tunejob.train.trainer.train (length-grouped batches, LM head at trained positions)
-  tunejob-bf16           the same with hyperparameters.mixed_precision: bf16
+Configurations (each in its own process, so its peak RSS is its own):
+  trl-default-gc   SFTTrainer as TRL's docs show it (pads to the longest; gradient checkpointing on)
+  trl-default      the same, checkpointing off
+  trl-padding-free SFTConfig(padding_free=True)
+  trl-grouped      train_sampling_strategy="group_by_length" (transformers' length-grouped sampler)
+  *-bf16           the same with bf16=True and the base loaded in bf16 (TRL's strongest CPU setting);
+                   run only where this CPU's bf16 matmul beats fp32 (AMX / AVX512-BF16)
+  tunejob-fp32     mixed_precision: no
+  tunejob-bf16     mixed_precision: bf16 (frozen base stored in bf16)
+  tunejob-auto     the default; resolves per machine (train/precision.py), recorded in the report
 
-Loss is on the answer only for every configuration: TRL gets prompt/completion pairs
-(completion_only_loss), tunejob masks to assistant turns. The final validation loss of every
-configuration is computed afterwards by one shared evaluator on the same held-out split.
-Reported: real (non-padding) tokens per second, padding fraction, peak RSS, final validation loss,
-and model FLOPs utilisation (MFU) against this CPU's GEMM peak, measured first (fp32 and bf16
-2048x2048 matmuls, best of 5; bf16 at 512 when it is far slower than fp32). Model FLOPs per real token are counted the same for every
-configuration: 4 x parameters (forward 2N, backward to the activations 2N; frozen weights take no
-weight gradient; the LoRA matrices are too small to count), so MFU ratios equal throughput ratios.
+Held-out: whole base conversations are held out first (default 100 of the 132 Sales Companion
+ones); training rows are those left plus joins of them (2-4 conversations, 50 to ~1,000 tokens), so
+no held-out text is ever trained on. Every configuration's adapter is scored afterwards by one
+shared fp32 evaluator (tunejob.train.loss.evaluate: the model's own forward) on the held-out rows,
+next to the base model's loss. Speed is the sum of the optimizer steps' times (both sides: batch in,
+optimizer stepped), so loading, the final evaluation and saving are outside it.
+Model FLOPs per real token: 4 x parameters (forward 2N, backward to the activations 2N).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,35 +51,147 @@ from report import publish
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
+LR, BATCH = 2e-4, 4
+TRL = ("trl-default-gc", "trl-default", "trl-padding-free", "trl-grouped", "trl-default-bf16", "trl-padding-free-bf16", "trl-grouped-bf16")
+TUNEJOB = ("tunejob-fp32", "tunejob-bf16", "tunejob-auto")
 
 
-def datasets_for(n_examples: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Sales Companion examples, plus variable-length ones (50 to ~1,000 tokens) made by joining
-    several of its conversations, so lengths spread like real chat data."""
+def datasets_for(n_train: int, n_held: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): held-out base conversations first, joins within each side."""
     base = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
     rng = random.Random(seed)
-    extra = []
-    for _ in range(len(base)):
-        k = rng.choice([1, 1, 2, 3, 4])
-        parts = rng.sample(base, k)
+    rng.shuffle(base)
+    held, pool = base[:n_held], base[n_held:]
+    rows, seen = list(pool), set()
+    while len(rows) < n_train + len(pool):
+        parts = rng.sample(pool, rng.choice([2, 2, 3, 4]))
         msgs = [parts[0]["messages"][0]] + [m for p in parts for m in p["messages"][1:]]
-        extra.append({"messages": msgs})
-    # a joined conversation can repeat a base one (k=1) or another join: tunejob refuses duplicates
-    seen, rows = set(), []
-    for row in base + extra:
-        key = json.dumps(row, sort_keys=True)
+        key = json.dumps(msgs)
         if key not in seen:
             seen.add(key)
-            rows.append(row)
+            rows.append({"messages": msgs})
     rng.shuffle(rows)
-    n_val = max(8, n_examples // 10)
-    return rows[:n_examples], rows[n_examples : n_examples + n_val]
+    return rows[:n_train], held
 
 
-def to_prompt_completion(ex: dict) -> dict:
-    msgs = ex["messages"]
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    return {"prompt": msgs[:last], "completion": [msgs[last]]}
+def encoded(model_path: str, rows: list[dict], max_len: int):
+    from tunejob.data.sequences import encode_examples
+    from tunejob.train.models import load_tokenizer
+
+    tok = load_tokenizer(model_path)
+    seqs, _ = encode_examples(tok, rows, max_len)
+    return tok, seqs
+
+
+# ------------------------------------------------------------------ the two sides
+
+
+def run_trl(model_path: str, train: list[dict], max_len: int, config: str, seed: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    bf16 = config.endswith("-bf16")
+    tok, seqs = encoded(model_path, train, max_len)
+    ds = Dataset.from_list([{"input_ids": s.input_ids, "assistant_masks": [int(l != -100) for l in s.labels]} for s in seqs])
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+                     lr_scheduler_type="cosine", warmup_steps=0, max_length=None, logging_steps=1, save_strategy="no",
+                     report_to="none", padding_free="padding-free" in config, gradient_checkpointing=config == "trl-default-gc",
+                     train_sampling_strategy="group_by_length" if "grouped" in config else "random",
+                     seed=seed, data_seed=seed, dataloader_num_workers=0, bf16=bf16, use_cpu=not torch.cuda.is_available())
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"], task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
+    counted = {"real": 0, "processed": 0, "trained": 0}
+    collate = trainer.data_collator
+
+    def counting(batch):
+        out_batch = collate(batch)
+        counted["real"] += sum(len(b["input_ids"]) for b in batch)
+        counted["processed"] += int(out_batch["input_ids"].numel())
+        counted["trained"] += int((out_batch["labels"] != -100).sum())
+        return out_batch
+
+    class StepClock(TrainerCallback):
+        seconds, t0 = 0.0, 0.0
+
+        def on_step_begin(self, *a, **k):
+            StepClock.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            StepClock.seconds += time.perf_counter() - StepClock.t0
+
+    trainer.data_collator = counting
+    trainer.add_callback(StepClock)
+    trainer.train()
+    trainer.model.save_pretrained(out / "adapter")
+    return {"seconds": StepClock.seconds, "real_tokens": counted["real"], "processed_tokens": counted["processed"],
+            "trained_tokens": counted["trained"], "adapter": str(out / "adapter"), "precision": "bf16" if bf16 else "no"}
+
+
+def run_tunejob(model_path: str, train: list[dict], held: list[dict], max_len: int, config: str, seed: int, out: Path) -> dict:
+    from tunejob.data.dataset import write_jsonl
+    from tunejob.monitor.metrics import read_metrics
+    from tunejob.spec import parse_spec
+    from tunejob.train.trainer import train as tj_train
+
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "val.jsonl", held[:1])  # the in-loop evaluation is not timed; the shared evaluator scores all
+    mp = {"tunejob-fp32": "no", "tunejob-bf16": "bf16", "tunejob-auto": "auto"}[config]
+    spec = parse_spec(
+        f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"
+        f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, epochs: 1, max_seq_len: {max_len}, warmup: 0, "
+        f"mixed_precision: {mp}, seed: {seed}}}\n"
+        f"lora: {{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}, target_modules: [q_proj, v_proj]}}\n"
+        "checkpointing: {eval_steps: 100000, save_steps: 100000, early_stopping_patience: null}\n"
+    )
+    summary = tj_train(spec, say=lambda m: None)
+    seconds, prev = 0.0, 0
+    for r in read_metrics(out / "run" / "metrics.jsonl"):
+        if r["kind"] == "train":  # per-step tokens / per-step rate = the step's own time
+            seconds += (r["tokens_seen"] - prev) / r["tokens_per_second"]
+            prev = r["tokens_seen"]
+    processed = round(summary["tokens_seen"] / (1 - summary["padding_fraction"])) if summary.get("padding_fraction") is not None else None
+    return {"seconds": seconds, "real_tokens": summary["tokens_seen"], "processed_tokens": processed,
+            "trained_tokens": summary["trained_tokens"], "adapter": str(out / "run" / "best"), "precision": summary["mixed_precision"]}
+
+
+def held_out_loss(model_path: str, adapter: str | None, held: list[dict], max_len: int) -> float:
+    """One evaluator for every configuration (and the base): fp32 weights, assistant-token loss."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunejob.train.batches import make_collator
+    from tunejob.train.loss import evaluate
+
+    tok, seqs = encoded(model_path, held, max_len)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    seqs.sort(key=lambda s: len(s.input_ids))  # length-sorted batches: little padding, same loss
+    loss, _ = evaluate(model, seqs, make_collator(tok.pad_token_id), 4, torch.device("cpu"))
+    return loss
+
+
+def child(args) -> None:
+    train, held = datasets_for(args.train_examples, args.held_out)
+    if args.child == "base":
+        print("RESULT " + json.dumps({"final_valid_loss": held_out_loss(args.model, None, held, args.max_len)}))
+        return
+    runner = run_tunejob if args.child.startswith("tunejob") else None
+    if runner:
+        r = run_tunejob(args.model, train, held, args.max_len, args.child, args.seed, args.workdir)
+    else:
+        r = run_trl(args.model, train, args.max_len, args.child, args.seed, args.workdir)
+    r["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    r["final_valid_loss"] = held_out_loss(args.model, r.pop("adapter"), held, args.max_len)
+    print("RESULT " + json.dumps(r))
+
+
+# ------------------------------------------------------------------ the run
 
 
 def gemm_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
@@ -81,14 +201,12 @@ def gemm_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)
-    best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def model_parameters(model_path: str) -> int:
@@ -100,150 +218,98 @@ def model_parameters(model_path: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_trl(model_path: str, train: list[dict], steps: int, max_len: int, padding_free: bool, out: Path, bf16: bool = False) -> dict:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
-    ds = Dataset.from_list([to_prompt_completion(ex) for ex in train])
-    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=4, max_steps=steps, learning_rate=2e-4,
-                     # padding-free does not truncate: TRL asks for max_length=None (our examples stay under 1,024)
-                     max_length=None if padding_free else max_len, logging_steps=1, save_strategy="no", report_to="none", padding_free=padding_free,
-                     seed=42, dataloader_num_workers=0, bf16=bf16,  # TRL's default bf16 is for GPUs; on CPU fp32 unless asked
-                     use_cpu=not torch.cuda.is_available())
-    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
-    counted = {"real": 0, "processed": 0}
-    collate = trainer.data_collator
-
-    def counting(batch):
-        out_batch = collate(batch)
-        counted["real"] += sum(len(b["input_ids"]) for b in batch)
-        counted["processed"] += int(out_batch["input_ids"].numel())
-        return out_batch
-
-    trainer.data_collator = counting
-    t = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t
-    trainer.model.save_pretrained(out / "adapter")
-    return {"seconds": seconds, "real_tokens": counted["real"], "processed_tokens": counted["processed"]}
+def spawn(args, config: str, seed: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, __file__, "--child", config, "--workdir", d, "--model", args.model, "--seed", str(seed),
+               "--train-examples", str(args.train_examples), "--held-out", str(args.held_out), "--max-len", str(args.max_len)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{config} (seed {seed}) failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[7:])
 
 
-def run_tunejob(model_path: str, train: list[dict], val: list[dict], steps: int, max_len: int, out: Path, bf16: bool = False) -> dict:
-    from tunejob.data.dataset import write_jsonl
-    from tunejob.spec import parse_spec
-    from tunejob.train.trainer import train as tj_train
+def summarise(runs: list[dict], n_params: int, peak: dict) -> dict:
+    """Mean and spread (half of max - min) over seeds, and MFU against the run's own precision."""
+    def ms(key):
+        vals = [r[key] for r in runs]
+        return {"mean": round(statistics.fmean(vals), 4), "spread": round((max(vals) - min(vals)) / 2, 4), "runs": vals}
 
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "val.jsonl", val)
-    spec = parse_spec(
-        f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"
-        f"hyperparameters: {{learning_rate: 2.0e-4, batch_size: 4, max_steps: {steps}, max_seq_len: {max_len}, warmup: 0, "
-        f"mixed_precision: {'bf16' if bf16 else 'no'}}}\n"
-        f"lora: {{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}, target_modules: [q_proj, v_proj]}}\n"
-        f"checkpointing: {{eval_steps: {steps}, save_steps: {steps}, early_stopping_patience: null}}\n"
-    )
-    summary = tj_train(spec, say=lambda m: None)
-    processed = round(summary["tokens_seen"] / (1 - summary["padding_fraction"])) if summary.get("padding_fraction") is not None else None
-    # wall_time_s includes the one evaluation at the last step; TRL's timing has none (see RESULTS.md).
-    return {"seconds": summary["wall_time_s"], "real_tokens": summary["tokens_seen"], "processed_tokens": processed,
-            "adapter": str(out / "run" / "best")}
-
-
-def final_valid_loss(model_path: str, adapter: str, val: list[dict], max_len: int) -> float:
-    """One evaluator for every configuration: assistant-token loss over the held-out split."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from tunejob.train.models import load_tokenizer
-    from tunejob.data.sequences import encode_examples
-    from tunejob.train.batches import make_collator
-    from tunejob.train.loss import evaluate
-
-    tok = load_tokenizer(model_path)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_path), adapter)
-    seqs, _ = encode_examples(tok, val, max_len)
-    loss, _ = evaluate(model, seqs, make_collator(tok.pad_token_id), 4, torch.device("cpu"))
-    return loss
-
-
-def child(config: str, model_path: str, steps: int, max_len: int, n: int, out: Path) -> None:
-    train, val = datasets_for(n)
-    if config.startswith("tunejob"):
-        r = run_tunejob(model_path, train, val, steps, max_len, out, bf16=config.endswith("-bf16"))
-        adapter = r.pop("adapter")
-    else:
-        r = run_trl(model_path, train, steps, max_len, "padding-free" in config, out, bf16=config.endswith("-bf16"))
-        adapter = str(out / "adapter")
-    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    r["final_valid_loss"] = final_valid_loss(model_path, adapter, val, max_len)
-    print("RESULT " + json.dumps(r))
+    for r in runs:
+        r["real_tokens_per_s"] = round(r["real_tokens"] / r["seconds"], 1)
+    out = {"real_tokens_per_s": ms("real_tokens_per_s"), "final_valid_loss": ms("final_valid_loss"), "peak_rss_mb": ms("peak_rss_mb"),
+           "precision": runs[0]["precision"], "trained_tokens": runs[0]["trained_tokens"], "real_tokens": runs[0]["real_tokens"]}
+    if runs[0].get("processed_tokens"):
+        out["padding_fraction"] = round(1 - runs[0]["real_tokens"] / runs[0]["processed_tokens"], 3)
+    own_peak = peak["bf16" if out["precision"] == "bf16" else "fp32"]
+    out["mfu"] = round(4 * n_params * out["real_tokens_per_s"]["mean"] / own_peak, 4)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--examples", type=int, default=200)
-    ap.add_argument("--max-len", type=int, default=2048)  # no example is truncated: padding-free TRL cannot truncate
-    ap.add_argument("--configs", default="trl-default,trl-padding-free,trl-padding-free-bf16,tunejob,tunejob-bf16",
-                    help="the -bf16 ones are skipped where this CPU's bf16 matmul is slower than fp32 (no AMX / AVX512-BF16)")
+    ap.add_argument("--train-examples", type=int, default=24, help="training rows: one epoch of batch 4 over them")
+    ap.add_argument("--held-out", type=int, default=100, help="held-out base conversations")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--max-len", type=int, default=2048)  # nothing truncated: padding-free TRL cannot truncate
+    ap.add_argument("--configs", default=",".join(TRL + TUNEJOB))
+    ap.add_argument("--gc-seeds", type=int, default=1, help="seeds for trl-default-gc (the labelled default-on row)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
         from tunejob.train.models import default_model_path
 
         args.model = str(default_model_path())
     if args.child:
-        child(args.child, args.model, args.steps, args.max_len, args.examples, args.workdir)
+        child(args)
         return
-    # bf16 first at 512: without bf16 units a 2048 matmul takes about a minute (0.3 GFLOP/s measured)
-    bf16_small = gemm_peak("bfloat16", n=512, repeats=2)
+    report = run_all(args)
+    publish(report, args.out)
+
+
+def run_all(args) -> dict:
+    bf16_small = gemm_peak("bfloat16", n=512, repeats=2)  # without bf16 units a 2048 bf16 matmul takes a minute
     peak = {"fp32": gemm_peak("float32")}
     peak["bf16"] = gemm_peak("bfloat16") if bf16_small > peak["fp32"] / 4 else bf16_small
     n_params = model_parameters(args.model)
     print(f"GEMM peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s; model {n_params:,} parameters", flush=True)
-    results, skipped = {}, {}
+    configs, skipped = [], {}
     for config in args.configs.split(","):
         if config.endswith("-bf16") and peak["bf16"] < peak["fp32"]:
-            skipped[config] = f"bf16 matmul runs at {peak['bf16'] / 1e9:.1f} GFLOP/s here vs fp32 {peak['fp32'] / 1e9:.1f}: no bf16 units on this CPU"
-            print(f"{config}: skipped ({skipped[config]})", flush=True)
-            continue
-        with tempfile.TemporaryDirectory() as d:
-            cmd = [sys.executable, __file__, "--child", config, "--workdir", d, "--model", args.model, "--steps", str(args.steps),
-                   "--examples", str(args.examples), "--max-len", str(args.max_len)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{config} failed:\n{done.stderr[-3000:]}")
-            r = json.loads(line[7:])
-            r["real_tokens_per_s"] = round(r["real_tokens"] / r["seconds"], 1)
-            if r.get("processed_tokens"):
-                r["padding_fraction"] = round(1 - r["real_tokens"] / r["processed_tokens"], 3)
-            flops = 4 * n_params * r["real_tokens_per_s"]
-            r["mfu_vs_fp32_peak"] = round(flops / peak["fp32"], 4)
-            r["mfu_vs_bf16_peak"] = round(flops / peak["bf16"], 4)
-            results[config] = r
-            print(config, json.dumps(r), flush=True)
-    base = results.get("trl-default", {}).get("real_tokens_per_s")
-    trl_best = max((r["real_tokens_per_s"] for c, r in results.items() if c.startswith("trl")), default=None)
-    for r in results.values():
-        if base:
-            r["speedup_vs_trl_default"] = round(r["real_tokens_per_s"] / base, 2)
-        if trl_best:
-            r["speedup_vs_best_trl"] = round(r["real_tokens_per_s"] / trl_best, 2)
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}", "model": args.model,
-              "gemm_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "parameters": n_params, "versions": versions(), "skipped": skipped,
-              "steps": args.steps, "examples": args.examples, "max_len": args.max_len, "effective_batch": 4, "lora": LORA, "results": results}
-    publish(report, args.out)
+            skipped[config] = f"bf16 matmul {peak['bf16'] / 1e9:.1f} GFLOP/s vs fp32 {peak['fp32'] / 1e9:.1f}: no bf16 units here"
+        else:
+            configs.append(config)
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for i in range(args.seeds):  # seed-major: slow drift of the machine touches every configuration alike
+        for config in configs:
+            if config == "trl-default-gc" and i >= args.gc_seeds:
+                continue
+            r = spawn(args, config, 42 + i)
+            runs[config].append(r)
+            print(config, 42 + i, json.dumps(r), flush=True)
+    trained = {c: {r["trained_tokens"] for r in rs} for c, rs in runs.items()}
+    assert len(set().union(*trained.values())) == 1, f"trained token counts differ between configurations: {trained}"
+    results = {c: summarise(rs, n_params, peak) for c, rs in runs.items() if rs}
+    fair = [c for c in results if c.startswith("trl") and c != "trl-default-gc"]
+    best = max(fair, key=lambda c: results[c]["real_tokens_per_s"]["mean"], default=None)
+    fastest = max(results, key=lambda c: results[c]["real_tokens_per_s"]["mean"]) if results else None
+    if best:
+        for r in results.values():
+            r["speed_vs_best_trl"] = round(r["real_tokens_per_s"]["mean"] / results[best]["real_tokens_per_s"]["mean"], 2)
+            r["memory_vs_best_trl"] = round(r["peak_rss_mb"]["mean"] / results[best]["peak_rss_mb"]["mean"], 2)
+    base_loss = spawn(args, "base", 0)["final_valid_loss"]
+    from tunejob.train.precision import resolve
+
+    return {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
+            "model": args.model, "gemm_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "parameters": n_params,
+            "auto_resolves_to": resolve("auto", "cpu"), "versions": versions(), "skipped": skipped, "seeds": args.seeds,
+            "train_examples": args.train_examples, "held_out_examples": args.held_out, "batch": BATCH, "learning_rate": LR,
+            "schedule": "cosine, no warm-up, 1 epoch", "lora": LORA, "base_model_valid_loss": round(base_loss, 4),
+            "best_fair_trl": best, "fastest": fastest, "results": results}
 
 
 def cpu_model() -> str:

@@ -17,7 +17,9 @@ def test_rerunning_a_finished_run_changes_nothing_until_the_spec_asks_for_more(t
     data = write_chat_data(tmp_path / "d.jsonl", 20)
     out = tmp_path / "run"
     spec = write_spec(tmp_path / "job.yaml", tiny_model, data, out,
-                      "hyperparameters: {epochs: 1, batch_size: 4, max_seq_len: 64}\ncheckpointing: {eval_steps: 2, save_steps: 2}\n")
+                      # no early stopping: the continued run must reach step 8 whatever its losses do
+                      "hyperparameters: {epochs: 1, batch_size: 4, max_seq_len: 64}\n"
+                      "checkpointing: {eval_steps: 2, save_steps: 2, early_stopping_patience: null}\n")
     assert run_cli("run", str(spec)).returncode == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     again = run_cli("run", str(spec))

@@ -144,12 +144,24 @@ def held_out_examples(spec, data: Path | None) -> list[dict]:
 # ---------------------------------------------------------------- models
 
 
-def load_tuned(spec, checkpoint: Path, device):
+def trained_precision(run_dir: Path) -> str:
+    """'bf16' or 'no': what the run trained (and validated) in, from its summary; 'no' for runs
+    from before mixed_precision was recorded or still running."""
+    import json
+
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text()).get("mixed_precision") or "no"
+    except (OSError, ValueError):
+        return "no"
+
+
+def load_tuned(spec, checkpoint: Path, device, precision: str = "no"):
     """(PEFT model, tokenizer), loaded the way training evaluated it, so the losses agree: fp32,
-    or the 4-bit base for a QLoRA run (a fp32 base would shift the loss by the quantisation error)."""
+    the base stored in bf16 for a bf16 run (used under autocast), or the 4-bit base for a QLoRA run
+    (a fp32 base would shift the loss by the quantisation error)."""
     from tunejob.evaluate.chat import load_for_chat
 
-    if spec.quantization != "4bit":
+    if spec.quantization != "4bit" and precision != "bf16":
         model, tokenizer = load_for_chat(checkpoint)
         return model.to(device), tokenizer
     from peft import PeftModel
@@ -159,7 +171,7 @@ def load_tuned(spec, checkpoint: Path, device):
     from tunejob.train.adapter import disable_bnb_avx512bf16, load_model
 
     base_path = base_model_of(checkpoint)
-    model = PeftModel.from_pretrained(load_model(spec, base_path, device), str(checkpoint))
+    model = PeftModel.from_pretrained(load_model(spec, base_path, device, precision), str(checkpoint))
     disable_bnb_avx512bf16(model)
     model.eval()
     return model, load_tokenizer(base_path)
@@ -254,6 +266,7 @@ def evaluate_run(
     import torch
 
     from tunejob.evaluate.chat import run_checkpoint
+    from tunejob.train.batches import autocast
 
     run_dir = Path(run_dir)
     if limit is not None and limit < 1:
@@ -271,12 +284,13 @@ def evaluate_run(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     say(f"evaluating {checkpoint} against its base on {len(examples)} held-out example(s), on {device}")
     torch.manual_seed(spec.hyperparameters.seed)
-    model, tokenizer = load_tuned(spec, checkpoint, device)
-
-    scores = loss_scores(model, tokenizer, spec, examples, device)
-    items = [pr for pr in (prompt_and_reference(ex["messages"]) for ex in examples) if pr is not None][:limit]
-    rows = answer_examples(model, tokenizer, items, max_new_tokens, say)
-    fact_recall = _fact_recall(model, tokenizer, facts, say) if facts is not None else None
+    precision = trained_precision(run_dir)
+    model, tokenizer = load_tuned(spec, checkpoint, device, precision)
+    with autocast(device, precision == "bf16"):  # the arithmetic training validated with
+        scores = loss_scores(model, tokenizer, spec, examples, device)
+        items = [pr for pr in (prompt_and_reference(ex["messages"]) for ex in examples) if pr is not None][:limit]
+        rows = answer_examples(model, tokenizer, items, max_new_tokens, say)
+        fact_recall = _fact_recall(model, tokenizer, facts, say) if facts is not None else None
     answers = summarise_answers(rows)
     models = {side: {**scores[side], **answers[side]} for side in SIDES}
     mean_prompt = mean([r["prompt_tokens"] for r in rows]) or 0.0
@@ -284,7 +298,7 @@ def evaluate_run(
 
     result = {
         "run_dir": str(run_dir), "checkpoint": str(checkpoint), "step": ckpt.read_state(checkpoint).get("step") if (checkpoint / "state.json").is_file() else None,
-        "model": spec.model, "device": str(device),
+        "model": spec.model, "device": str(device), "mixed_precision": precision,
         "data": str(data) if data else "validation split of the run",
         "examples": len(examples), "scored_examples": scores["scored_examples"], "scored_tokens": scores["scored_tokens"],
         "answered": len(rows), "max_new_tokens": max_new_tokens, "mean_prompt_tokens": mean_prompt,

@@ -105,8 +105,9 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     from tunejob.train.batches import micro_batch_size
 
     micro = micro_batch_size(batch, hp.gradient_accumulation, spec.distributed.world_size, torch.device(device))
+    mixed = _precision(hp.mixed_precision, device, spec.quantization)
     mem = estimate_memory(shape, r=spec.lora.r, target=spec.lora.target_modules, quantization=spec.quantization,
-                          dtype="bf16" if device == "cuda" else "fp32", micro_batch=micro, seq_len=seq_len,
+                          dtype="bf16" if mixed == "bf16" else "fp32", micro_batch=micro, seq_len=seq_len,
                           trained_fraction=tstats.trained_tokens / max(tstats.tokens, 1), lora_dropout=spec.lora.dropout,
                           device=device, gpu_memory_gb=gpu_memory_gb)
     train_tokens = tstats.tokens * epochs if not hp.max_steps else int(tstats.tokens * steps / max(math.ceil(len(train_seqs) / batch), 1))
@@ -118,17 +119,36 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs),
         "tokens_per_epoch": tstats.tokens, "trained_tokens_per_epoch": tstats.trained_tokens,
         "tokens_per_example": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
-        "epochs": epochs, "steps": steps, "batch_size": batch, "micro_batch": micro, "gradient_accumulation": hp.gradient_accumulation,
+        "mixed_precision": mixed, "epochs": epochs, "steps": steps, "batch_size": batch, "micro_batch": micro, "gradient_accumulation": hp.gradient_accumulation,
         "evaluations": evals, "trainable_parameters": mem.trainable_parameters, "total_parameters": mem.total_parameters,
         "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(),
         "warnings": _warnings(len(train), tstats.truncated + vstats.truncated, tstats.dropped_no_trained_tokens + vstats.dropped_no_trained_tokens, hp.max_seq_len),
     }
     if device == "cpu":
-        peak = measure_cpu_peak_flops()
-        # Measured on the demo run (2 cores): ~0.5 of the fp32 GEMM rate; evals are forward-only (~1/3).
-        seconds = estimate_seconds(shape, train_tokens, peak, 0.5) + estimate_seconds(shape, eval_tokens, peak, 0.5) / 3
-        out["time"] = {"device": "cpu", "measured_gemm_gflops": round(peak / 1e9, 1), "estimated_seconds": round(seconds), "assumed_efficiency": 0.5}
+        dtype = "bf16" if mixed == "bf16" else "fp32"
+        peak, efficiency = measure_cpu_peak_flops(dtype), CPU_EFFICIENCY[dtype]
+        # evals are forward-only (~1/3 of a training step's FLOPs)
+        seconds = estimate_seconds(shape, train_tokens, peak, efficiency) + estimate_seconds(shape, eval_tokens, peak, efficiency) / 3
+        out["time"] = {"device": "cpu", "precision": dtype, "measured_gemm_gflops": round(peak / 1e9, 1),
+                       "estimated_seconds": round(seconds), "assumed_efficiency": efficiency}
     return out
+
+
+# Share of the GEMM peak a training step reaches on CPU (real tokens x 4 x parameters FLOPs),
+# measured by bench/train_throughput.py on SmolLM2-135M (bench/RESULTS.md).
+CPU_EFFICIENCY = {"fp32": 0.5, "bf16": 0.2}
+
+
+def _precision(setting: str, device: str, quantization: str) -> str:
+    """What the trainer will run in. A GPU plan made on a machine without one assumes bf16 for
+    'auto' (every GPU of the last generations has it); otherwise the trainer's own rule."""
+    from tunejob.train.precision import resolve
+
+    import torch
+
+    if setting == "auto" and device == "cuda" and not torch.cuda.is_available():
+        return "bf16"
+    return resolve(setting, device, quantization)
 
 
 def _warnings(n_train: int, truncated: int, dropped: int, max_len: int | None = None) -> list[str]:

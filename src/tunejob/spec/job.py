@@ -53,8 +53,9 @@ class Hyperparameters(_Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: PositiveFloat = Field(1.0, description="Clip the global gradient norm to this (TRL and transformers default 1.0).")
-    mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="Local backend: bf16 autocast of the forward pass (adapter and optimizer stay fp32)."
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="Local backend: 'bf16' keeps the frozen base in bf16 (adapter, optimizer and loss stay fp32); "
+        "'auto' picks bf16 where the device multiplies bf16 fast (CUDA, CPUs with AMX / AVX512-BF16), else 'no' (fp32).",
     )
     seed: int = Field(42, description="Training seed (initialisation, shuffling, dropout).")
     train_on: Literal["assistant", "all"] = Field(
@@ -225,8 +226,8 @@ def _combination_problems(spec: JobSpec) -> list[str]:
             problems.append(f"lora: the {spec.backend} service chooses its own adapter; remove the lora section or use backend 'local'")
         if hp.learning_rate != "auto" and spec.backend == "openai":
             problems.append("hyperparameters.learning_rate: OpenAI takes learning_rate_multiplier instead; set that (or 'auto')")
-        if hp.mixed_precision != "no":
-            problems.append(f"hyperparameters.mixed_precision: the {spec.backend} service picks its own precision; remove it or use backend 'local'")
+        if hp.mixed_precision == "bf16":
+            problems.append(f"hyperparameters.mixed_precision: the {spec.backend} service picks its own precision; use 'auto' or backend 'local'")
         if spec.model == "default":
             example = "gpt-4o-mini-2024-07-18" if spec.backend == "openai" else "amazon.nova-micro-v1:0:128k"
             problems.append(f"model: name the {spec.backend} base model to fine-tune, e.g. {example}")

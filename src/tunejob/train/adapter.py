@@ -20,16 +20,17 @@ def disable_bnb_avx512bf16(model) -> int:
     return n
 
 
-def load_model(spec: JobSpec, model_path: str, device: torch.device):
-    return load_base(model_path, spec.quantization, device)
+def load_model(spec: JobSpec, model_path: str, device: torch.device, precision: str = "no"):
+    return load_base(model_path, spec.quantization, device, torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
-def load_base(model_path: str, quantization: str, device: torch.device):
-    """The frozen base as training sees it: fp32, or NF4 with double quantization for QLoRA (an
-    adapter trained on the 4-bit base answers on the 4-bit base, not on weights it never saw)."""
+def load_base(model_path: str, quantization: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The frozen base as training sees it: fp32 or bf16 (cast once here, so autocast has nothing
+    to re-cast at every step), or NF4 with double quantization for QLoRA (an adapter trained on the
+    4-bit base answers on the 4-bit base, not on weights it never saw)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": torch.float32}
+    kwargs: dict = {"dtype": dtype}
     if quantization == "4bit":
         from transformers import BitsAndBytesConfig
 

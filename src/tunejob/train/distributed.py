@@ -133,12 +133,20 @@ def check_strategy(strategy: str, size: int) -> None:
 # ---------------------------------------------------------------- launching
 
 
+def _precision(spec) -> str:
+    """'auto' resolved for the workers' devices: accelerate knows only 'no' / 'bf16' / 'fp16'.
+    The launch is --multi_gpu, so the workers train on CUDA; this resolves on the launching node."""
+    from tunejob.train.precision import resolve
+
+    return resolve(spec.hyperparameters.mixed_precision, "cuda", spec.quantization)
+
+
 def launch_command(spec, spec_path: Path, overrides: list[str], resume: bool | None) -> list[str]:
     """The `accelerate launch` command line that runs this job's workers on this node."""
     d = spec.distributed
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(d.processes * d.nodes), "--num_machines", str(d.nodes), "--machine_rank", str(d.node_rank),
-           "--main_process_port", str(d.main_process_port), "--mixed_precision", spec.hyperparameters.mixed_precision, "--dynamo_backend", "no"]
+           "--main_process_port", str(d.main_process_port), "--mixed_precision", _precision(spec), "--dynamo_backend", "no"]
     if d.nodes > 1:
         cmd += ["--main_process_ip", str(d.main_process_ip)]
     cmd += ["-m", "tunejob", "run", str(spec_path)]
@@ -206,7 +214,7 @@ def accelerate_config(spec, layer_class: str | None = None) -> dict:
     d = spec.distributed
     cfg = {"compute_environment": "LOCAL_MACHINE", "debug": False, "num_processes": d.processes * d.nodes, "num_machines": d.nodes,
            "machine_rank": d.node_rank, "main_process_ip": d.main_process_ip, "main_process_port": d.main_process_port,
-           "mixed_precision": spec.hyperparameters.mixed_precision, "rdzv_backend": "static", "same_network": True, "use_cpu": False,
+           "mixed_precision": _precision(spec), "rdzv_backend": "static", "same_network": True, "use_cpu": False,
            "downcast_bf16": "no", "gpu_ids": "all", "main_training_function": "main", "enable_cpu_affinity": False}
     accumulation = spec.hyperparameters.gradient_accumulation
     if d.strategy == "ddp":

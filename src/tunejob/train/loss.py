@@ -22,8 +22,8 @@ Paths, best first (`choose_path` picks one per model, `forward_loss` runs it):
                costs the head and a (B, T, vocab) float tensor at every position.
 
 Every candidate except "full" is checked once against the unsliced forward (`model(...).logits`)
-on a small slice of a real batch, in eval mode and without autocast (no RNG drawn, so resumed runs
-replay identically); the first that agrees within `tolerance` wins, else "full".
+on a small slice of a real batch, in eval mode and without autocast unless the weights are bf16 (no
+RNG drawn, so resumed runs replay identically); the first that agrees within `tolerance` wins, else "full".
 """
 from __future__ import annotations
 
@@ -161,6 +161,12 @@ def _check_batch(batch: dict, max_tokens: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
+def stored_bf16(model) -> bool:
+    """Whether the frozen base is stored in bf16 (mixed_precision bf16): such a model is always run
+    under bf16 autocast, so training, its validation and `tunejob eval` do the same arithmetic."""
+    return base_of(model).get_output_embeddings().weight.dtype == torch.bfloat16
+
+
 def default_tolerance(model) -> float:
     dt = base_of(model).get_output_embeddings().weight.dtype
     return 1e-4 if dt in (torch.float32, torch.float64) else 1e-2
@@ -179,7 +185,9 @@ def choose_path(model, batch: dict, tolerance: float | None = None, max_tokens: 
     model.eval()  # no dropout: both forwards see the same function and no RNG is drawn
     tried = {}
     try:
-        with torch.autocast(device_type=b["input_ids"].device.type, enabled=False):
+        # fp32 weights: no autocast, the exact reference. bf16 weights (mixed_precision bf16) cannot
+        # run without it (fp32 LoRA outputs meet bf16 layers), and default_tolerance is bf16's then.
+        with torch.autocast(device_type=b["input_ids"].device.type, dtype=torch.bfloat16, enabled=stored_bf16(model)):
             ref = F.cross_entropy(_logits(model, b, mask, "full")[0].float(), targets, reduction="none")
             scale = ref.abs().mean().clamp_min(1e-6)
             for path in candidates:
@@ -234,7 +242,7 @@ def evaluate(model, sequences, collate, micro_batch: int, device, world: distrib
     model.eval()
     total_loss, total_tokens, total_correct = 0.0, 0, 0
     mine = sequences[world.rank :: world.size]
-    with torch.no_grad(), autocast(device, bf16):
+    with torch.no_grad(), autocast(device, bf16 or stored_bf16(model)):
         for i in range(0, len(mine), micro_batch):
             loss, tokens, correct = loss_path(model, as_batch(collate, mine[i : i + micro_batch], device))
             total_loss += loss.item()

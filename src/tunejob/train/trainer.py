@@ -31,7 +31,7 @@ from tunejob.monitor.live import make_console_sink
 from tunejob.monitor.metrics import JsonlSink, Stream, TensorBoardSink
 from tunejob.spec import JobSpec
 from tunejob.train import checkpoint as ckpt
-from tunejob.train import distributed
+from tunejob.train import distributed, precision
 from tunejob.train import resume as saved
 from tunejob.train import threads
 from tunejob.train.adapter import add_lora, count_parameters, load_model
@@ -117,7 +117,10 @@ def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, co
         total_steps = min(total_steps, hp.max_steps)
     warmup = int(hp.warmup * total_steps) if hp.warmup < 1 else int(hp.warmup)
 
-    model = add_lora(spec, load_model(spec, model_path, world.device))
+    mixed = precision.resolve(hp.mixed_precision, world.device, spec.quantization)
+    # bf16: the frozen base is stored in bf16; peft keeps the LoRA weights fp32 (autocast_adapter_dtype),
+    # so the optimizer state and the loss reduction (loss.forward_loss upcasts the logits) stay fp32.
+    model = add_lora(spec, load_model(spec, model_path, world.device, mixed))
     trainable, total = count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_parameters(world, params)
@@ -129,7 +132,7 @@ def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, co
                # the effective batch stays batch_size however many processes share it (the spec checks divisibility)
                micro=micro_batch_size(batch_size, hp.gradient_accumulation, world.size, world.device),
                batch_size=batch_size, total_steps=total_steps, order=order, loss_path=LossPath(say=say),
-               trainable=trainable, total=total, bf16=hp.mixed_precision == "bf16")
+               trainable=trainable, total=total, bf16=mixed == "bf16")
 
 
 def _open_stream(run: Run, resuming: bool) -> Stream:
@@ -142,12 +145,12 @@ def _open_stream(run: Run, resuming: bool) -> Stream:
     world = run.world
     per_step = f"{run.batch_size // world.size} per process, {run.micro} per forward pass" if world.distributed else f"{run.micro} per forward pass"
     plan_line = (f"training {len(run.train_seqs)} examples, validating on {len(run.val_seqs)}: {run.total_steps} steps of "
-                 f"{run.batch_size} ({per_step}), {run.spec.resolved_epochs()} epoch(s), on {run.device}")
+                 f"{run.batch_size} ({per_step}), {run.spec.resolved_epochs()} epoch(s), on {run.device} in {'bf16' if run.bf16 else 'fp32'}")
     run.say(plan_line)
     # The run's shape in the stream itself, so readers (dashboard, watch) need no log parsing.
     stream.emit({"kind": "start", "step": step, "total_steps": run.total_steps, "train_examples": len(run.train_seqs),
                  "validation_examples": len(run.val_seqs), "trainable_parameters": run.trainable, "total_parameters": run.total,
-                 "message": plan_line})
+                 "mixed_precision": "bf16" if run.bf16 else "no", "message": plan_line})
     return stream
 
 
@@ -280,6 +283,7 @@ def _summary(run: Run, stop_reason: str, wall: float) -> dict:
         "tokens_per_second": round(state["tokens_seen"] / max(state["elapsed_s"], 1e-9), 1),
         "peak_memory_mb": round(peak_memory_mb(run.device), 1), "trainable_parameters": run.trainable, "total_parameters": run.total,
         "train_examples": len(run.train_seqs), "validation_examples": len(run.val_seqs), "device": str(run.device),
+        "mixed_precision": "bf16" if run.bf16 else "no",
         "loss_path": run.loss_path.choice.path if run.loss_path.choice else None,
     }
     if run.world.distributed:

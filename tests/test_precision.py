@@ -1,0 +1,99 @@
+"""mixed_precision: 'auto' resolves per machine; bf16 keeps the frozen base in bf16 and the adapter,
+optimizer and loss in fp32, and trains to the fp32 run's validation loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, write_chat_data
+from tunejob.errors import SpecError
+from tunejob.monitor.metrics import read_metrics
+from tunejob.spec import parse_spec
+from tunejob.train import precision
+
+
+def test_explicit_settings_pass_through_and_auto_follows_the_device(monkeypatch):
+    assert precision.resolve("no", "cpu") == "no" and precision.resolve("bf16", "cpu") == "bf16"
+    if not torch.cuda.is_available():
+        assert precision.resolve("auto", "cuda") == "no"  # no GPU here: nothing to be fast on
+    # QLoRA on CPU: bitsandbytes' NF4 kernels compute in fp32 (train/adapter.py), whatever the CPU
+    assert precision.resolve("auto", "cpu", quantization="4bit") == "no"
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])  # a CPU without bf16 units
+    monkeypatch.setattr(precision, "measure_cpu", lambda: pytest.fail("no bf16 flags: nothing to measure"))
+    assert precision.resolve("auto", "cpu") == "no"
+
+
+def test_the_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
+    cache = tmp_path / "precision.json"
+    first = precision.cached_cpu_probe(["avx512_bf16"], cache)
+    assert first["bf16_fast"] == (first["bf16_gflops"] >= precision.BF16_MIN_RATIO * first["fp32_gflops"])
+    monkeypatch.setattr(precision, "measure_cpu", lambda: pytest.fail("measured again"))
+    assert precision.cached_cpu_probe(["avx512_bf16"], cache) == first
+    assert len(json.loads(cache.read_text())) == 1
+
+
+def test_this_machines_verdict_agrees_with_its_flags_and_its_measurement():
+    flags = precision.cpu_bf16_flags()
+    fast = precision.bf16_is_fast(torch.device("cpu"))
+    if not flags:
+        assert fast is False
+    else:
+        m = precision.measure_cpu()
+        # the cached verdict and a fresh measurement agree unless the ratio sits at the threshold
+        ratio = m["bf16_gflops"] / m["fp32_gflops"]
+        if abs(ratio - precision.BF16_MIN_RATIO) > 0.5:
+            assert fast == m["bf16_fast"], (m, fast)
+
+
+def test_api_backends_accept_auto_and_refuse_bf16():
+    spec = parse_spec("backend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {train: t}\n")
+    assert spec.hyperparameters.mixed_precision == "auto"
+    from tunejob.backends.openai_api import request_body
+
+    assert "mixed_precision" not in json.dumps(request_body(spec, "tag", "file-1", None))
+    with pytest.raises(SpecError) as err:
+        parse_spec("backend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {train: t}\nhyperparameters: {mixed_precision: bf16}\n")
+    assert "hyperparameters.mixed_precision" in str(err.value) and "auto" in str(err.value)
+
+
+def test_bf16_stores_the_frozen_base_in_bf16_and_the_adapter_in_fp32(tiny_model):
+    from tunejob.train.adapter import add_lora, load_model
+
+    spec = parse_spec(f"model: {tiny_model}\ndata: {{train: t}}\nlora: {{target_modules: all-linear}}\n")
+    model = add_lora(spec, load_model(spec, str(tiny_model), torch.device("cpu"), "bf16"))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+
+
+def _final_valid_loss(run: Path) -> float:
+    return [r["valid_loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
+
+
+@pytest.mark.slow
+def test_bf16_and_auto_train_to_the_fp32_validation_loss(tmp_path, tiny_model):
+    """bf16 keeps 8 bits of mantissa: per-step losses differ in the third digit, the curves must not
+    part. Final validation loss within 2% of fp32's (lr 0.02 on the tiny model moves the loss from
+    ~8.3 to ~3: equal curves are not equal by accident); 'auto' trains in what this machine resolves."""
+    data = write_chat_data(tmp_path / "d.jsonl", 32)
+    final, summaries = {}, {}
+    for mp in ("no", "bf16", "auto"):
+        job = tmp_path / f"{mp}.yaml"
+        job.write_text(f"model: {tiny_model}\ndata: {{train: {data}, val_fraction: 0.25}}\noutput_dir: {tmp_path / mp}\n"
+                       f"hyperparameters: {{epochs: 3, batch_size: 4, learning_rate: 0.02, max_seq_len: 64, warmup: 0, mixed_precision: '{mp}'}}\n"
+                       "lora: {r: 4, dropout: 0.0}\ncheckpointing: {eval_steps: 3, save_steps: 3, early_stopping_patience: null}\n")
+        res = run_cli("run", str(job))
+        assert res.returncode == 0, res.stderr
+        summaries[mp] = json.loads(res.stdout)
+        final[mp] = _final_valid_loss(tmp_path / mp)
+    assert summaries["no"]["mixed_precision"] == "no" and summaries["bf16"]["mixed_precision"] == "bf16"
+    assert summaries["auto"]["mixed_precision"] == precision.resolve("auto", "cpu")
+    assert final["bf16"] != final["no"], "bf16 changed the arithmetic"
+    assert abs(final["bf16"] - final["no"]) / final["no"] < 0.02, final
+    assert final["auto"] == final[summaries["auto"]["mixed_precision"]], "auto is exactly the setting it resolved to"
+    start = next(r for r in read_metrics(tmp_path / "auto" / "metrics.jsonl") if r["kind"] == "start")
+    assert start["mixed_precision"] == summaries["auto"]["mixed_precision"]
