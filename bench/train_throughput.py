@@ -302,7 +302,7 @@ def run_all(args) -> dict:
             r["speed_vs_best_trl"] = round(r["real_tokens_per_s"]["mean"] / results[best]["real_tokens_per_s"]["mean"], 2)
             r["memory_vs_best_trl"] = round(r["peak_rss_mb"]["mean"] / results[best]["peak_rss_mb"]["mean"], 2)
     base_loss = spawn(args, "base", 0)["final_valid_loss"]
-    from tunejob.train.precision import resolve
+    from tunejob.train.precision import cpu_model, resolve
 
     return {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
             "model": args.model, "gemm_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "parameters": n_params,
@@ -310,16 +310,6 @@ def run_all(args) -> dict:
             "train_examples": args.train_examples, "held_out_examples": args.held_out, "batch": BATCH, "learning_rate": LR,
             "schedule": "cosine, no warm-up, 1 epoch", "lora": LORA, "base_model_valid_loss": round(base_loss, 4),
             "best_fair_trl": best, "fastest": fastest, "results": results}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def versions() -> dict:

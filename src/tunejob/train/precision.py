@@ -57,7 +57,7 @@ def cpu_bf16_flags() -> list[str]:
     return []
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -72,7 +72,7 @@ def cached_cpu_probe(flags: list[str], cache: Path | None = None) -> dict:
     from tunejob.train.models import cache_dir
 
     cache = cache or cache_dir() / CACHE_NAME
-    key = f"{_cpu_model()}|{','.join(flags)}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    key = f"{cpu_model()}|{','.join(flags)}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
