@@ -329,7 +329,7 @@ def test_local_slots_train_two_jobs_at_once_and_a_third_waits(tmp_path, tiny_mod
     try:
         c = client(s)
         f = c.files.create(file=open(write_chat_data(tmp_path / "t.jsonl", 40), "rb"), purpose="fine-tune")
-        ids = [c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters={"n_epochs": 2, "batch_size": 4},
+        ids = [c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters={"n_epochs": 1, "batch_size": 4},
                                          extra_body={"tunejob": {"hyperparameters": {"max_seq_len": 64}}}).id for _ in range(3)]
         deadline = time.time() + 120
         while not all(c.fine_tuning.jobs.retrieve(j).status == "running" for j in ids[:2]):

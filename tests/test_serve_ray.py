@@ -63,6 +63,12 @@ def runs_of(ray_jobs, job_id: str) -> list:
     return [j for j in ray_jobs.list_jobs() if (j.metadata or {}).get("tunejob_job") == job_id]
 
 
+def ended(ray_jobs, job_id: str, attempt: int):
+    """The job's Ray job of that attempt once it has ended (else None)."""
+    run = next((r for r in runs_of(ray_jobs, job_id) if r.submission_id.endswith(f"-{attempt}")), None)
+    return run if run is not None and run.status.is_terminal() else None
+
+
 def messages(c, job_id: str) -> list[str]:
     return [e.message for e in c.fine_tuning.jobs.list_events(job_id, limit=100)]
 
@@ -88,7 +94,7 @@ def all_steps(c, job_id: str) -> list[int]:
     return list(range(1, totals.pop() + 1))
 
 
-def test_two_jobs_run_at_once_a_third_waits_and_cancel_stops_the_ray_job(tmp_path, tiny_model, cluster, ray_jobs):
+def test_two_jobs_run_at_once_a_third_waits_pause_resume_and_cancel(tmp_path, tiny_model, cluster, ray_jobs):
     s = ray_server(tmp_path / "data", tiny_model, cluster)
     try:
         c = client(s)
@@ -108,21 +114,28 @@ def test_two_jobs_run_at_once_a_third_waits_and_cancel_stops_the_ray_job(tmp_pat
         wait_for(lambda: train_steps(c, a) and train_steps(c, b), "metrics from both jobs")
         assert {c.fine_tuning.jobs.retrieve(j).status for j in (a, b)} == {"running"}
 
-        # cancel a running job: its Ray job is stopped (SIGTERM: it checkpoints), and the third starts
-        assert c.fine_tuning.jobs.cancel(a).status == "cancelled"
-        stopped = wait_for(lambda: (r := runs_of(ray_jobs, a)[0]).status.is_terminal() and r, "the cancelled Ray job to end")
-        assert stopped.status.value == "STOPPED"
-        wait_for(lambda: "Fine-tuning job cancelled" in messages(c, a), "the cancel event")
+        # pause a: its Ray job is stopped (SIGTERM: the trainer checkpoints first), the third takes its CPU
+        assert c.fine_tuning.jobs.pause(a).status == "paused"
+        assert wait_for(lambda: ended(ray_jobs, a, 1), "the paused Ray job to end").status.value == "STOPPED"
+        wait_for(lambda: any(m.startswith("Fine-tuning job paused") for m in messages(c, a)), "the pause event")
         log = (s.data_dir / "jobs" / a / "train.log").read_text()
-        assert "training stopped on request (SIGTERM)" in log, log[-2000:]
+        assert "training stopped on request (SIGTERM)" in log, log[-2000:]  # it saved before Ray's SIGKILL
         wait_status(c, third, ("running",))
-        # cancelling a job still queued in Ray works too; the other runs to the end
-        c.fine_tuning.jobs.cancel(third)
+        # resume a: a second Ray job, queued like any other until a CPU frees
+        c.fine_tuning.jobs.resume(a)
+        wait_for(lambda: len(runs_of(ray_jobs, a)) == 2, "the resumed Ray job")
+        # cancel the running third: its Ray job stops, and the resumed a runs from its checkpoint
+        assert c.fine_tuning.jobs.cancel(third).status == "cancelled"
+        assert wait_for(lambda: ended(ray_jobs, third, 1), "the cancelled Ray job to end").status.value == "STOPPED"
+        wait_for(lambda: "Fine-tuning job cancelled" in messages(c, third), "the cancel event")
+        wait_status(c, a, ("running",))
+        wait_for(lambda: "resuming from" in (s.data_dir / "jobs" / a / "train.log").read_text(), "a to resume from its checkpoint")
+        c.fine_tuning.jobs.cancel(a)
+        assert wait_for(lambda: ended(ray_jobs, a, 2), "the resumed Ray job to end").status.value == "STOPPED"
         done = wait_status(c, b, ("succeeded",))
         assert done.fine_tuned_model and sorted(train_steps(c, b)) == all_steps(c, b)
-        wait_for(lambda: runs_of(ray_jobs, third)[0].status.is_terminal(), "the third Ray job to stop")
-        assert c.fine_tuning.jobs.retrieve(third).status == "cancelled"
-        assert all(len(runs_of(ray_jobs, j)) == 1 for j in (a, b, third))  # nothing ran twice
+        assert {j: c.fine_tuning.jobs.retrieve(j).status for j in (a, third)} == {a: "cancelled", third: "cancelled"}
+        assert [len(runs_of(ray_jobs, j)) for j in (a, b, third)] == [2, 1, 1]  # one Ray job per run, none twice
     finally:
         s.stop()
 
@@ -131,7 +144,7 @@ def test_a_killed_server_reattaches_and_runs_nothing_twice(tmp_path, tiny_model,
     s = ray_server(tmp_path / "data", tiny_model, cluster)
     c = client(s)
     f = c.files.create(file=open(write_chat_data(tmp_path / "t.jsonl", EXAMPLES), "rb"), purpose="fine-tune")
-    job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters=epochs(4), extra_body=job_body())
+    job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters=epochs(3), extra_body=job_body())
     wait_for(lambda: c.fine_tuning.jobs.checkpoints.list(job.id).data, "a first checkpoint")
     s.kill()  # SIGKILL: no shutdown hook; the Ray job does not depend on the server
     assert runs_of(ray_jobs, job.id)[0].status.value == "RUNNING"
@@ -156,7 +169,7 @@ def test_a_dead_worker_node_resumes_the_job_from_its_checkpoint(tmp_path, tiny_m
     try:
         c = client(s)
         f = c.files.create(file=open(write_chat_data(tmp_path / "t.jsonl", EXAMPLES), "rb"), purpose="fine-tune")
-        job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters=epochs(6),
+        job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters=epochs(4),
                                         extra_body=job_body({"cpus": 1, "custom": {WORKER: 1}}))
         wait_for(lambda: c.fine_tuning.jobs.checkpoints.list(job.id).data, "a first checkpoint")
         first = runs_of(ray_jobs, job.id)[0]

@@ -179,7 +179,13 @@ class Worker:
         # recorded before the submit: a server killed in between finds the id, or sees it missing
         self.store.update_job(job_id, _run={"executor": self.executor.name, "id": run_id}, _attempt=attempt, _waiting=None)
         self._runs[job_id] = _Run(run_id, _Tail(self.job_dir(job_id) / "run" / "metrics.jsonl"))
-        line = self.executor.submit(run_id, launch)
+        try:
+            line = self.executor.submit(run_id, launch)
+        except Exception as exc:
+            # It may have gone through (a timeout after Ray took it): poll says. A run that is
+            # missing then counts as lost (resubmitted, at most node_retries times); a live one is followed.
+            self.log(f"worker: submitting run {run_id} of job {job_id} failed\n{traceback.format_exc()}")
+            line = f"Submitting run {run_id} failed ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
         if line:
             self.store.add_event(job_id, line)
 
@@ -243,7 +249,8 @@ class Worker:
         """The run ended under the job (its node died, Ray stopped it): resume from the last
         checkpoint, at most node_retries times, then fail; never 'running' forever."""
         job_id, retries = job["id"], int(job.get("_retries", 0))
-        why = state.detail or f"the run is {state.state}"
+        why = state.detail or {"missing": "the executor has no such run: its submission failed",
+                               "stopped": "it was stopped outside tunejob"}.get(state.state, f"the run is {state.state}")
         if retries < self.node_retries:
             self.store.update_job(job_id, status="queued", _retries=retries + 1)
             self.store.add_event(job_id, f"The run was lost ({why}); resuming from the last checkpoint "
