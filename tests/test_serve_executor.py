@@ -92,3 +92,14 @@ def test_a_run_the_executor_no_longer_has_is_queued_again(tmp_path):
     run_until(Worker(store, {}, log=lambda *a: None, executor=ex), store, job_id, lambda j: ex.submitted)
     assert ex.submitted == ["tunejob-ftjob-test-2"]  # a new id: the old one may not be reused
     assert any("the job resumes from its last checkpoint" in e["message"] for e in store.list_events(job_id))
+
+
+def test_a_run_that_waited_too_long_is_submitted_again_without_using_a_retry(tmp_path):
+    """Ray fails a job left PENDING past RAY_JOB_START_TIMEOUT_SECONDS: on a busy cluster that is
+    waiting, not a loss, so it must not use up --node-retries and fail a job that never ran."""
+    store = Store(tmp_path)
+    job_id = add_job(store)
+    ex = ScriptedExecutor(RunState("expired", "Ray job x failed: no node had its resources free"))
+    job = run_until(Worker(store, {}, log=lambda *a: None, executor=ex, node_retries=1), store, job_id, lambda j: len(ex.submitted) >= 4)
+    assert job["status"] in ("queued", "running") and not job.get("_retries") and job.get("error") is None
+    assert sum(e["message"].startswith("Still waiting for resources") for e in store.list_events(job_id)) >= 3

@@ -80,7 +80,9 @@ class Launch:
 class RunState:
     """How a run is now. `state`: pending (waiting for resources), running, succeeded, failed
     (training exited non-zero), stopped (by `stop`), lost (its node or process died under it:
-    the worker retries from the last checkpoint), missing (the executor does not know the id)."""
+    the worker retries from the last checkpoint), expired (it waited for resources longer than
+    the executor keeps a run queued: submitted again, not counted as a loss), missing (the
+    executor does not know the id)."""
 
     state: str
     detail: str = ""

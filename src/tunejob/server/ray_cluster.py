@@ -94,6 +94,8 @@ class RayExecutor:
         if error_type == _TRAINING_FAILED:
             return RunState("failed", f"training exited with code {info.driver_exit_code}", where)
         why = _WHY.get(error_type) or (info.message or "no reason given").splitlines()[0][:300]
+        if error_type == "JOB_SUPERVISOR_ACTOR_START_TIMEOUT":  # it only waited too long in Ray's queue
+            return RunState("expired", f"Ray job {run_id} failed: {why}", where)
         return RunState("lost", f"Ray job {run_id} failed: {why}", where)
 
     def stop(self, run_id: str) -> None:

@@ -238,6 +238,9 @@ class Worker:
             self._succeed(job_id, self.job_dir(job_id) / "run")
         elif state.state == "failed":
             self._fail(job_id, "training_failed", _last_error(self.job_dir(job_id) / "train.log") or state.detail)
+        elif state.state == "expired":  # Ray's pending limit (RAY_JOB_START_TIMEOUT_SECONDS, 900 s): still waiting, so queue it again
+            self.store.update_job(job_id, status="queued")
+            self.store.add_event(job_id, f"Still waiting for resources ({state.detail}); submitted again")
         else:
             self._lost(job, state)
 
