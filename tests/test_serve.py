@@ -231,7 +231,11 @@ def test_bad_requests_get_openai_error_shapes(server, tmp_path):
     assert exc.value.body["param"] == "training_file"
     good = c.files.create(file=open(write_chat_data(tmp_path / "g.jsonl", 12), "rb"), purpose="fine-tune")
     for kwargs, param in (({"model": "llama-9000"}, "model"), ({"model": "default", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-                          ({"model": "default", "extra_body": {"tunejob": {"lora": {"r": -1}}}}, "tunejob.lora.r")):
+                          ({"model": "default", "extra_body": {"tunejob": {"lora": {"r": -1}}}}, "tunejob.lora.r"),
+                          ({"model": "default", "extra_body": {"tunejob": {"resources": {"cpus": 0}}}}, "tunejob.resources.cpus"),
+                          ({"model": "default", "extra_body": {"tunejob": {"resources": {"gpus": "1"}}}}, "tunejob.resources.gpus"),
+                          ({"model": "default", "extra_body": {"tunejob": {"resources": {"custom": {"a b": 1}}}}}, "tunejob.resources.custom.a b"),
+                          ({"model": "default", "extra_body": {"tunejob": {"distributed": {"nodes": 2}}}}, "tunejob.distributed.nodes")):
         with pytest.raises(openai.BadRequestError) as exc:
             c.fine_tuning.jobs.create(training_file=good.id, **kwargs)
         assert exc.value.body["param"] == param, exc.value.body
@@ -316,3 +320,27 @@ def test_wait_until_up_fails_at_once_when_the_server_exits():
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(RuntimeError, match="exited with code 3"):
         wait_until_up(f"http://127.0.0.1:{free_port()}/health", proc, timeout=600)
+
+
+def test_local_slots_train_two_jobs_at_once_and_a_third_waits(tmp_path, tiny_model):
+    """--slots 2: the local executor runs two children at once (1 thread each); the third job
+    stays queued with an event saying what it waits for."""
+    s = Server(tmp_path / "data", tiny_model, ("--slots", "2", "--train-threads", "2")).start()
+    try:
+        c = client(s)
+        f = c.files.create(file=open(write_chat_data(tmp_path / "t.jsonl", 40), "rb"), purpose="fine-tune")
+        ids = [c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters={"n_epochs": 1, "batch_size": 4},
+                                         extra_body={"tunejob": {"hyperparameters": {"max_seq_len": 64}}}).id for _ in range(3)]
+        deadline = time.time() + 120
+        while not all(c.fine_tuning.jobs.retrieve(j).status == "running" for j in ids[:2]):
+            assert time.time() < deadline, [c.fine_tuning.jobs.retrieve(j).status for j in ids]
+            time.sleep(0.3)
+        assert c.fine_tuning.jobs.retrieve(ids[2]).status == "queued"
+        waiting = [e.message for e in c.fine_tuning.jobs.list_events(ids[2], limit=100) if e.message.startswith("Queued: waiting for")]
+        assert waiting and "a free training slot (2 of 2 in use" in waiting[0]
+        c.fine_tuning.jobs.cancel(ids[2])
+        for j in ids[:2]:
+            assert wait_status(c, j, ("succeeded", "failed")).status == "succeeded"
+        assert c.fine_tuning.jobs.retrieve(ids[2]).status == "cancelled"
+    finally:
+        s.stop()

@@ -38,6 +38,11 @@ def _options(
         os.environ["TUNEJOB_VERBOSE"] = "1"  # child processes (serve's jobs, --nproc workers) inherit it
 
 
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class DataFormat(str, Enum):
     openai = "openai"
     bedrock = "bedrock"
@@ -233,13 +238,18 @@ def serve(
     train_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of a training job (default: the cores minus chat's share).")] = None,
     chat_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of chat generation (default: a quarter of the cores, at least 1, while a job trains; all when none does).")] = None,
     chat_queue: Annotated[int, typer.Option(min=1, help="Chat requests waiting or generating before new ones get 429.")] = 8,
+    executor: Annotated[Executor, typer.Option(help="Where jobs train: local (child processes on this machine) or ray (a Ray cluster; the data dir must be shared with its nodes).")] = Executor.local,
+    slots: Annotated[int, typer.Option(min=1, help="local: training jobs at once on this machine (one per GPU; each child gets one GPU and its share of the threads).")] = 1,
+    ray_address: Annotated[Optional[str], typer.Option(help="ray: the cluster: auto (on a node of it), http://HEAD:8265 or ray://HEAD:10001.")] = None,
+    node_retries: Annotated[int, typer.Option(min=0, help="Resumes of a job whose run was lost with its node, before the job fails.")] = 2,
 ) -> None:
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
 
     caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
-           train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue)
+           train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue,
+           executor={"executor": executor.value, "slots": slots, "ray_address": ray_address, "node_retries": node_retries})
 
 
 @app.command()

@@ -33,6 +33,10 @@ class ServerConfig:
     train_threads: int | None = None  # torch threads of a training child (None: train.threads.budget)
     chat_threads: int | None = None  # torch threads of chat generation while a job trains (None: the budget's)
     chat_queue: int = 8  # chat requests waiting or generating before 429 (server/generation.py)
+    executor: str = "local"  # where jobs train: local child processes, or ray (server/executor.py)
+    slots: int = 1  # local: training jobs at once on this machine (one per GPU)
+    ray_address: str | None = None  # ray: the cluster (auto, http://HEAD:8265, ray://HEAD:10001)
+    node_retries: int = 2  # resumes of a run lost with its node before the job fails
 
 
 class ApiError(Exception):

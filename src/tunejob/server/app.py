@@ -78,12 +78,29 @@ def key_check(config: ServerConfig, store: Store):
     return check
 
 
+def _executor(config: ServerConfig):
+    """The executor `--executor` names; None is the worker's default, one local child at a time."""
+    if config.executor == "ray":
+        from tunejob.server.ray_cluster import RayExecutor  # imports Ray's job client: only when asked for
+
+        return RayExecutor(config.ray_address or "auto")
+    if config.executor != "local":
+        raise TunejobError(f"--executor {config.executor!r}: use local (child processes on this machine) or ray (a Ray cluster)")
+    if config.slots == 1:
+        return None
+    from tunejob.server.executor import LocalExecutor
+    from tunejob.train.threads import budget
+
+    return LocalExecutor(config.slots, max(1, budget(config.train_threads, config.chat_threads).train // config.slots))
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     store = Store(config.data_dir)
     for key in config.api_keys:
         store.adopt_legacy_owner(key)
     base_models = {"default": config.default_model, "smollm2-135m-instruct": config.default_model, **config.models}
-    worker = Worker(store, base_models, train_threads=config.train_threads, chat_threads=config.chat_threads)
+    worker = Worker(store, base_models, train_threads=config.train_threads, chat_threads=config.chat_threads,
+                    executor=_executor(config), node_retries=config.node_retries)
     state = ServerState(config, store, worker, base_models)
 
     app = FastAPI(title="tunejob", docs_url=None, redoc_url=None, openapi_url=None)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import ValidationError
 
 from tunejob.server.api import DEFAULT_LR, ApiError, ServerState, json_body, owner, page, public
+from tunejob.server.executor import resources_for
 from tunejob.server.requests import CheckpointQuery, CreateFineTuningJob, ListQuery, TunejobOptions, parse
 from tunejob.server.store import new_id
 from tunejob.server.worker import ACTIVE
@@ -27,7 +28,11 @@ def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | No
     hyper.update(extra.hyperparameters or {})
     spec = {"name": "job", "backend": "local", "model": state.base_models[base], "data": {"train": "x.jsonl", "seed": seed},
             "hyperparameters": hyper, "checkpointing": {"eval_steps": 10, "save_steps": 10}}
-    spec.update(extra.model_dump(exclude_none=True, exclude={"hyperparameters"}))
+    spec.update(extra.model_dump(exclude_none=True, exclude={"hyperparameters", "resources"}))
+    nodes = (extra.distributed or {}).get("nodes", 1)
+    if nodes != 1:
+        raise ApiError(400, f"tunejob.distributed.nodes={nodes!r}: a server job runs on one node; ask for more processes "
+                            "(one per GPU) instead", param="tunejob.distributed.nodes")
     try:
         checked = JobSpec.model_validate(spec)
     except ValidationError as exc:
@@ -82,6 +87,8 @@ def create_job(state: ServerState, who: str, body: object) -> dict:
         "trained_tokens": None, "error": None, "finished_at": None, "seed": seed, "suffix": suffix,
         "user_provided_suffix": suffix, "metadata": metadata, "estimated_finish": None, "integrations": [],
         "_spec": spec, "_ft_name": f"ft:{model}:tunejob:{suffix or ''}:{job_id[-8:]}",
+        "_queued_at": time.time(),  # the queue's order: created_at has whole seconds, ids are random
+        "_resources": resources_for(spec, req.tunejob.resources if req.tunejob else None).to_dict(),
     }
     state.store.add_job(who, job)
     state.store.add_event(job_id, "Validating training file: " + req.training_file)
@@ -148,7 +155,7 @@ def router(state: ServerState) -> APIRouter:
             raise ApiError(400, f"Job {job_id} is {job['status']}; only a paused job can be resumed", code="invalid_state")
         store.add_event(job_id, "Fine-tuning job resumed")
         # A pending `control` stays: the worker is still stopping the child and clears it then.
-        return public(store.update_job(job_id, status="queued"))
+        return public(store.update_job(job_id, status="queued", _queued_at=time.time()))
 
     @api.get("/v1/fine_tuning/jobs/{job_id}/events")
     def job_events(request: Request, job_id: str, q: Annotated[ListQuery, Query()]):

@@ -82,14 +82,32 @@ class Method(BaseModel):
         return self
 
 
+ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+
+
+class JobResources(BaseModel):
+    """`"tunejob": {"resources": {...}}`: what one job needs from the executor. The Ray executor
+    asks Ray for them (entrypoint_num_cpus / _num_gpus / _resources) and gives the job as many
+    torch threads as CPUs; the local executor runs jobs in its slots and ignores them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    cpus: Annotated[float, Field(gt=0, le=1024)] | None = None
+    gpus: Annotated[float, Field(ge=0, le=1024)] | None = None
+    # Ray custom resources a node was started with (`ray start --resources '{"a100": 4}'`)
+    custom: Annotated[dict[ResourceName, Annotated[float, Field(gt=0, le=1e6)]], Field(max_length=16)] | None = None
+
+
 class TunejobOptions(BaseModel):
-    """`"tunejob": {...}` in a job body: sections of tunejob's job spec, checked by its models."""
+    """`"tunejob": {...}` in a job body: sections of tunejob's job spec, checked by its models,
+    and the job's resources (not part of the spec: where it runs, not what it trains)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     lora: dict | None = None
     quantization: str | None = None
     checkpointing: dict | None = None
     hyperparameters: dict | None = None
+    distributed: dict | None = None
+    resources: JobResources | None = None
 
 
 class CreateFineTuningJob(BaseModel):

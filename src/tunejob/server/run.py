@@ -39,8 +39,9 @@ def load_keys(keys: list[str], keys_file: Path | None, environ: dict | None = No
 
 def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path | None, default_model: str,
           models: list[str], max_upload_mb: float, caps: dict | None = None, train_threads: int | None = None,
-          chat_threads: int | None = None, chat_queue: int = 8) -> None:
-    """`tunejob serve`; `caps` holds ServerConfig's max_epochs / max_steps / max_seq_len."""
+          chat_threads: int | None = None, chat_queue: int = 8, executor: dict | None = None) -> None:
+    """`tunejob serve`; `caps` holds ServerConfig's max_epochs / max_steps / max_seq_len, `executor`
+    its executor / slots / ray_address / node_retries."""
     import uvicorn
 
     from tunejob.server.app import ServerConfig, create_app
@@ -53,8 +54,9 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
         extra[name] = path
     config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
                           models=extra, max_upload_bytes=int(max_upload_mb * 2**20), train_threads=train_threads,
-                          chat_threads=chat_threads, chat_queue=chat_queue, **(caps or {}))
-    print(f"tunejob serve: http://{host}:{port}/v1 (data in {data_dir}, {len(config.api_keys)} key(s))", file=sys.stderr, flush=True)
+                          chat_threads=chat_threads, chat_queue=chat_queue, **(caps or {}), **(executor or {}))
+    where = f", jobs on the Ray cluster at {config.ray_address or 'auto'}" if config.executor == "ray" else ""
+    print(f"tunejob serve: http://{host}:{port}/v1 (data in {data_dir}, {len(config.api_keys)} key(s){where})", file=sys.stderr, flush=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
 
 

@@ -1,166 +1,266 @@
-"""The job queue: one training job at a time per device, each in its own `tunejob run` process.
+"""The job queue: each queued job runs as `tunejob run job.yaml` through an executor
+(server/executor.py: child processes on this machine, or Ray jobs on a cluster), as many at once
+as the executor has room for.
 
-A separate process makes cancel and pause plain (stop the process; its last complete checkpoint
-stays), keeps a crash in training from taking the server down, and lets resume reuse the local
-backend's own resume. The child is tied to the server (PR_SET_PDEATHSIG): if the server dies, so
-does its training process, and on the next start the job resumes from its last checkpoint.
+The worker owns the job's life in the store: it records a run id before it submits (so a
+restarted server finds the run again, or knows it never started, and a job never runs twice),
+tails the run's metrics.jsonl into events and checkpoints, turns cancel and pause into a stop of
+the run (SIGTERM: the trainer checkpoints the step in flight), and resubmits a run that was lost
+with its node, from its last checkpoint, at most `node_retries` times before failing the job.
 """
 
 from __future__ import annotations
 
 import csv
-import ctypes
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from tunejob.monitor.metrics import read_metrics
+from tunejob.server.executor import Executor, Launch, LocalExecutor, Resources, RunState
 from tunejob.server.store import Store, new_id
 
 POLL_S = 0.25
-# Pause and cancel send SIGTERM; the trainer finishes the optimizer step in flight and checkpoints
-# it before exiting. A step of the default 135M model at batch 8 is ~20 s on 2 cores at 180 real
-# tokens/s (bench/RESULTS.md), ~45 s on the 1 thread a training child gets beside chat, and the
-# checkpoint ~1-5 s more; model loading before the first step can take longer still on a cold
-# cache. Only past this does the worker kill the child (it then resumes from the checkpoint before).
-STOP_GRACE_S = 300
 ACTIVE = ("validating_files", "queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
+STOPPING = ("cancelled", "paused")
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+@dataclass
+class _Run:
+    id: str
+    tail: "_Tail"
+    started: bool = False
+    stopping: bool = False
+    next_poll: float = 0.0
+    errors: int = field(default=0)
 
 
 class Worker:
     def __init__(self, store: Store, base_models: dict[str, str], log=print, train_threads: int | None = None,
-                 chat_threads: int | None = None):
+                 chat_threads: int | None = None, executor: Executor | None = None, node_retries: int = 2):
         from tunejob.train import threads
 
         self.store = store
         self.base_models = base_models
         self.log = log
         self.train_threads = threads.budget(train_threads, chat_threads).train  # the cores minus chat's share
+        self.executor = executor or LocalExecutor(1, self.train_threads)
+        self.node_retries = node_retries
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tunejob-worker", daemon=True)
-        self._proc: subprocess.Popen | None = None
+        self._runs: dict[str, _Run] = {}  # job id -> its run in flight
+        self._foreign: set[str] = set()  # jobs another executor runs (a Ray job seen by a local server)
 
     def start(self) -> None:
-        # A job that was running when the server stopped resumes from its last checkpoint.
-        for job in self.store.list_jobs(status="running"):
-            self.store.update_job(job["id"], status="queued")
-            self.store.add_event(job["id"], "Server restarted; the job resumes from its last checkpoint")
-        for job in self.store.list_jobs(status="validating_files"):
-            self.store.update_job(job["id"], status="queued")
+        for job in self.store.list_jobs():
+            self._recover(job)
         self._thread.start()
+
+    def _recover(self, job: dict) -> None:
+        """A job the last server left with a run: follow the run if it still exists (a Ray job),
+        else put the job back in the queue; it resumes from its last checkpoint."""
+        job_id, run = job["id"], job.get("_run")
+        if job["status"] == "validating_files":
+            self.store.update_job(job_id, status="queued")
+        if not run:
+            if job["status"] == "running":  # written by a server before the executor seam
+                self.store.update_job(job_id, status="queued")
+                self.store.add_event(job_id, "Server restarted; the job resumes from its last checkpoint")
+            return
+        if run["executor"] != self.executor.name and run["executor"] != "local":
+            self._foreign.add(job_id)
+            self.log(f"worker: job {job_id} runs on {run['executor']} as {run['id']}; start the server with "
+                     f"--executor {run['executor']} to follow it")
+            return
+        if run["executor"] == self.executor.name and self._still_there(run["id"]):
+            self._runs[job_id] = _Run(run["id"], _Tail(self.job_dir(job_id) / "run" / "metrics.jsonl"), started=job["status"] == "running")
+            self.store.add_event(job_id, f"Server restarted; following run {run['id']} again")
+            return
+        self.store.update_job(job_id, _run=None, control=None)
+        if job["status"] == "running":
+            self.store.update_job(job_id, status="queued")
+            self.store.add_event(job_id, "Server restarted; the job resumes from its last checkpoint")
+        elif job["status"] == "paused":
+            self.store.add_event(job_id, "Fine-tuning job paused; resume continues from the last checkpoint")
+        elif job["status"] == "cancelled" and not self.store.has_event(job_id, "Fine-tuning job cancelled"):
+            self.store.add_event(job_id, "Fine-tuning job cancelled")
+
+    def _still_there(self, run_id: str) -> bool:
+        """Whether the executor still has the run. If it cannot say (the cluster's API is down),
+        follow it as if it had: resubmitting a run that may be alive could train the job twice."""
+        try:
+            return self.executor.reattach(run_id)
+        except Exception as exc:
+            self.log(f"worker: cannot ask the executor about run {run_id} ({exc}); following it")
+            return True
 
     @property
     def training(self) -> bool:
-        """Whether a training child is running now (chat then keeps to its share of the cores)."""
-        proc = self._proc
-        return proc is not None and proc.poll() is None
+        """Whether a job trains on this machine now (chat then keeps to its share of the cores)."""
+        return self.executor.training_here()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._proc and self._proc.poll() is None:
-            self._proc.kill()
         self._thread.join(timeout=10)
+        self.executor.shutdown()  # local children are killed (their jobs resume on the next start); Ray jobs go on
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            queued = sorted(self.store.list_jobs(status="queued"), key=lambda j: (j["created_at"], j["id"]))
-            if not queued:
-                time.sleep(POLL_S)
-                continue
-            try:
-                self._run(queued[0])
-            except Exception as exc:  # never let one job kill the queue
-                # The server's log keeps the traceback (the job's error keeps one line): a bug here
-                # is ours, not the job's, and needs the place it happened.
-                self.log(f"worker: job {queued[0]['id']} failed in the server\n{traceback.format_exc()}")
-                self.store.update_job(queued[0]["id"], status="failed", finished_at=int(time.time()),
+            self._guarded(None, self._start_queued)
+            for job_id in list(self._runs):
+                if self._stop.is_set():
+                    break
+                self._guarded(job_id, lambda: self._follow(job_id))
+            time.sleep(POLL_S)
+
+    def _guarded(self, job_id: str | None, step) -> None:
+        try:
+            step()
+        except Exception as exc:  # never let one job kill the queue
+            # The server's log keeps the traceback (the job's error keeps one line): a bug here
+            # is ours, not the job's, and needs the place it happened.
+            self.log(f"worker: job {job_id} failed in the server\n{traceback.format_exc()}")
+            if job_id is not None:
+                self._runs.pop(job_id, None)
+                self.store.update_job(job_id, status="failed", finished_at=int(time.time()), _run=None,
                                       error={"code": "server_error", "message": f"{exc.__class__.__name__}: {exc}", "param": None})
 
-    # ------------------------------------------------------------ one job
+    # ------------------------------------------------------------ starting runs
 
     def job_dir(self, job_id: str) -> Path:
-        return self.store.dir / "jobs" / job_id
+        return self.store.dir.resolve() / "jobs" / job_id
+
+    def _launch(self, job: dict) -> Launch:
+        d = self.job_dir(job["id"])
+        processes = int((job["_spec"].get("distributed") or {}).get("processes", 1))
+        return Launch(job["id"], d / "job.yaml", d / "train.log", Resources.from_dict(job.get("_resources")), processes)
 
     def _write_spec(self, job: dict) -> Path:
         d = self.job_dir(job["id"])
         d.mkdir(parents=True, exist_ok=True)
         spec = json.loads(json.dumps(job["_spec"]))
-        spec["data"]["train"] = str(self.store.file_path(job["training_file"]))
+        # absolute paths: a Ray job reads them on another node, from the shared data dir
+        spec["data"]["train"] = str(self.store.file_path(job["training_file"]).resolve())
         if job.get("validation_file"):
-            spec["data"]["validation"] = str(self.store.file_path(job["validation_file"]))
+            spec["data"]["validation"] = str(self.store.file_path(job["validation_file"]).resolve())
         spec["output_dir"] = str(d / "run")
         path = d / "job.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         return path
 
-    def _run(self, job: dict) -> None:
-        job_id = job["id"]
-        spec_path = self._write_spec(job)
-        run_dir = self.job_dir(job_id) / "run"
-        self.store.update_job(job_id, status="running", control=None)
-        self.store.add_event(job_id, "Fine-tuning job started")
-        log_path = self.job_dir(job_id) / "train.log"
-        from tunejob.train.threads import child_env
+    def _start_queued(self) -> None:
+        queued = [j for j in self.store.list_jobs(status="queued") if j["id"] not in self._runs and j["id"] not in self._foreign]
+        for job in sorted(queued, key=lambda j: (j.get("_queued_at", j["created_at"]), j["id"])):
+            if self._stop.is_set():
+                return
+            launch = self._launch(job)
+            why = self.executor.waiting_for(launch)
+            if why:
+                message = f"Queued: waiting for {why}"
+                if job.get("_waiting") != message:
+                    self.store.update_job(job["id"], _waiting=message)
+                    self.store.add_event(job["id"], message)
+                continue
+            self._guarded(job["id"], lambda: self._submit(job, launch))
 
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **child_env(self.train_threads)}
-        with log_path.open("ab") as log:
-            self._proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(spec_path)], stdout=log, stderr=log,
-                                          stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env)
-        tail = _Tail(run_dir / "metrics.jsonl")
-        control = None
-        while True:
-            rc = self._proc.poll()
-            for record in tail.read():
+    def _submit(self, job: dict, launch: Launch) -> None:
+        job_id = job["id"]
+        attempt = int(job.get("_attempt", 0)) + 1
+        run_id = f"tunejob-{job_id}-{attempt}"
+        self._write_spec(job)
+        # recorded before the submit: a server killed in between finds the id, or sees it missing
+        self.store.update_job(job_id, _run={"executor": self.executor.name, "id": run_id}, _attempt=attempt, _waiting=None)
+        self._runs[job_id] = _Run(run_id, _Tail(self.job_dir(job_id) / "run" / "metrics.jsonl"))
+        try:
+            line = self.executor.submit(run_id, launch)
+        except Exception as exc:
+            # It may have gone through (a timeout after Ray took it): poll says. A run that is
+            # missing then counts as lost (resubmitted, at most node_retries times); a live one is followed.
+            self.log(f"worker: submitting run {run_id} of job {job_id} failed\n{traceback.format_exc()}")
+            line = f"Submitting run {run_id} failed ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+        if line:
+            self.store.add_event(job_id, line)
+
+    # ------------------------------------------------------------ following runs
+
+    def _follow(self, job_id: str) -> None:
+        run = self._runs[job_id]
+        for record in run.tail.read():
+            self._on_record(job_id, record)
+        job = self.store.get_job(None, job_id)
+        if (job.get("control") in ("cancel", "pause") or job["status"] in STOPPING) and not run.stopping:
+            self.executor.stop(run.id)  # the trainer checkpoints the step in flight, then exits (143)
+            run.stopping = True
+        if time.time() < run.next_poll:
+            return
+        run.next_poll = time.time() + self.executor.poll_s
+        try:
+            state = self.executor.poll(run.id)
+        except Exception as exc:  # the cluster's API unreachable: the run may well go on, so wait, never resubmit
+            run.errors += 1
+            if run.errors == 1:
+                self.log(f"worker: cannot follow run {run.id} of job {job_id}: {exc}")
+                self.store.add_event(job_id, f"Cannot reach the executor to follow run {run.id} ({str(exc).splitlines()[0][:200]}); "
+                                             "retrying", level="warn")
+            return
+        run.errors = 0
+        if state.state == "running" and not run.started:
+            run.started = True
+            if job["status"] == "queued" and not run.stopping:
+                self.store.update_job(job_id, status="running")
+                self.store.add_event(job_id, "Fine-tuning job started" + (f" on {state.where}" if state.where else ""))
+        elif state.state not in ("pending", "running"):
+            for record in run.tail.read():
                 self._on_record(job_id, record)
-            if rc is not None:
-                break
-            control = (self.store.get_job(None, job_id) or {}).get("control")
-            if control in ("cancel", "pause") or self._stop.is_set():
-                self._proc.send_signal(signal.SIGTERM)  # the trainer checkpoints the step in flight, then exits (143)
-                try:
-                    self._proc.wait(timeout=10 if self._stop.is_set() else STOP_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-                for record in tail.read():
-                    self._on_record(job_id, record)
-                break
-            time.sleep(POLL_S)
-        self._proc = None
-        if self._stop.is_set() and control not in ("cancel", "pause"):
-            return  # server shutting down: the job stays 'running' and resumes on the next start
-        now = int(time.time())
+            del self._runs[job_id]
+            self._finish(job_id, state)
+
+    def _finish(self, job_id: str, state: RunState) -> None:
+        job = self.store.get_job(None, job_id)
+        control, status = job.get("control"), job["status"]
+        self.store.update_job(job_id, _run=None, control=None)
         # The API already answered cancelled / paused (as OpenAI does) and set the status; a resume
-        # that came while the child was stopping set 'queued', which must stay.
-        if control == "cancel":
-            self.store.update_job(job_id, control=None)
-            self.store.add_event(job_id, "Fine-tuning job cancelled")
-        elif control == "pause":
-            self.store.update_job(job_id, control=None)
+        # that came while the run was stopping set 'queued', which must stay.
+        if control == "cancel" or (control is None and status == "cancelled"):
+            if not self.store.has_event(job_id, "Fine-tuning job cancelled"):
+                self.store.add_event(job_id, "Fine-tuning job cancelled")
+        elif control == "pause" or (control is None and status == "paused"):
             self.store.add_event(job_id, "Fine-tuning job paused; resume continues from the last checkpoint")
-        elif rc == 0:
-            self._succeed(job_id, run_dir)
+        elif state.state == "succeeded":
+            self._succeed(job_id, self.job_dir(job_id) / "run")
+        elif state.state == "failed":
+            self._fail(job_id, "training_failed", _last_error(self.job_dir(job_id) / "train.log") or state.detail)
+        elif state.state == "expired":  # Ray's pending limit (RAY_JOB_START_TIMEOUT_SECONDS, 900 s): still waiting, so queue it again
+            self.store.update_job(job_id, status="queued")
+            self.store.add_event(job_id, f"Still waiting for resources ({state.detail}); submitted again")
         else:
-            message = _last_error(log_path) or f"training exited with code {rc}"
-            self.store.update_job(job_id, status="failed", finished_at=now, error={"code": "training_failed", "message": message, "param": None})
-            self.store.add_event(job_id, f"Fine-tuning job failed: {message}", level="error")
+            self._lost(job, state)
+
+    def _fail(self, job_id: str, code: str, message: str) -> None:
+        self.store.update_job(job_id, status="failed", finished_at=int(time.time()), error={"code": code, "message": message, "param": None})
+        self.store.add_event(job_id, f"Fine-tuning job failed: {message}", level="error")
+
+    def _lost(self, job: dict, state: RunState) -> None:
+        """The run ended under the job (its node died, Ray stopped it): resume from the last
+        checkpoint, at most node_retries times, then fail; never 'running' forever."""
+        job_id, retries = job["id"], int(job.get("_retries", 0))
+        why = state.detail or {"missing": "the executor has no such run: its submission failed",
+                               "stopped": "it was stopped outside tunejob"}.get(state.state, f"the run is {state.state}")
+        if retries < self.node_retries:
+            self.store.update_job(job_id, status="queued", _retries=retries + 1)
+            self.store.add_event(job_id, f"The run was lost ({why}); resuming from the last checkpoint "
+                                         f"(retry {retries + 1} of {self.node_retries})", level="warn")
+        else:
+            self._fail(job_id, "run_lost", f"the run was lost {retries + 1} time(s), the last: {why}; its checkpoints are kept "
+                                           f"(the server's --node-retries allows {self.node_retries} resumes)")
 
     def _on_record(self, job_id: str, r: dict) -> None:
         job = self.store.get_job(None, job_id)

@@ -1,0 +1,139 @@
+"""A real Ray cluster on this machine for tests and benchmarks: a head node and worker nodes, each
+a `ray start --block` process that this code started and stops by its pid (never `ray stop`,
+which would stop every Ray cluster of the machine's user).
+
+Addresses: Ray replaces 127.0.0.1 by the host's routable address (services.resolve_ip_for_localhost),
+so the head listens on 127.0.0.2 and each worker on 127.0.0.3+: other loopback addresses, which
+Ray takes as given. Nothing leaves the loopback range. Ports are chosen free; the object store
+gets Ray's minimum (80 MB), so several nodes fit on a small machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from tunejob.server.run import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def ray_env() -> dict[str, str]:
+    """The nodes' environment, which each job's entrypoint inherits: `tunejob` on PATH (this
+    interpreter's), no usage reporting; a dead node seen in ~5 s (5 failed checks 1 s apart; a
+    dead raylet refuses at once) instead of Ray's ~15 s, with checks that allow 3 s on a busy machine."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+               RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="3000", RAY_health_check_failure_threshold="5")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@dataclass
+class RayCluster:
+    temp_dir: Path
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)  # name -> its `ray start --block`
+    _next_ip: int = 3
+
+    @property
+    def address(self) -> str:
+        """The job API (the head's dashboard): what `tunejob serve --ray-address` takes."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = (self.temp_dir / f"{name}.log").open("ab")
+        self.nodes[name] = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--object-store-memory", "80000000",
+                                             "--dashboard-agent-listen-port", str(free_port()), *args],
+                                            stdout=log, stderr=subprocess.STDOUT, env=ray_env())
+
+    def start_head(self, cpus: int, resources: dict | None = None) -> None:
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self._start("head", ["--head", "--node-ip-address", "127.0.0.2", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true", "--ray-client-server-port",
+                             str(free_port()), "--temp-dir", str(self.temp_dir / "ray"), "--num-cpus", str(cpus),
+                             "--resources", json.dumps(resources or {})])
+
+    def add_node(self, name: str, cpus: int, resources: dict | None = None) -> None:
+        ip = f"127.0.0.{self._next_ip}"
+        self._next_ip += 1
+        self._start(name, ["--address", f"127.0.0.2:{self.gcs_port}", "--node-ip-address", ip, "--num-cpus", str(cpus),
+                           "--resources", json.dumps(resources or {})])
+
+    def wait_ready(self, nodes: int, timeout: float = 120) -> None:
+        """Until the job API answers and `nodes` nodes are alive."""
+        from ray.util.state import list_nodes
+
+        deadline = time.time() + timeout
+        while True:
+            for name, proc in self.nodes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"ray node {name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
+            try:
+                if len([n for n in list_nodes(address=self.address) if n.state == "ALIVE"]) >= nodes:
+                    return
+            except Exception:  # the dashboard is still starting
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the Ray cluster did not have {nodes} nodes within {timeout:.0f} s:\n{self.log('head')[-3000:]}")
+            time.sleep(1)
+
+    def log(self, name: str) -> str:
+        return (self.temp_dir / f"{name}.log").read_text(errors="replace")
+
+    def kill_raylet(self, name: str) -> int:
+        """SIGKILL the node's raylet (the node dies: `ray start --block` then ends the rest)."""
+        raylet = next(p for p in psutil.Process(self.nodes[name].pid).children(recursive=True) if p.name() == "raylet")
+        raylet.kill()
+        self.nodes[name].wait(timeout=60)
+        return raylet.pid
+
+    def stop_node(self, name: str) -> None:
+        proc = self.nodes.pop(name)
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node's processes
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for child in tree:  # anything of this node that outlived it
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    def stop(self) -> None:
+        for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
+            self.stop_node(name)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_cluster(head_cpus: int = 1, workers: dict[str, tuple[int, dict]] | None = None) -> RayCluster:
+    """A head node (`head_cpus` CPUs) and worker nodes (name -> (cpus, custom resources)), ready."""
+    # short: Ray's unix sockets live under it and a socket path is limited to 107 bytes
+    cluster = RayCluster(Path(tempfile.mkdtemp(prefix="tjray", dir="/tmp")))
+    try:
+        cluster.start_head(head_cpus)
+        cluster.wait_ready(1)
+        for name, (cpus, resources) in (workers or {}).items():
+            cluster.add_node(name, cpus, resources)
+        cluster.wait_ready(1 + len(workers or {}))
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
