@@ -38,6 +38,16 @@ def _options(
         os.environ["TUNEJOB_VERBOSE"] = "1"  # child processes (serve's jobs, --nproc workers) inherit it
 
 
+class ChatDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class ChatEngine(str, Enum):
+    local = "local"
+    vllm = "vllm"
+
+
 class DataFormat(str, Enum):
     openai = "openai"
     bedrock = "bedrock"
@@ -233,11 +243,17 @@ def serve(
     train_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of a training job (default: the cores minus chat's share).")] = None,
     chat_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of chat generation (default: a quarter of the cores, at least 1, while a job trains; all when none does).")] = None,
     chat_queue: Annotated[int, typer.Option(min=1, help="Chat requests waiting or generating before new ones get 429.")] = 8,
+    chat_batch: Annotated[int, typer.Option(min=1, help="Chat requests that share one forward pass (local engine).")] = 8,
+    chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): bfloat16 only where the device is fast in it.")] = ChatDtype.float32,
+    chat_merge_mb: Annotated[int, typer.Option(min=0, help="Memory for merged copies of adapters chatted with repeatedly (local engine); 0 never merges.")] = 1024,
+    engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine.local,
+    vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,
 ) -> None:
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
 
-    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len}
+    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "chat_batch": chat_batch,
+            "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "engine": engine.value, "vllm_url": vllm_url}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue)
 

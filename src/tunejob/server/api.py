@@ -33,6 +33,11 @@ class ServerConfig:
     train_threads: int | None = None  # torch threads of a training child (None: train.threads.budget)
     chat_threads: int | None = None  # torch threads of chat generation while a job trains (None: the budget's)
     chat_queue: int = 8  # chat requests waiting or generating before 429 (server/generation.py)
+    chat_batch: int = 8  # chat rows sharing one forward pass (server/batch.py)
+    chat_dtype: str = "float32"  # weights chat runs in: float32 or bfloat16 (bf16 only where the device is fast in it)
+    chat_merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (server/weights.py); 0: never
+    engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)
+    vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
 
 
 class ApiError(Exception):

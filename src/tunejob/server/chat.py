@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tunejob.server import inference
 from tunejob.server.api import ApiError, ServerState, error_response, json_body, owner
-from tunejob.server.generation import Busy, Engine, Generation
+from tunejob.server.generation import Busy, Engine, EngineOptions, Generation
 from tunejob.server.models import resolve_chat_model
 from tunejob.server.requests import ChatCompletionRequest, parse
 from tunejob.server.store import new_id
@@ -125,8 +125,9 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter()
     config = state.config
     budget = threads.budget(config.train_threads, config.chat_threads)
+    options = EngineOptions(max_batch=config.chat_batch, dtype=config.chat_dtype, merge_mb=config.chat_merge_mb)
     engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+                    log=lambda m: print(m, file=sys.stderr, flush=True), options=options)
     api.add_event_handler("shutdown", engine.stop)
 
     @api.post("/v1/chat/completions")
