@@ -129,11 +129,20 @@ def router(state: ServerState) -> APIRouter:
     engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue,
                     log=lambda m: print(m, file=sys.stderr, flush=True), options=options)
     api.add_event_handler("shutdown", engine.stop)
+    forward = None
+    if config.engine == "vllm":
+        from tunejob.server.vllm import VllmEngine
+
+        forward = VllmEngine(config.vllm_url, log=engine.log)
+        state.worker.on_succeeded.append(lambda job_id, adapter: forward.load_now(adapter))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        name, chat, stream, include_usage = parse_request(await json_body(request))
+        body = await json_body(request)
+        name, chat, stream, include_usage = parse_request(body)
         base_path, adapter = resolve_chat_model(state, owner(request), name)
+        if forward is not None:  # the vLLM engine: the model is resolved for this key here, generated there
+            return await forward.chat(body, name, adapter)
         gen = Generation(base_path, adapter, chat, stream, asyncio.get_running_loop())
         try:
             engine.submit(gen)
