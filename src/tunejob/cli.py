@@ -246,6 +246,7 @@ def serve(
     chat_batch: Annotated[int, typer.Option(min=1, help="Chat requests that share one forward pass (local engine).")] = 8,
     chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): bfloat16 only where the device is fast in it.")] = ChatDtype.float32,
     chat_merge_mb: Annotated[int, typer.Option(min=0, help="Memory for merged copies of adapters chatted with repeatedly (local engine); 0 never merges.")] = 1024,
+    chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = False,
     engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine.local,
     vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,
 ) -> None:
@@ -253,7 +254,7 @@ def serve(
     from tunejob.server.run import serve as _serve
 
     caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "chat_batch": chat_batch,
-            "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "engine": engine.value, "vllm_url": vllm_url}
+            "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue)
 

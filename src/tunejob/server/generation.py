@@ -83,13 +83,15 @@ class EngineOptions:
     dtype: str = "float32"  # "bfloat16" where the device is fast in it (the training probe decides; not wired yet)
     merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (weights.py); 0: never merge
     merge_after: int = 2  # an adapter's request number from which it runs merged
+    compile: bool = False  # torch.compile the forward of models without unmerged adapters (weights.py)
 
 
 class Engine:
     def __init__(self, budget: threads.Budget, training: Callable[[], bool] = lambda: False,
                  max_pending: int = MAX_PENDING, log=print, options: EngineOptions = EngineOptions()):
         self.budget, self.training, self.max_pending, self.log, self.options = budget, training, max_pending, log, options
-        self.weights = Weights(getattr(torch, options.dtype), options.merge_mb * 2**20, options.merge_after, log=log)
+        self.weights = Weights(getattr(torch, options.dtype), options.merge_mb * 2**20, options.merge_after, log=log,
+                               compile=options.compile)
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._pending = 0  # queued + generating
         self._lock = threading.Lock()

@@ -39,8 +39,9 @@ def parameter_bytes(model) -> int:
 
 
 class Weights:
-    def __init__(self, dtype: torch.dtype = torch.float32, merge_bytes: int = 1 << 30, merge_after: int = 2, log=print):
-        self.dtype, self.merge_bytes, self.merge_after, self.log = dtype, merge_bytes, merge_after, log
+    def __init__(self, dtype: torch.dtype = torch.float32, merge_bytes: int = 1 << 30, merge_after: int = 2, log=print,
+                 compile: bool = False):
+        self.dtype, self.merge_bytes, self.merge_after, self.log, self.compile = dtype, merge_bytes, merge_after, log, compile
         self._bases: dict[str, list] = {}  # base path -> [model (plain or PeftModel), tokenizer, {adapter dir: name}]
         self._merged: OrderedDict[str, tuple] = OrderedDict()  # adapter dir -> (model, tokenizer, bytes)
         self._requests: Counter[str] = Counter()
@@ -74,9 +75,20 @@ class Weights:
         adapters. Asked at every step, not kept: the first adapter wraps a base in a PeftModel
         (injecting LoRA layers into it), after which its plain rows must say "__base__"."""
         if target.model is not None:
-            return target.model, None
+            return self._maybe_compiled(target.model), None
         model, _, names = self._bases[target.key[1]]
-        return model, ([names[a] if a else BASE_ROWS for a in adapters] if names else None)
+        if names:  # peft's per-row adapter hooks stay eager
+            return model, [names[a] if a else BASE_ROWS for a in adapters]
+        return self._maybe_compiled(model), None
+
+    def _maybe_compiled(self, model):
+        """torch.compile'd (dynamic shapes: rows join and leave) when asked for: an option, not a
+        default, until it is measured to pay on the machine (the first calls of each shape compile)."""
+        if not self.compile:
+            return model
+        if getattr(model, "_tunejob_compiled", None) is None:  # kept on the model: a dropped merged copy takes it along
+            model._tunejob_compiled = torch.compile(model, dynamic=True)
+        return model._tunejob_compiled
 
     def _base(self, base_path: str) -> list:
         if base_path not in self._bases:
