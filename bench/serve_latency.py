@@ -170,14 +170,16 @@ def main() -> None:
     ap.add_argument("--chat-dtype", default="float32", choices=["float32", "bfloat16"], help="weights both servers chat in")
     args = ap.parse_args()
 
-    from openai import OpenAI
-
     from tunejob.train.models import default_model_path
 
     model = args.model or str(default_model_path())
-    if args.streams:
-        publish(streams_report(args, model), args.out)
-        return
+    publish(streams_report(args, model) if args.streams else latency_report(args, model), args.out)
+
+
+def latency_report(args, model: str) -> dict:
+    """Steps 1-4 of the docstring: job start times, served chat latency, the direct baseline."""
+    from openai import OpenAI
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         port = free_port()
@@ -241,7 +243,7 @@ def main() -> None:
         "served_cold_first_request_s": round(cold, 3), "served": s, "direct_generate": d, "direct_model_load_s": round(load_s, 2),
         "overhead_median_s": round(s["median_s"] - d["median_s"], 3), "same_answer": served_text == direct_text,
     }
-    publish(report, args.out)
+    return report
 
 
 if __name__ == "__main__":

@@ -41,28 +41,33 @@ def _alone(base, adapter, request: ChatRequest) -> str:
     return generate(model, AutoTokenizer.from_pretrained(base), request).content
 
 
-def _run(base, requests: list[tuple], options: EngineOptions = EngineOptions(), cancel_after: dict | None = None, stagger: float = 0.0):
-    """Every (adapter, request) through one engine at once; the results (or exceptions) in order."""
+def _run(base, requests: list[tuple], options: EngineOptions = EngineOptions(), cancel_after: dict | None = None,
+         stagger: float = 0.0, one_by_one: bool = False):
+    """Every (adapter, request) through one engine (at once, `stagger` s apart, or each after the
+    last has finished); the results (or exceptions) in order, and the engine's log lines."""
     logs: list[str] = []
+
+    async def collect(i: int, g: Generation):
+        pieces = 0
+        while True:
+            kind, value = await g.next_event(120)
+            pieces += kind == "text"
+            if cancel_after and i in cancel_after and pieces >= cancel_after[i]:
+                g.cancel()
+            if kind in ("done", "error"):
+                return value
 
     async def main():
         engine = Engine(threads.budget(1, 1), options=options, log=logs.append)
         loop = asyncio.get_running_loop()
         gens = [Generation(str(base), adapter, req, True, loop) for adapter, req in requests]
-        for g in gens:
-            engine.submit(g)
-            await asyncio.sleep(stagger)
         out = []
         for i, g in enumerate(gens):
-            pieces = 0
-            while True:
-                kind, value = await g.next_event(120)
-                pieces += kind == "text"
-                if cancel_after and i in cancel_after and pieces >= cancel_after[i]:
-                    g.cancel()
-                if kind in ("done", "error"):
-                    out.append(value)
-                    break
+            engine.submit(g)
+            if one_by_one:
+                out.append(await collect(i, g))
+            await asyncio.sleep(stagger)
+        out = out or [await collect(i, g) for i, g in enumerate(gens)]
         engine.stop()
         return out
 
@@ -79,6 +84,17 @@ def test_mixed_adapters_in_one_batch_answer_as_alone(tiny_model, adapters):
         assert [r.content for r in results] == expected, options
         assert all(r.finish_reason == "length" for r in results)
         assert any(("merged into a copy" if options.merge_after == 1 else "runs unmerged") in line for line in logs), logs
+
+
+def test_idle_adapters_are_unloaded_past_the_cap(tiny_model, adapters, monkeypatch):
+    from tunejob.server import weights
+
+    monkeypatch.setattr(weights, "MAX_ADAPTERS", 1)
+    ask = ChatRequest(messages=[{"role": "user", "content": "gamma"}], max_tokens=7, temperature=0)
+    order = [adapters[0], adapters[1], adapters[0]]
+    results, logs = _run(tiny_model, [(a, ask) for a in order], EngineOptions(merge_mb=0), one_by_one=True)
+    assert [r.content for r in results] == [_alone(tiny_model, a, ask) for a in order]
+    assert sum("unloaded (least recently used" in line for line in logs) == 2, logs  # each load past the first unloads the other
 
 
 def test_a_seed_holds_whatever_else_is_in_the_batch(tiny_model):

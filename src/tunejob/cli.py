@@ -18,12 +18,8 @@ import typer
 
 from tunejob.errors import TunejobError
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Run LLM fine-tuning jobs and judge them: validate, plan, train, watch, report.",
-)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run LLM fine-tuning jobs and judge them: validate, plan, train, watch, report.")
 
 
 def _err(message: str) -> None:
@@ -38,19 +34,9 @@ def _options(
         os.environ["TUNEJOB_VERBOSE"] = "1"  # child processes (serve's jobs, --nproc workers) inherit it
 
 
-class ChatDtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-
-
-class ChatEngine(str, Enum):
-    local = "local"
-    vllm = "vllm"
-
-
-class DataFormat(str, Enum):
-    openai = "openai"
-    bedrock = "bedrock"
+ChatDtype = Enum("ChatDtype", {"float32": "float32", "bfloat16": "bfloat16"}, type=str)
+ChatEngine = Enum("ChatEngine", {"local": "local", "vllm": "vllm"}, type=str)
+DataFormat = Enum("DataFormat", {"openai": "openai", "bedrock": "bedrock"}, type=str)
 
 
 @app.command()
@@ -312,10 +298,7 @@ def chat(
     print(answer(model, tokenizer, messages, max_new_tokens))
 
 
-class GGUFType(str, Enum):
-    f16 = "f16"
-    q8_0 = "q8_0"
-    f32 = "f32"
+GGUFType = Enum("GGUFType", {"f16": "f16", "q8_0": "q8_0", "f32": "f32"}, type=str)
 
 
 @app.command()

@@ -147,8 +147,12 @@ class Engine:
 
     def _row(self, gen: Generation) -> Row:
         target = self.weights.target(gen.base_path, gen.adapter)
-        model, _ = self.weights.forward_model(target, [])
-        prompt = prompt_inputs(target.tokenizer, gen.request, "cpu")["input_ids"][0].tolist()
+        try:
+            model, _ = self.weights.forward_model(target, [])
+            prompt = prompt_inputs(target.tokenizer, gen.request, "cpu")["input_ids"][0].tolist()
+        except Exception:
+            self.weights.release(target)
+            raise
         return Row(prompt, gen.request, target, eos_ids(model, target.tokenizer), gen.cancel_flag.is_set, owner=gen)
 
     def _join(self, batches: dict[tuple, Batch], waiting: deque) -> None:
@@ -183,6 +187,7 @@ class Engine:
                     gen._emit("text", text[len(gen.sent):])
                     gen.sent = text
         for row in done:
+            self.weights.release(row.target)
             if row.finish != "error":
                 result = to_result(row.target.tokenizer, row.request, len(row.prompt), row.tokens, row.eos, row.finish == "cancelled")
                 if result.finish_reason == "cancelled":

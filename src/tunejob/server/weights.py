@@ -8,7 +8,8 @@ in, the forward is the base model's. Why not always: a merged copy costs the bas
 (0.54 GB for SmolLM2-135M in fp32), and its rows batch only with rows of the same adapter. So an
 adapter is merged at its `merge_after`-th request if the copy fits `merge_bytes`; the log says
 which path each adapter takes. Adapters are small (r 8 on SmolLM2-135M's attention: ~2 MB) and
-stay loaded on their base; bases are the server's configured ones.
+stay loaded on their base, the least recently used not in use unloaded past MAX_ADAPTERS; bases
+are the server's configured ones.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 BASE_ROWS = "__base__"  # peft's name for rows of a mixed batch that use no adapter
+MAX_ADAPTERS = 16  # unmerged adapters kept per base (r 16 on all of a 7B model's linear layers: ~80 MB each)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class Weights:
         self._bases: dict[str, list] = {}  # base path -> [model (plain or PeftModel), tokenizer, {adapter dir: name}]
         self._merged: OrderedDict[str, tuple] = OrderedDict()  # adapter dir -> (model, tokenizer, bytes)
         self._requests: Counter[str] = Counter()
+        self._in_use: Counter[str] = Counter()  # unmerged adapters with rows generating (never unloaded)
+        self._serial = 0
         self._lock = threading.Lock()
 
     def target(self, base_path: str, adapter: Path | None) -> Target:
@@ -64,11 +68,18 @@ class Weights:
             if self._requests[key] >= self.merge_after and size <= self.merge_bytes:
                 return self._merge(base_path, key, size)
             self._adapter(base_path, key)
+            self._in_use[key] += 1
             if self._requests[key] == 1 or (self._requests[key] == self.merge_after and size > self.merge_bytes):
                 why = (f"a merged copy would need {size / 2**20:.0f} MB of the {self.merge_bytes / 2**20:.0f} MB merge budget"
                        if size > self.merge_bytes else f"merged from its request {self.merge_after} on")
                 self.log(f"chat: adapter {key} runs unmerged on its base ({why})")
             return Target(None, tokenizer, key, ("base", base_path), "unmerged")
+
+    def release(self, target: Target) -> None:
+        """A row on `target` finished: its adapter may be unloaded again."""
+        with self._lock:
+            if target.adapter is not None:
+                self._in_use[target.adapter] -= 1
 
     def forward_model(self, target: Target, adapters: list[str | None]):
         """(model, adapter_names or None) for one forward pass over rows of `target.key` with these
@@ -103,16 +114,23 @@ class Weights:
     def _adapter(self, base_path: str, adapter: str) -> None:
         entry = self._bases[base_path]
         model, _, names = entry
-        if adapter not in names:
-            name = f"a{len(names)}"
-            if not names:
-                from peft import PeftModel
+        if adapter in names:
+            names[adapter] = names.pop(adapter)  # most recently used last
+            return
+        self._serial += 1
+        name = f"a{self._serial}"
+        if not names:
+            from peft import PeftModel
 
-                entry[0] = PeftModel.from_pretrained(model, adapter, adapter_name=name).eval()
-            else:
-                model.load_adapter(adapter, adapter_name=name)
-            entry[0].to(self.dtype)
-            names[adapter] = name
+            entry[0] = PeftModel.from_pretrained(model, adapter, adapter_name=name).eval()
+        else:
+            model.load_adapter(adapter, adapter_name=name)
+        entry[0].to(self.dtype)
+        names[adapter] = name
+        idle = [a for a in names if not self._in_use[a] and a != adapter]
+        if len(names) > MAX_ADAPTERS and idle:
+            entry[0].delete_adapter(names.pop(idle[0]))
+            self.log(f"chat: adapter {idle[0]} unloaded (least recently used of {MAX_ADAPTERS + 1} on its base)")
 
     def _merge(self, base_path: str, adapter: str, size: int) -> Target:
         from peft import PeftModel
