@@ -7,6 +7,7 @@ top-2 logits within 1e-4 at the first token where the answers part), where round
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -20,14 +21,18 @@ PROMPTS = [("alpha beta gamma", 12), ("delta", 30), ("epsilon zeta eta theta iot
            ("xi omicron pi rho", 17), ("sigma", 9)]
 
 
-def _reference(base: str, adapter, prompt: str, max_tokens: int) -> tuple[list[int], list[float], object]:
-    """One request alone: generate()'s greedy tokens and each step's top-2 logit gap."""
+@functools.lru_cache(maxsize=4)
+def _model(base: str, adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = (PeftModel.from_pretrained(model, str(adapter)) if adapter else model).eval()
+    return (PeftModel.from_pretrained(model, str(adapter)) if adapter else model).eval(), AutoTokenizer.from_pretrained(base)
+
+
+def _reference(base: str, adapter, prompt: str, max_tokens: int) -> tuple[list[int], list[float], object]:
+    """One request alone: generate()'s greedy tokens and each step's top-2 logit gap."""
+    model, tok = _model(base, adapter)
     inputs = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,

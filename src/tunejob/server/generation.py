@@ -56,7 +56,8 @@ class Generation:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.time)
-    sent: str = ""  # the text streamed so far
+    sent: str = ""  # the text of the tokens from `sent_from` on that was streamed
+    sent_from: int = 0  # the token the streamed text restarts from (after a newline, as TextStreamer does)
 
     def cancel(self) -> None:
         self.cancel_flag.set()
@@ -182,10 +183,13 @@ class Engine:
         for row in batch.rows + done:
             gen: Generation = row.owner
             if gen.stream and not gen.request.parses_calls and row.finish != "error":
-                text = row.target.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                # Decoding from the last newline, not from the start, keeps a long answer's cost per token flat.
+                text = row.target.tokenizer.decode(row.tokens[gen.sent_from:], skip_special_tokens=True)
                 if len(text) > len(gen.sent) and not text.endswith("\ufffd"):  # hold back half a character
                     gen._emit("text", text[len(gen.sent):])
                     gen.sent = text
+                    if text.endswith("\n"):
+                        gen.sent, gen.sent_from = "", len(row.tokens)
         for row in done:
             self.weights.release(row.target)
             if row.finish != "error":
