@@ -20,7 +20,10 @@ Concurrent streams (`--streams 1,4,8`; replaces the steps above): for each N, N 
 `tunejob serve` on the base model, after one warm-up request; figures per N: aggregate completion
 tokens/s (all tokens / wall time), time to first token and whole-request latency (p50 / p99).
 `--transformers-serve` runs the same load against `transformers serve MODEL` (transformers' own
-OpenAI-compatible server; fp32 on CPU, as tunejob's default) and its `--continuous-batching`:
+OpenAI-compatible server; fp32 on CPU, as tunejob's default) and its `--continuous-batching`.
+Each step's effect: `--serve-arg=--chat-batch=1` (one request at a time), `--fine-tuned` (an
+adapter, merged from its 2nd request) with and without `--serve-arg=--chat-merge-mb=0`,
+`--chat-dtype bfloat16`, `--serve-arg=--chat-compile`:
 
     python bench/serve_latency.py --streams 1,4,8 --stream-requests 4 --max-tokens 128 --transformers-serve \
         --out bench/results/serve_streams.json
@@ -119,13 +122,17 @@ def streams_report(args, model: str) -> dict:
     if args.transformers_serve:
         servers.update({"transformers_serve": [], "transformers_serve_continuous_batching": ["--continuous-batching"]})
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "model": model, "max_tokens": args.max_tokens,
-              "requests_per_stream": args.stream_requests, "chat_dtype": args.chat_dtype}
+              "requests_per_stream": args.stream_requests, "chat_dtype": args.chat_dtype, "serve_args": args.serve_arg,
+              "fine_tuned": args.fine_tuned}
     for name, flags in servers.items():
         with tempfile.TemporaryDirectory() as tmp:
             port, log = free_port(), Path(tmp) / "server.log"
             if flags is None:
-                proc = start_server(Path(tmp) / "data", model, port, log, ["--chat-queue", str(max(counts)), "--chat-dtype", args.chat_dtype])
+                proc = start_server(Path(tmp) / "data", model, port, log,
+                                    ["--chat-queue", str(max(counts)), "--chat-dtype", args.chat_dtype, *args.serve_arg])
                 url, key, name_in_api = f"http://127.0.0.1:{port}/v1", KEY, "default"
+                if args.fine_tuned:
+                    name_in_api = _fine_tuned(url)
             else:
                 proc = _start_transformers_serve(model, port, log, flags, args.chat_dtype)
                 if isinstance(proc, str):
@@ -142,6 +149,21 @@ def streams_report(args, model: str) -> dict:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     return report
+
+
+def _fine_tuned(url: str) -> str:
+    """A fine-tuned model to chat with: a 2-step job on the Sales Companion set (its adapter is what counts)."""
+    from openai import OpenAI
+
+    c = OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=600)
+    f = c.files.create(file=open(DATA, "rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters={"batch_size": 4},
+                                    extra_body={"tunejob": {"hyperparameters": {"max_steps": 2, "max_seq_len": 256}}})
+    while (job := c.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+    if job.status != "succeeded":
+        raise SystemExit(f"the job for --fine-tuned ended {job.status}: {job.error}")
+    return job.fine_tuned_model
 
 
 def _start_transformers_serve(model: str, port: int, log: Path, flags: list[str], dtype: str):
@@ -167,6 +189,9 @@ def main() -> None:
     ap.add_argument("--streams", default="", help="concurrent streams to measure, e.g. 1,4,8 (replaces the job and latency steps)")
     ap.add_argument("--stream-requests", type=int, default=4, help="requests each stream sends, one after the other")
     ap.add_argument("--transformers-serve", action="store_true", help="the same load against `transformers serve` (+ continuous batching)")
+    ap.add_argument("--fine-tuned", action="store_true", help="streams chat with a fine-tuned model (a 2-step job) instead of the base")
+    ap.add_argument("--serve-arg", action="append", default=[], help="an extra `tunejob serve` option, e.g. --serve-arg=--chat-batch=1 "
+                    "(one at a time), --serve-arg=--chat-merge-mb=0 (unmerged), --serve-arg=--chat-compile")
     ap.add_argument("--chat-dtype", default="float32", choices=["float32", "bfloat16"], help="weights both servers chat in")
     args = ap.parse_args()
 
