@@ -46,6 +46,12 @@ def test_chat_is_forwarded_to_vllm_with_the_adapter_loaded_on_success(tmp_path, 
         stub.adapters.clear()  # vLLM restarted and lost the adapter: the next chat hands it over again
         again = a.chat.completions.create(model=ft, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert again.model == ft and len(stub.loads) == 2 and stub.loads[-1]["lora_name"] == lora
+
+        stub.stop()  # vLLM gone: OpenAI's error shape with a 502 that names the engine, not a hang or a bare 500
+        stub.wait_stopped()
+        with pytest.raises(openai.APIStatusError) as err:
+            a.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert err.value.status_code == 502 and err.value.code == "engine_unavailable" and "--vllm-url" in err.value.message
     finally:
         server.stop()
         stub.stop()

@@ -50,12 +50,16 @@ class VllmStub:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "VllmStub":
-        threading.Thread(target=self._server.run, daemon=True).start()
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
         wait_until_up(f"{self.url}/health", timeout=30)
         return self
 
     def stop(self) -> None:
         self._server.should_exit = True
+
+    def wait_stopped(self, timeout: float = 10) -> None:
+        self._thread.join(timeout)
 
     def _app(self) -> FastAPI:
         app = FastAPI()
