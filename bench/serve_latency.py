@@ -14,12 +14,27 @@ One run:
   4. load the same base + adapter in this process and call the server's own generation function
      (server/inference.complete) with the same messages and settings: the direct baseline.
 The difference between 3 and 4 is what HTTP, JSON and the server add per request.
+
+Concurrent streams (`--streams 1,4,8`; replaces the steps above): for each N, N clients stream
+`--stream-requests` greedy chats each at once (the official SDK, stream_options.include_usage) to
+`tunejob serve` on the base model, after one warm-up request; figures per N: aggregate completion
+tokens/s (all tokens / wall time), time to first token and whole-request latency (p50 / p99).
+`--transformers-serve` runs the same load against `transformers serve MODEL` (transformers' own
+OpenAI-compatible server; fp32 on CPU, as tunejob's default) and its `--continuous-batching`.
+Each step's effect: `--serve-arg=--chat-batch=1` (one request at a time), `--fine-tuned` (an
+adapter, merged from its 2nd request) with and without `--serve-arg=--chat-merge-mb=0`,
+`--chat-dtype bfloat16`, `--serve-arg=--chat-compile`:
+
+    python bench/serve_latency.py --streams 1,4,8 --stream-requests 4 --max-tokens 128 --transformers-serve \
+        --out bench/results/serve_streams.json
+    python bench/serve_latency.py --model /path/to/tiny --streams 1,2 --stream-requests 1 --max-tokens 4 --transformers-serve  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import threading
 import signal
 import statistics
 import subprocess
@@ -55,6 +70,115 @@ def summary(xs: list[float]) -> dict:
             "min_s": round(xs[0], 3)}
 
 
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
+
+
+def stream_load(base_url: str, api_key: str, model: str, streams: int, requests: int, max_tokens: int) -> dict:
+    """`streams` clients at once, each streaming `requests` greedy chats one after the other."""
+    from openai import OpenAI
+
+    ttft, latency, tokens, failures = [], [], [], []
+
+    def client_loop() -> None:
+        c = OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=1800)
+        for _ in range(requests):
+            t, first, used, pieces = time.perf_counter(), None, None, 0
+            try:
+                for chunk in c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
+                                                       stream=True, stream_options={"include_usage": True}):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        first, pieces = first or time.perf_counter(), pieces + 1
+                    if chunk.usage:
+                        used = chunk.usage.completion_tokens
+            except Exception as exc:  # a server that refuses (429) or breaks: counted, not hidden
+                failures.append(f"{exc.__class__.__name__}: {str(exc)[:200]}")
+                continue
+            end = time.perf_counter()
+            ttft.append((first or end) - t)
+            latency.append(end - t)
+            tokens.append(used if used is not None else pieces)  # without usage, content chunks (~tokens)
+
+    workers = [threading.Thread(target=client_loop) for _ in range(streams)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - start
+    out = {"streams": streams, "requests": len(latency), "failures": failures[:5], "completion_tokens": sum(tokens),
+           "wall_s": round(wall, 2), "aggregate_tokens_per_s": round(sum(tokens) / wall, 1)}
+    if latency:
+        out.update(ttft_p50_s=percentile(ttft, 0.5), ttft_p99_s=percentile(ttft, 0.99),
+                   latency_p50_s=percentile(latency, 0.5), latency_p99_s=percentile(latency, 0.99))
+    return out
+
+
+def streams_report(args, model: str) -> dict:
+    """The concurrent-streams figures for tunejob serve and (with --transformers-serve) transformers serve."""
+    counts = [int(n) for n in args.streams.split(",")]
+    servers = {"tunejob_serve": None}
+    if args.transformers_serve:
+        servers.update({"transformers_serve": [], "transformers_serve_continuous_batching": ["--continuous-batching"]})
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "model": model, "max_tokens": args.max_tokens,
+              "requests_per_stream": args.stream_requests, "chat_dtype": args.chat_dtype, "serve_args": args.serve_arg,
+              "fine_tuned": args.fine_tuned}
+    for name, flags in servers.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            port, log = free_port(), Path(tmp) / "server.log"
+            if flags is None:
+                proc = start_server(Path(tmp) / "data", model, port, log,
+                                    ["--chat-queue", str(max(counts)), "--chat-dtype", args.chat_dtype, *args.serve_arg])
+                url, key, name_in_api = f"http://127.0.0.1:{port}/v1", KEY, "default"
+                if args.fine_tuned:
+                    name_in_api = _fine_tuned(url)
+            else:
+                proc = _start_transformers_serve(model, port, log, flags, args.chat_dtype)
+                if isinstance(proc, str):
+                    report[name] = {"error": proc}
+                    continue
+                url, key, name_in_api = f"http://127.0.0.1:{port}/v1", "unused", model
+            try:
+                warm = stream_load(url, key, name_in_api, 1, 1, 2)
+                report[name] = [stream_load(url, key, name_in_api, n, args.stream_requests, args.max_tokens) for n in counts] if warm["requests"] else {"error": warm["failures"]}
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    return report
+
+
+def _fine_tuned(url: str) -> str:
+    """A fine-tuned model to chat with: a 2-step job on the Sales Companion set (its adapter is what counts)."""
+    from openai import OpenAI
+
+    c = OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=600)
+    f = c.files.create(file=open(DATA, "rb"), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters={"batch_size": 4},
+                                    extra_body={"tunejob": {"hyperparameters": {"max_steps": 2, "max_seq_len": 256}}})
+    while (job := c.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+    if job.status != "succeeded":
+        raise SystemExit(f"the job for --fine-tuned ended {job.status}: {job.error}")
+    return job.fine_tuned_model
+
+
+def _start_transformers_serve(model: str, port: int, log: Path, flags: list[str], dtype: str):
+    """`transformers serve MODEL` on loopback, or why it did not start (the report says so)."""
+    exe = Path(sys.executable).with_name("transformers")
+    proc = subprocess.Popen([str(exe), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", dtype, *flags],
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", proc, timeout=300)
+    except RuntimeError as exc:
+        proc.kill()
+        return f"{exc}: {log.read_text()[-500:]}"
+    return proc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
@@ -62,13 +186,25 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--streams", default="", help="concurrent streams to measure, e.g. 1,4,8 (replaces the job and latency steps)")
+    ap.add_argument("--stream-requests", type=int, default=4, help="requests each stream sends, one after the other")
+    ap.add_argument("--transformers-serve", action="store_true", help="the same load against `transformers serve` (+ continuous batching)")
+    ap.add_argument("--fine-tuned", action="store_true", help="streams chat with a fine-tuned model (a 2-step job) instead of the base")
+    ap.add_argument("--serve-arg", action="append", default=[], help="an extra `tunejob serve` option, e.g. --serve-arg=--chat-batch=1 "
+                    "(one at a time), --serve-arg=--chat-merge-mb=0 (unmerged), --serve-arg=--chat-compile")
+    ap.add_argument("--chat-dtype", default="float32", choices=["float32", "bfloat16"], help="weights both servers chat in")
     args = ap.parse_args()
-
-    from openai import OpenAI
 
     from tunejob.train.models import default_model_path
 
     model = args.model or str(default_model_path())
+    publish(streams_report(args, model) if args.streams else latency_report(args, model), args.out)
+
+
+def latency_report(args, model: str) -> dict:
+    """Steps 1-4 of the docstring: job start times, served chat latency, the direct baseline."""
+    from openai import OpenAI
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         port = free_port()
@@ -132,7 +268,7 @@ def main() -> None:
         "served_cold_first_request_s": round(cold, 3), "served": s, "direct_generate": d, "direct_model_load_s": round(load_s, 2),
         "overhead_median_s": round(s["median_s"] - d["median_s"], 3), "same_answer": served_text == direct_text,
     }
-    publish(report, args.out)
+    return report
 
 
 if __name__ == "__main__":

@@ -95,9 +95,12 @@ def test_the_api_answers_while_a_job_trains_and_a_chat_generates(tmp_path, tiny_
         for w in workers:
             w.join(timeout=120)
 
-        # The queue holds 2: the stream, and one chat waiting behind it; a third gets 429 at once.
-        waiting = _post_chat(server.port, {"model": "default", "messages": [{"role": "user", "content": "beta"}], "max_tokens": 2})
-        time.sleep(0.5)
+        # The queue holds 2: the stream and a second long one (they generate together, batch.py); a third gets 429 at once.
+        second = _Stream(server.port)
+        second.start()
+        deadline = time.time() + 60
+        while not second.chunk_times and time.time() < deadline:
+            time.sleep(0.05)
         refused = _post_chat(server.port, {"model": "default", "messages": [{"role": "user", "content": "gamma"}], "max_tokens": 2}).getresponse()
         body = json.loads(refused.read())
         assert refused.status == 429 and int(refused.getheader("Retry-After")) >= 1
@@ -106,7 +109,14 @@ def test_the_api_answers_while_a_job_trains_and_a_chat_generates(tmp_path, tiny_
         assert not stream.ended.is_set(), "the long generation ended before the load did; raise its max_tokens"
         last_chunk = stream.chunk_times[-1]
         stream.hang_up()
-        answer = waiting.getresponse()  # the engine is free again once the stream's generation stopped
+        second.hang_up()
+        deadline = time.time() + 30
+        while True:  # the queue is free again once the streams' generations stopped (within a token of the hang-up)
+            answer = _post_chat(server.port, {"model": "default", "messages": [{"role": "user", "content": "beta"}], "max_tokens": 2}).getresponse()
+            if answer.status != 429 or time.time() > deadline:
+                break
+            answer.read()
+            time.sleep(0.2)
         assert answer.status == 200 and json.loads(answer.read())["choices"][0]["finish_reason"] in ("stop", "length")
 
         assert calls and all(status < 500 for _, status, _, _ in calls), [x for x in calls if x[1] >= 500]
@@ -114,10 +124,10 @@ def test_the_api_answers_while_a_job_trains_and_a_chat_generates(tmp_path, tiny_
         assert len(during) >= 3, f"GETs answered while the chat generated: {len(during)} of {len(calls)}"
         assert c.fine_tuning.jobs.retrieve(job.id).status == "running"
         deadline = time.time() + 30
-        while "generation stopped after" not in server.log.read_text() and time.time() < deadline:
+        while server.log.read_text().count("generation stopped after") < 2 and time.time() < deadline:
             time.sleep(0.2)
         stopped = [line for line in server.log.read_text().splitlines() if "generation stopped after" in line]
-        assert stopped and int(stopped[0].split("after ")[1].split()[0]) < 4096, stopped
+        assert len(stopped) == 2 and int(stopped[0].split("after ")[1].split()[0]) < 4096, stopped
     finally:
         server.stop()
 

@@ -18,12 +18,8 @@ import typer
 
 from tunejob.errors import TunejobError
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Run LLM fine-tuning jobs and judge them: validate, plan, train, watch, report.",
-)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run LLM fine-tuning jobs and judge them: validate, plan, train, watch, report.")
 
 
 def _err(message: str) -> None:
@@ -38,14 +34,10 @@ def _options(
         os.environ["TUNEJOB_VERBOSE"] = "1"  # child processes (serve's jobs, --nproc workers) inherit it
 
 
-class Executor(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
-class DataFormat(str, Enum):
-    openai = "openai"
-    bedrock = "bedrock"
+Executor = Enum("Executor", {"local": "local", "ray": "ray"}, type=str)
+ChatDtype = Enum("ChatDtype", {"float32": "float32", "bfloat16": "bfloat16"}, type=str)
+ChatEngine = Enum("ChatEngine", {"local": "local", "vllm": "vllm"}, type=str)
+DataFormat = Enum("DataFormat", {"openai": "openai", "bedrock": "bedrock"}, type=str)
 
 
 @app.command()
@@ -242,11 +234,18 @@ def serve(
     slots: Annotated[int, typer.Option(min=1, help="local: training jobs at once on this machine (one per GPU; each child gets one GPU and its share of the threads).")] = 1,
     ray_address: Annotated[Optional[str], typer.Option(help="ray: the cluster: auto (on a node of it), http://HEAD:8265 or ray://HEAD:10001.")] = None,
     node_retries: Annotated[int, typer.Option(min=0, help="Resumes of a job whose run was lost with its node, before the job fails.")] = 2,
+    chat_batch: Annotated[int, typer.Option(min=1, help="Chat requests that share one forward pass (local engine).")] = 8,
+    chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): bfloat16 only where the device is fast in it.")] = ChatDtype.float32,
+    chat_merge_mb: Annotated[int, typer.Option(min=0, help="Memory for merged copies of adapters chatted with repeatedly (local engine); 0 never merges.")] = 1024,
+    chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = False,
+    engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine.local,
+    vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,
 ) -> None:
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
 
-    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len}
+    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "chat_batch": chat_batch,
+            "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue,
            executor={"executor": executor.value, "slots": slots, "ray_address": ray_address, "node_retries": node_retries})
@@ -305,10 +304,7 @@ def chat(
     print(answer(model, tokenizer, messages, max_new_tokens))
 
 
-class GGUFType(str, Enum):
-    f16 = "f16"
-    q8_0 = "q8_0"
-    f32 = "f32"
+GGUFType = Enum("GGUFType", {"f16": "f16", "q8_0": "q8_0", "f32": "f32"}, type=str)
 
 
 @app.command()

@@ -37,6 +37,12 @@ class ServerConfig:
     slots: int = 1  # local: training jobs at once on this machine (one per GPU)
     ray_address: str | None = None  # ray: the cluster (auto, http://HEAD:8265, ray://HEAD:10001)
     node_retries: int = 2  # resumes of a run lost with its node before the job fails
+    chat_batch: int = 8  # chat rows sharing one forward pass (server/batch.py)
+    chat_dtype: str = "float32"  # weights chat runs in: float32 or bfloat16 (bf16 only where the device is fast in it)
+    chat_merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (server/weights.py); 0: never
+    chat_compile: bool = False  # torch.compile chat's forward (server/weights.py); off until measured to pay
+    engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)
+    vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
 
 
 class ApiError(Exception):

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from tunejob.server import inference
 from tunejob.server.api import ApiError, ServerState, error_response, json_body, owner
-from tunejob.server.generation import Busy, Engine, Generation
+from tunejob.server.generation import Busy, Engine, EngineOptions, Generation
 from tunejob.server.models import resolve_chat_model
 from tunejob.server.requests import ChatCompletionRequest, parse
 from tunejob.server.store import new_id
@@ -125,14 +125,25 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter()
     config = state.config
     budget = threads.budget(config.train_threads, config.chat_threads)
+    options = EngineOptions(max_batch=config.chat_batch, dtype=config.chat_dtype, merge_mb=config.chat_merge_mb,
+                            compile=config.chat_compile)
     engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
+                    log=lambda m: print(m, file=sys.stderr, flush=True), options=options)
     api.add_event_handler("shutdown", engine.stop)
+    forward = None
+    if config.engine == "vllm":
+        from tunejob.server.vllm import VllmEngine
+
+        forward = VllmEngine(config.vllm_url, log=engine.log)
+        state.worker.on_succeeded.append(lambda job_id, adapter: forward.load_now(adapter))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        name, chat, stream, include_usage = parse_request(await json_body(request))
+        body = await json_body(request)
+        name, chat, stream, include_usage = parse_request(body)
         base_path, adapter = resolve_chat_model(state, owner(request), name)
+        if forward is not None:  # the vLLM engine: the model is resolved for this key here, generated there
+            return await forward.chat(body, name, adapter)
         gen = Generation(base_path, adapter, chat, stream, asyncio.get_running_loop())
         try:
             engine.submit(gen)

@@ -1,12 +1,13 @@
-"""The chat engine: every model load and generate() of `tunejob serve` on one worker thread, fed by
-a bounded queue, so the event loop only ever awaits.
+"""The chat engine: every model load and forward pass of `tunejob serve` on one worker thread, fed
+by a bounded queue, so the event loop only ever awaits.
 
-Why one thread: generate() is a chain of small forwards; two at once on 2 cores each run at less
-than half speed (and oversubscribe the cores with the training child). Why bounded: past
-`max_pending` requests (waiting + generating), a client gets HTTP 429 with Retry-After at once
-rather than a reply minutes later; at 8 and ~5-20 s a generation on 2 cores that is 40-160 s of
-queue. Measured before this engine: one 128-token chat (22 s) held every other call of 8 clients
-for a p50 of 21.6 s, because generation ran on the event loop.
+Why one thread: two forward passes at once on 2 cores each run at less than half speed (and
+oversubscribe the cores with the training child); instead, requests that are in at the same time
+share forward passes (batch.py: rows join at any step and leave the step they finish, up to
+`max_batch` rows per model). Why bounded: past `max_pending` requests (waiting + generating), a
+client gets HTTP 429 with Retry-After at once rather than a reply minutes later. Measured before
+this engine: one 128-token chat (22 s) held every other call of 8 clients for a p50 of 21.6 s,
+because generation ran on the event loop.
 
 Threads: while a training child runs, generation keeps to chat's share of the cores
 (train/threads.py: 1 of 2); with no training it uses them all.
@@ -19,14 +20,21 @@ import math
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tunejob.server.inference import ChatRequest, ChatResult, ModelCache, generate
+import torch
+
+from tunejob.errors import TunejobError
+from tunejob.server.batch import Batch, Row
+from tunejob.server.inference import ChatRequest, eos_ids, prompt_inputs, to_result
+from tunejob.server.weights import Weights
 from tunejob.train import threads
 
 MAX_PENDING = 8
+MAX_BATCH = 8  # rows per forward pass; SmolLM2-135M keeps 46 KB of fp32 KV cache a token: 8 rows of 300 tokens, 110 MB
 
 
 class Busy(Exception):
@@ -48,6 +56,9 @@ class Generation:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel_flag: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.time)
+    sent: str = ""  # the text of the tokens from `sent_from` on that was streamed
+    sent_from: int = 0  # the token the streamed text restarts from (after a newline, as TextStreamer does)
 
     def cancel(self) -> None:
         self.cancel_flag.set()
@@ -66,10 +77,27 @@ class Generation:
             return None
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs models (ServerConfig's chat_* settings)."""
+
+    max_batch: int = MAX_BATCH
+    dtype: str = "float32"  # "bfloat16" where the device is fast in it (the training probe decides; not wired yet)
+    merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (weights.py); 0: never merge
+    merge_after: int = 2  # an adapter's request number from which it runs merged
+    compile: bool = False  # torch.compile the forward of models without unmerged adapters (weights.py)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise TunejobError(f"chat_dtype {self.dtype!r}: use float32 (the default) or bfloat16 (--chat-dtype)")
+
+
 class Engine:
     def __init__(self, budget: threads.Budget, training: Callable[[], bool] = lambda: False,
-                 max_pending: int = MAX_PENDING, log=print):
-        self.cache, self.budget, self.training, self.max_pending, self.log = ModelCache(), budget, training, max_pending, log
+                 max_pending: int = MAX_PENDING, log=print, options: EngineOptions = EngineOptions()):
+        self.budget, self.training, self.max_pending, self.log, self.options = budget, training, max_pending, log, options
+        self.weights = Weights(getattr(torch, options.dtype), options.merge_mb * 2**20, options.merge_after, log=log,
+                               compile=options.compile)
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._pending = 0  # queued + generating
         self._lock = threading.Lock()
@@ -80,7 +108,8 @@ class Engine:
         """Queue `gen`, or raise Busy when max_pending requests are already in."""
         with self._lock:
             if self._pending >= self.max_pending:
-                raise Busy(max(1, math.ceil(self._seconds * self._pending)), self._pending)
+                wait = self._seconds * math.ceil(self._pending / self.options.max_batch)
+                raise Busy(max(1, math.ceil(wait)), self._pending)
             self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tunejob-chat", daemon=True)
@@ -91,24 +120,103 @@ class Engine:
         self._queue.put(None)
 
     def _run(self) -> None:
-        while (gen := self._queue.get()) is not None:
-            started = time.time()
+        batches: dict[tuple, Batch] = {}
+        waiting: deque[Row] = deque()
+        while self._take(block=not batches and not waiting, waiting=waiting):
             try:
-                if not gen.cancel_flag.is_set():  # a client that left while queued costs nothing
-                    gen._emit("done", self._generate(gen))
-            except Exception as exc:  # the request's error, not the engine's: keep serving
-                gen._emit("error", exc)
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                    self._seconds = 0.8 * self._seconds + 0.2 * (time.time() - started)
+                threads.apply(self.budget.chat if self.training() else self.budget.chat_alone)
+                self._join(batches, waiting)
+                for key, batch in list(batches.items()):
+                    if batch.rows:
+                        self._guarded(batch.rows, batch.step)
+                        self._progress(batch, batch.finished())
+                    if not batch.rows:
+                        del batches[key]
+            except Exception as exc:  # a bug past the per-batch guard: fail what runs, keep the thread serving
+                for batch in batches.values():
+                    self._fail(batch.rows, exc)
+                    for row in batch.rows:
+                        self.weights.release(row.target)
+                        self._done(row.owner)
+                batches.clear()
 
-    def _generate(self, gen: Generation) -> ChatResult:
-        threads.apply(self.budget.chat if self.training() else self.budget.chat_alone)
-        model, tokenizer = self.cache.get(gen.base_path, gen.adapter)
-        on_text = (lambda text: gen._emit("text", text)) if gen.stream else None
-        result = generate(model, tokenizer, gen.request, on_text=on_text, cancelled=gen.cancel_flag.is_set)
-        if result.finish_reason == "cancelled":
-            self.log(f"chat: the client went away; generation stopped after {result.completion_tokens} of "
-                     f"{gen.request.max_tokens} tokens")
-        return result
+    def _take(self, block: bool, waiting: deque) -> bool:
+        """Move queued requests to `waiting` as rows (waiting for one if `block`); False to stop."""
+        while True:
+            try:
+                gen = self._queue.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if gen is None:
+                return False
+            if gen.cancel_flag.is_set():  # a client that left while queued costs nothing
+                self._done(gen)
+                continue
+            try:
+                waiting.append(self._row(gen))
+            except Exception as exc:  # the request's error (a model that will not load, a bad prompt): keep serving
+                gen._emit("error", exc)
+                self._done(gen)
+
+    def _row(self, gen: Generation) -> Row:
+        target = self.weights.target(gen.base_path, gen.adapter)
+        try:
+            model, _ = self.weights.forward_model(target, [])
+            prompt = prompt_inputs(target.tokenizer, gen.request, "cpu")["input_ids"][0].tolist()
+        except Exception:
+            self.weights.release(target)
+            raise
+        return Row(prompt, gen.request, target, eos_ids(model, target.tokenizer), gen.cancel_flag.is_set, owner=gen)
+
+    def _join(self, batches: dict[tuple, Batch], waiting: deque) -> None:
+        """Waiting rows into their model's batch, oldest first, while it has room."""
+        joining: dict[tuple, list[Row]] = {}
+        for row in list(waiting):
+            key = row.target.key
+            batch = batches.get(key) or batches.setdefault(key, Batch(self.weights, key, self.options.max_batch))
+            if len(joining.get(key, [])) < batch.room():
+                joining.setdefault(key, []).append(row)
+                waiting.remove(row)
+        for key, rows in joining.items():
+            batch = batches[key]
+            self._guarded(rows, lambda: batch.join(rows))
+            self._progress(batch, batch.finished() + [r for r in rows if r.finish == "error"])
+
+    def _guarded(self, rows: list[Row], work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as exc:  # the batch's error, not the engine's: its rows fail, the rest go on
+            self._fail(rows, exc)
+
+    def _fail(self, rows: list[Row], exc: Exception) -> None:
+        for row in rows:
+            row.finish = "error"
+            row.owner._emit("error", exc)
+
+    def _progress(self, batch: Batch, done: list[Row]) -> None:
+        """Stream each row's new text; answer the rows that finished."""
+        for row in batch.rows + done:
+            gen: Generation = row.owner
+            if gen.stream and not gen.request.parses_calls and row.finish != "error":
+                # Decoding from the last newline, not from the start, keeps a long answer's cost per token flat.
+                text = row.target.tokenizer.decode(row.tokens[gen.sent_from:], skip_special_tokens=True)
+                if len(text) > len(gen.sent) and not text.endswith("\ufffd"):  # hold back half a character
+                    gen._emit("text", text[len(gen.sent):])
+                    gen.sent = text
+                    if text.endswith("\n"):
+                        gen.sent, gen.sent_from = "", len(row.tokens)
+        for row in done:
+            self.weights.release(row.target)
+            if row.finish != "error":
+                result = to_result(row.target.tokenizer, row.request, len(row.prompt), row.tokens, row.eos, row.finish == "cancelled")
+                if result.finish_reason == "cancelled":
+                    self.log(f"chat: the client went away; generation stopped after {result.completion_tokens} of "
+                             f"{row.request.max_tokens} tokens")
+                row.owner._emit("done", result)
+            self._done(row.owner)
+
+    def _done(self, gen: Generation) -> None:
+        with self._lock:
+            self._pending -= 1
+            self._seconds = 0.8 * self._seconds + 0.2 * (time.time() - gen.started)

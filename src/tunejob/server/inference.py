@@ -81,13 +81,13 @@ class ChatResult:
     completion_tokens: int
 
 
-def _inputs(tokenizer, request: ChatRequest, device):
+def prompt_inputs(tokenizer, request: ChatRequest, device):
     messages, tools = tool_calls.render_inputs(tokenizer, request.messages, request.tools or None)
     return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
                                          return_dict=True).to(device)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = ids if isinstance(ids, (list, tuple)) else [ids]
     return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
@@ -133,21 +133,26 @@ def generate(model, tokenizer, request: ChatRequest, on_text: Callable[[str], No
              cancelled: Callable[[], bool] = lambda: False) -> ChatResult:
     """One completion. `on_text` gets the text as it is decoded (not when calls are parsed: those
     are known only at the end); `cancelled` is polled after every token."""
-    inputs = _inputs(tokenizer, request, model.device)
-    eos, counter = _eos_ids(model, tokenizer), [0]
+    inputs = prompt_inputs(tokenizer, request, model.device)
+    eos, counter = eos_ids(model, tokenizer), [0]
     streamer = _streamer(tokenizer, on_text) if on_text is not None and not request.parses_calls else None
     with torch.no_grad():
         out = model.generate(**inputs, **_gen_kwargs(tokenizer, request, eos), streamer=streamer,
                              stopping_criteria=_stopping(cancelled, counter))
     new = out[0, inputs["input_ids"].shape[1]:]
+    return to_result(tokenizer, request, int(inputs["input_ids"].shape[1]), [int(t) for t in new], eos, cancelled())
+
+
+def to_result(tokenizer, request: ChatRequest, prompt_tokens: int, new: list[int], eos: set[int], cancelled: bool) -> ChatResult:
+    """The generated tokens as OpenAI's content or tool calls, finish reason and usage."""
     text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    ended = len(new) > 0 and int(new[-1]) in eos
-    finish = "cancelled" if cancelled() else "length" if len(new) >= request.max_tokens and not ended else "stop"
+    ended = len(new) > 0 and new[-1] in eos
+    finish = "cancelled" if cancelled else "length" if len(new) >= request.max_tokens and not ended else "stop"
     content, calls = tool_calls.parse_tool_calls(text) if request.parses_calls else (text, [])
     if calls and finish != "cancelled":
         finish = "tool_calls"
     return ChatResult(content=content or (None if calls else ""), tool_calls=calls, finish_reason=finish,
-                      prompt_tokens=int(inputs["input_ids"].shape[1]), completion_tokens=int(len(new)))
+                      prompt_tokens=prompt_tokens, completion_tokens=len(new))
 
 
 def message(result: ChatResult) -> dict:

@@ -41,7 +41,8 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
           models: list[str], max_upload_mb: float, caps: dict | None = None, train_threads: int | None = None,
           chat_threads: int | None = None, chat_queue: int = 8, executor: dict | None = None) -> None:
     """`tunejob serve`; `caps` holds ServerConfig's max_epochs / max_steps / max_seq_len, `executor`
-    its executor / slots / ray_address / node_retries."""
+    its executor / slots / ray_address / node_retries;
+    chat_* and engine settings come in `caps` too."""
     import uvicorn
 
     from tunejob.server.app import ServerConfig, create_app
@@ -52,6 +53,9 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
         if not sep or not name or not path:
             raise TunejobError(f"--model {item!r}: write it as NAME=PATH")
         extra[name] = path
+    if (caps or {}).get("engine") == "vllm" and not (caps or {}).get("vllm_url"):
+        raise TunejobError("--engine vllm: give --vllm-url, the base URL of a vLLM server started with --enable-lora "
+                           "(e.g. --vllm-url http://127.0.0.1:8001)")
     config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
                           models=extra, max_upload_bytes=int(max_upload_mb * 2**20), train_threads=train_threads,
                           chat_threads=chat_threads, chat_queue=chat_queue, **(caps or {}), **(executor or {}))

@@ -58,6 +58,9 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="tunejob-worker", daemon=True)
         self._runs: dict[str, _Run] = {}  # job id -> its run in flight
         self._foreign: set[str] = set()  # jobs another executor runs (a Ray job seen by a local server)
+        # Called with (job id, adapter dir) before a job is marked succeeded: the vLLM engine
+        # (server/vllm.py) hands the adapter to vLLM there, so a client that sees "succeeded" can chat.
+        self.on_succeeded: list = []
 
     def start(self) -> None:
         for job in self.store.list_jobs():
@@ -304,6 +307,11 @@ class Worker:
         self.store.file_path(result_id).write_bytes(csv_bytes)
         self.store.add_file(self.store.job_owner(job_id), "step_metrics.csv", "fine-tune-results", len(csv_bytes), "processed", None, result_id)
         best = summary.get("best_step")
+        for hook in self.on_succeeded:
+            try:
+                hook(job_id, run_dir / "best")
+            except Exception as exc:  # the model still answers: chat retries the hand-over
+                self.log(f"job {job_id}: {exc}")
         self.store.update_job(job_id, status="succeeded", finished_at=int(time.time()), fine_tuned_model=job["_ft_name"],
                               trained_tokens=summary.get("trained_tokens"), result_files=[result_id], _best_step=best)
         self.store.add_event(job_id, f"New fine-tuned model created: {job['_ft_name']} (best checkpoint: step {best})")
