@@ -97,3 +97,15 @@ def test_bf16_and_auto_train_to_the_fp32_validation_loss(tmp_path, tiny_model):
     assert final["auto"] == final[summaries["auto"]["mixed_precision"]], "auto is exactly the setting it resolved to"
     start = next(r for r in read_metrics(tmp_path / "auto" / "metrics.jsonl") if r["kind"] == "start")
     assert start["mixed_precision"] == summaries["auto"]["mixed_precision"]
+
+
+def test_chat_dtype_auto_follows_the_training_probe():
+    from tunejob.errors import TunejobError
+    from tunejob.server.generation import EngineOptions
+
+    expected = torch.bfloat16 if precision.resolve("auto", "cpu") == "bf16" else torch.float32
+    assert not torch.cuda.is_available()  # the CPU verdict is the one that applies here
+    assert EngineOptions(dtype="auto").torch_dtype() == expected
+    assert EngineOptions().torch_dtype() == torch.float32  # fp32 stays chat's default
+    with pytest.raises(TunejobError, match="auto"):
+        EngineOptions(dtype="fp8")

@@ -82,21 +82,30 @@ class EngineOptions:
     """How the engine runs models (ServerConfig's chat_* settings)."""
 
     max_batch: int = MAX_BATCH
-    dtype: str = "float32"  # "bfloat16" where the device is fast in it (the training probe decides; not wired yet)
+    dtype: str = "float32"  # or "bfloat16", or "auto": bf16 where training's probe (train/precision.py) says the device is fast in it
     merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (weights.py); 0: never merge
     merge_after: int = 2  # an adapter's request number from which it runs merged
     compile: bool = False  # torch.compile the forward of models without unmerged adapters (weights.py)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise TunejobError(f"chat_dtype {self.dtype!r}: use float32 (the default) or bfloat16 (--chat-dtype)")
+        if self.dtype not in ("float32", "bfloat16", "auto"):
+            raise TunejobError(f"chat_dtype {self.dtype!r}: use float32 (the default), bfloat16 or auto (--chat-dtype)")
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            from tunejob.train.precision import resolve
+
+            return torch.bfloat16 if resolve("auto", "cuda" if torch.cuda.is_available() else "cpu") == "bf16" else torch.float32
+        return getattr(torch, self.dtype)
 
 
 class Engine:
     def __init__(self, budget: threads.Budget, training: Callable[[], bool] = lambda: False,
                  max_pending: int = MAX_PENDING, log=print, options: EngineOptions = EngineOptions()):
         self.budget, self.training, self.max_pending, self.log, self.options = budget, training, max_pending, log, options
-        self.weights = Weights(getattr(torch, options.dtype), options.merge_mb * 2**20, options.merge_after, log=log,
+        if options.dtype == "auto":
+            log(f"chat: weights in {options.torch_dtype()} (--chat-dtype auto)")
+        self.weights = Weights(options.torch_dtype(), options.merge_mb * 2**20, options.merge_after, log=log,
                                compile=options.compile)
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._pending = 0  # queued + generating
