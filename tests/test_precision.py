@@ -103,8 +103,8 @@ def test_chat_dtype_auto_follows_the_training_probe():
     from tunejob.errors import TunejobError
     from tunejob.server.generation import EngineOptions
 
-    expected = torch.bfloat16 if precision.resolve("auto", "cpu") == "bf16" else torch.float32
-    assert not torch.cuda.is_available()  # the CPU verdict is the one that applies here
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = torch.bfloat16 if precision.resolve("auto", device) == "bf16" else torch.float32
     assert EngineOptions(dtype="auto").torch_dtype() == expected
     assert EngineOptions().torch_dtype() == torch.float32  # fp32 stays chat's default
     with pytest.raises(TunejobError, match="auto"):
