@@ -188,3 +188,14 @@ def test_dpo_qlora_run(tmp_path, tiny_model):
     trains = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert len(trains) == 4 and trains[0]["train_loss"] == pytest.approx(0.6931, abs=1e-3)
     assert trains[-1]["rewards_margin"] != 0  # the adapter moved the policy away from the 4-bit reference
+
+
+def test_dpo_run_report_and_diagnosis(dpo_run):
+    from tunejob.monitor.report import load_run, write_report
+    from tunejob.monitor.diagnose import diagnose
+
+    _, out = dpo_run
+    png, html = write_report(out)
+    assert png.stat().st_size > 0 and html.is_file()
+    # the run learned: none of DPO's failure patterns
+    assert not {"margin_exploding", "flat", "divergence"} & {f["kind"] for f in diagnose(load_run(out)["records"])["findings"]}
