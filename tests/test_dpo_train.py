@@ -22,30 +22,37 @@ from tunejob.train.checkpoint import list_checkpoints
 DPO_FIELDS = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy")
 
 
+GREEK = "alpha beta gamma delta epsilon theta lambda mu nu xi pi rho sigma tau".split()
+NOUNS = "red blue green black white brown gray gold cat dog sun moon star tree".split()  # one token each, as the Greek names
+
+
 def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
-    """The rule: answer by echoing the question in capitals (preferred) rather than as it was
-    asked (non-preferred). A random tiny model follows neither."""
+    """The rule: answer by repeating the question's Greek letter names (preferred) rather than
+    with the same number of everyday words (non-preferred). Both sides have the same token count,
+    so a model's ranking is about the rule, not about length; a random tiny model has no reason
+    to follow it (its ranking share is measured in the eval test)."""
     rng, seen = random.Random(seed), set()
     with open(path, "w") as f:
         while len(seen) < n:
-            q = " ".join(rng.choice(WORDS) for _ in range(4))
+            idx = [rng.randrange(len(GREEK)) for _ in range(4)]
+            q = " ".join(GREEK[i] for i in idx)
             if q in seen:
                 continue
             seen.add(q)
             f.write(json.dumps({"input": {"messages": [{"role": "user", "content": q}]},
-                                "preferred_output": [{"role": "assistant", "content": q.upper()}],
-                                "non_preferred_output": [{"role": "assistant", "content": q}]}) + "\n")
+                                "preferred_output": [{"role": "assistant", "content": q}],
+                                "non_preferred_output": [{"role": "assistant", "content": " ".join(NOUNS[i] for i in idx)}]}) + "\n")
     return path
 
 
-def write_dpo_spec(path: Path, model: Path, train: Path, out: Path, extra: str = "") -> Path:
-    path.write_text(f"model: {model}\ndata: {{train: {train}, val_fraction: 0.2}}\noutput_dir: {out}\n"
+def write_dpo_spec(path: Path, model: Path, train: Path, out: Path, extra: str = "", val_fraction: float = 0.2) -> Path:
+    path.write_text(f"model: {model}\ndata: {{train: {train}, val_fraction: {val_fraction}}}\noutput_dir: {out}\n"
                     "method: {type: dpo, beta: 0.1}\n" + extra)
     return path
 
 
-RUN_EXTRA = ("hyperparameters: {epochs: 3, batch_size: 4, learning_rate: 0.01, max_seq_len: 64}\n"
-             "lora: {r: 8, dropout: 0.1}\ncheckpointing: {eval_steps: 4, save_steps: 4, early_stopping_patience: null}\n")
+RUN_EXTRA = ("hyperparameters: {epochs: 3, batch_size: 4, learning_rate: 0.02, max_seq_len: 64}\n"
+             "lora: {r: 8, dropout: 0.1, target_modules: all-linear}\ncheckpointing: {eval_steps: 4, save_steps: 4, early_stopping_patience: null}\n")
 
 
 # ---------------------------------------------------------------- the loss, against TRL
@@ -107,10 +114,10 @@ def test_loss_rewards_and_gradients_equal_trl_dpo_trainer(tmp_path, tiny_model):
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
-    """(data, run dir) of a 36-step DPO run: 48 train pairs, 12 held out."""
+    """(data, run dir) of a 45-step DPO run: 60 train pairs, 20 held out."""
     tmp = tmp_path_factory.mktemp("dpo")
-    data = write_pairs(tmp / "pairs.jsonl", 60)
-    res = run_cli("run", str(write_dpo_spec(tmp / "job.yaml", tiny_model, data, tmp / "run", RUN_EXTRA)))
+    data = write_pairs(tmp / "pairs.jsonl", 80)
+    res = run_cli("run", str(write_dpo_spec(tmp / "job.yaml", tiny_model, data, tmp / "run", RUN_EXTRA, val_fraction=0.25)))
     assert res.returncode == 0, res.stderr
     return data, tmp / "run"
 
@@ -120,7 +127,7 @@ def test_dpo_run_streams_reward_metrics_and_learns_the_held_out_rule(dpo_run):
     records = read_metrics(out / "metrics.jsonl")
     trains = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in trains] == list(range(1, 37)) and [r["step"] for r in evals] == list(range(4, 37, 4))
+    assert [r["step"] for r in trains] == list(range(1, 46)) and [r["step"] for r in evals] == [*range(4, 45, 4), 45]
     for r in trains:
         assert all(k in r for k in DPO_FIELDS)
         assert r["rewards_margin"] == pytest.approx(r["rewards_chosen"] - r["rewards_rejected"])
@@ -136,12 +143,12 @@ def test_dpo_run_streams_reward_metrics_and_learns_the_held_out_rule(dpo_run):
 def test_dpo_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model, dpo_run):
     data, ref_out = dpo_run
     out = tmp_path / "killed"
-    spec = write_dpo_spec(tmp_path / "job.yaml", tiny_model, data, out, RUN_EXTRA)
+    spec = write_dpo_spec(tmp_path / "job.yaml", tiny_model, data, out, RUN_EXTRA, val_fraction=0.25)
     proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(spec)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     assert _wait_for(lambda: any(s >= 8 for s, _ in list_checkpoints(out)), 300), "no checkpoint appeared"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert max(s for s, _ in list_checkpoints(out)) < 36, "the run finished before it could be killed; make it longer"
+    assert max(s for s, _ in list_checkpoints(out)) < 45, "the run finished before it could be killed; make it longer"
     res = run_cli("run", str(spec))
     assert res.returncode == 0 and "resuming from" in res.stderr, res.stderr
     got = {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if r["kind"] in ("train", "eval")}
@@ -199,3 +206,22 @@ def test_dpo_run_report_and_diagnosis(dpo_run):
     assert png.stat().st_size > 0 and html.is_file()
     # the run learned: none of DPO's failure patterns
     assert not {"margin_exploding", "flat", "divergence"} & {f["kind"] for f in diagnose(load_run(out)["records"])["findings"]}
+
+
+def test_eval_reports_the_preference_ranking_share_of_base_and_fine_tuned(dpo_run):
+    """`tunejob eval` on the run's held-out pairs: the base does not follow the rule, the
+    fine-tuned model ranks the preferred output higher on (nearly) every pair, and its reward
+    accuracy is the run's own last valid_rewards_accuracy (same code, best checkpoint)."""
+    _, out = dpo_run
+    res = run_cli("eval", str(out), "--max-new-tokens", "2", "--limit", "1")
+    assert res.returncode == 0, res.stderr
+    assert "preferred output ranked higher" in res.stdout
+    result = json.loads((out / "eval.json").read_text())
+    base, tuned = result["models"]["base"], result["models"]["finetuned"]
+    assert result["scored_examples"] == 20
+    assert base["preference_share"] <= 0.75 and tuned["preference_share"] >= 0.9
+    assert tuned["reward_accuracy"] >= 0.9
+    best = json.loads((out / "summary.json").read_text())["best_step"]
+    at_best = next(r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == best)
+    assert tuned["reward_accuracy"] == pytest.approx(at_best["valid_rewards_accuracy"])
+    assert tuned["dpo_loss"] == pytest.approx(at_best["valid_loss"], abs=1e-4)
