@@ -225,3 +225,29 @@ def test_eval_reports_the_preference_ranking_share_of_base_and_fine_tuned(dpo_ru
     at_best = next(r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval" and r["step"] == best)
     assert tuned["reward_accuracy"] == pytest.approx(at_best["valid_rewards_accuracy"])
     assert tuned["dpo_loss"] == pytest.approx(at_best["valid_loss"], abs=1e-4)
+
+
+def test_dashboard_draws_the_reward_curves(dpo_run):
+    """The local dashboard's job page, in headless Chromium: reward margin and accuracy on a second axis."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+    from tunejob.server.run import free_port, wait_until_up
+
+    _, out = dpo_run
+    records = read_metrics(out / "metrics.jsonl")
+    n_train, n_eval = sum(r["kind"] == "train" for r in records), sum(r["kind"] == "eval" for r in records)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tunejob", "dashboard", str(out), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/", proc)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/jobs/{out.name}")
+            page.wait_for_function("tjPointCount('chart') > 0")
+            traces = page.evaluate("document.getElementById('chart').data.map(t => [t.name, t.yaxis || 'y', t.x.length])")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    on_y2 = {name: n for name, axis, n in traces if axis == "y2"}
+    assert on_y2 == {"reward margin": n_train, "reward accuracy": n_train, "validation reward margin": n_eval, "validation reward accuracy": n_eval}
