@@ -26,14 +26,11 @@ import os
 import platform
 import random
 import resource
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 from report import publish
-from train_throughput import LORA, SAMPLE, cpu_model, versions
+from train_throughput import LORA, SAMPLE, child_result, cpu_model, versions
 
 BATCH, LR, BETA = 4, 5e-6, 0.1
 
@@ -136,17 +133,10 @@ def main() -> None:
         return
     results = {}
     for config in args.configs.split(","):
-        with tempfile.TemporaryDirectory() as d:
-            cmd = [sys.executable, __file__, "--child", config, "--workdir", d, "--model", args.model, "--steps", str(args.steps),
-                   "--pairs", str(args.pairs), "--max-len", str(args.max_len)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{config} failed:\n{done.stderr[-3000:]}")
-            r = json.loads(line[7:])
-            r["seconds_per_1k_pairs"] = round(1000 * r["seconds"] / r["pairs"], 1)
-            results[config] = r
-            print(config, json.dumps(r), flush=True)
+        r = child_result(__file__, config, ["--model", args.model, "--steps", str(args.steps), "--pairs", str(args.pairs), "--max-len", str(args.max_len)])
+        r["seconds_per_1k_pairs"] = round(1000 * r["seconds"] / r["pairs"], 1)
+        results[config] = r
+        print(config, json.dumps(r), flush=True)
     if "trl" in results and "tunejob" in results:
         results["tunejob"]["speedup_vs_trl"] = round(results["trl"]["seconds_per_1k_pairs"] / results["tunejob"]["seconds_per_1k_pairs"], 2)
     publish({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}", "model": args.model,

@@ -217,22 +217,16 @@ def main() -> None:
             skipped[config] = f"bf16 matmul runs at {peak['bf16'] / 1e9:.1f} GFLOP/s here vs fp32 {peak['fp32'] / 1e9:.1f}: no bf16 units on this CPU"
             print(f"{config}: skipped ({skipped[config]})", flush=True)
             continue
-        with tempfile.TemporaryDirectory() as d:
-            cmd = [sys.executable, __file__, "--child", config, "--workdir", d, "--model", args.model, "--steps", str(args.steps),
-                   "--examples", str(args.examples), "--max-len", str(args.max_len)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{config} failed:\n{done.stderr[-3000:]}")
-            r = json.loads(line[7:])
-            r["real_tokens_per_s"] = round(r["real_tokens"] / r["seconds"], 1)
-            if r.get("processed_tokens"):
-                r["padding_fraction"] = round(1 - r["real_tokens"] / r["processed_tokens"], 3)
-            flops = 4 * n_params * r["real_tokens_per_s"]
-            r["mfu_vs_fp32_peak"] = round(flops / peak["fp32"], 4)
-            r["mfu_vs_bf16_peak"] = round(flops / peak["bf16"], 4)
-            results[config] = r
-            print(config, json.dumps(r), flush=True)
+        r = child_result(__file__, config, ["--model", args.model, "--steps", str(args.steps), "--examples", str(args.examples),
+                                            "--max-len", str(args.max_len)])
+        r["real_tokens_per_s"] = round(r["real_tokens"] / r["seconds"], 1)
+        if r.get("processed_tokens"):
+            r["padding_fraction"] = round(1 - r["real_tokens"] / r["processed_tokens"], 3)
+        flops = 4 * n_params * r["real_tokens_per_s"]
+        r["mfu_vs_fp32_peak"] = round(flops / peak["fp32"], 4)
+        r["mfu_vs_bf16_peak"] = round(flops / peak["bf16"], 4)
+        results[config] = r
+        print(config, json.dumps(r), flush=True)
     base = results.get("trl-default", {}).get("real_tokens_per_s")
     trl_best = max((r["real_tokens_per_s"] for c, r in results.items() if c.startswith("trl")), default=None)
     for r in results.values():
@@ -244,6 +238,18 @@ def main() -> None:
               "gemm_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "parameters": n_params, "versions": versions(), "skipped": skipped,
               "steps": args.steps, "examples": args.examples, "max_len": args.max_len, "effective_batch": 4, "lora": LORA, "results": results}
     publish(report, args.out)
+
+
+def child_result(script: str, config: str, args: list[str]) -> dict:
+    """Run `script --child CONFIG --workdir TMP ARGS` in its own process (so its peak RSS is its
+    own) and return the figures of its RESULT line."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, script, "--child", config, "--workdir", d, *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{config} failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[7:])
 
 
 def cpu_model() -> str:

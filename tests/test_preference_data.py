@@ -70,6 +70,8 @@ def test_format_preference_refuses_chat_lines(tmp_path):
     chat = write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(12)])
     report = validate_file(chat, format="preference")
     assert report.counts["not_preference"] == 12 and report.problems["not_preference"][0].line == 1
+    res = run_cli("validate", str(chat), "--format", "preference", "--json")
+    assert res.returncode == 2 and {"kind": "not_preference", "count": 12} in [{k: e[k] for k in ("kind", "count")} for e in json.loads(res.stdout)["errors"]]
 
 
 def test_method_and_data_kind_must_agree(tmp_path):
