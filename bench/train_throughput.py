@@ -48,6 +48,8 @@ from pathlib import Path
 
 from report import publish
 
+from tunejob.train.precision import cpu_model  # noqa: F401  (dpo_throughput imports it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
@@ -219,14 +221,8 @@ def model_parameters(model_path: str) -> int:
 
 
 def spawn(args, config: str, seed: int) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, __file__, "--child", config, "--workdir", d, "--model", args.model, "--seed", str(seed),
-               "--train-examples", str(args.train_examples), "--held-out", str(args.held_out), "--max-len", str(args.max_len)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"{config} (seed {seed}) failed:\n{done.stderr[-3000:]}")
-    return json.loads(line[7:])
+    return child_result(__file__, config, ["--model", args.model, "--seed", str(seed), "--train-examples", str(args.train_examples),
+                                           "--held-out", str(args.held_out), "--max-len", str(args.max_len)])
 
 
 def summarise(runs: list[dict], n_params: int, peak: dict) -> dict:
@@ -302,7 +298,7 @@ def run_all(args) -> dict:
             r["speed_vs_best_trl"] = round(r["real_tokens_per_s"]["mean"] / results[best]["real_tokens_per_s"]["mean"], 2)
             r["memory_vs_best_trl"] = round(r["peak_rss_mb"]["mean"] / results[best]["peak_rss_mb"]["mean"], 2)
     base_loss = spawn(args, "base", 0)["final_valid_loss"]
-    from tunejob.train.precision import cpu_model, resolve
+    from tunejob.train.precision import resolve
 
     return {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
             "model": args.model, "gemm_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "parameters": n_params,
@@ -310,6 +306,18 @@ def run_all(args) -> dict:
             "train_examples": args.train_examples, "held_out_examples": args.held_out, "batch": BATCH, "learning_rate": LR,
             "schedule": "cosine, no warm-up, 1 epoch", "lora": LORA, "base_model_valid_loss": round(base_loss, 4),
             "best_fair_trl": best, "fastest": fastest, "results": results}
+
+
+def child_result(script: str, config: str, args: list[str]) -> dict:
+    """Run `script --child CONFIG --workdir TMP ARGS` in its own process (so its peak RSS is its
+    own) and return the figures of its RESULT line."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, script, "--child", config, "--workdir", d, *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{config} failed:\n{done.stderr[-3000:]}")
+    return json.loads(line[7:])
 
 
 def versions() -> dict:

@@ -60,3 +60,11 @@ def test_profile_step_smoke(tmp_path, tiny_model):
     phases = {m[1]: float(m[2]) for m in re.finditer(r"^(forward|backward|optimizer)\s+([\d.]+)\s+[\d.]+%$", text, re.M)}
     assert set(phases) == {"forward", "backward", "optimizer"} and phases["forward"] > 0 and phases["backward"] > 0
     assert "aten::mm" in text  # the operator table is there
+
+
+@pytest.mark.slow
+def test_dpo_throughput_smoke(tmp_path, tiny_model):
+    r = json.loads(run_bench("dpo_throughput.py", tmp_path / "d.json", "--model", str(tiny_model), "--steps", "2", "--pairs", "8", "--max-len", "128"))
+    assert set(r["results"]) == {"trl", "tunejob"} and r["gradient_checkpointing"] is False
+    for side in r["results"].values():
+        assert side["seconds_per_1k_pairs"] > 0 and side["pairs"] == 4

@@ -29,8 +29,10 @@ def spec_text(data, out, extra: str = "", openai: str = "") -> str:
 class FakeOpenAI:
     """What the SDK sees of OpenAI's fine-tuning API: files, jobs, events, checkpoints, chat."""
 
-    def __init__(self, azure: bool = False, create_error: tuple[int, dict] | None = None, fail_job: dict | None = None):
+    def __init__(self, azure: bool = False, create_error: tuple[int, dict] | None = None, fail_job: dict | None = None,
+                 extra_metrics: dict | None = None):
         self.azure, self.create_error, self.fail_job = azure, create_error, fail_job
+        self.extra_metrics = extra_metrics or {}  # more fields in the step-2 metrics event
         self.requests: list[httpx.Request] = []
         self.bodies: list[dict] = []
         self.job: dict | None = None
@@ -61,7 +63,7 @@ class FakeOpenAI:
             return httpx.Response(200, json=self.job)
         if method == "GET" and "/fine_tuning/jobs/" in path and path.endswith("/events"):
             data = [{"id": "ev-2", "object": "fine_tuning.job.event", "created_at": 2, "level": "info", "type": "metrics", "message": "Step 2/2",
-                     "data": {"step": 2, "train_loss": 1.5, "valid_loss": 1.7, "full_valid_loss": 1.6}},
+                     "data": {"step": 2, "train_loss": 1.5, "valid_loss": 1.7, "full_valid_loss": 1.6, **self.extra_metrics}},
                     {"id": "ev-1", "object": "fine_tuning.job.event", "created_at": 1, "level": "info", "type": "metrics", "message": "Step 1/2",
                      "data": {"step": 1, "train_loss": 2.0}}]
             return httpx.Response(200, json={"object": "list", "data": data, "has_more": False})
@@ -104,8 +106,8 @@ def service(monkeypatch, tmp_path):
     return install
 
 
-def run_job(tmp_path, extra: str = "", openai: str = "") -> tuple[dict, JobStore]:
-    data = write_chat_data(tmp_path / "d.jsonl", 20)
+def run_job(tmp_path, extra: str = "", openai: str = "", data=None) -> tuple[dict, JobStore]:
+    data = data or write_chat_data(tmp_path / "d.jsonl", 20)
     spec = parse_spec(spec_text(data, tmp_path / "run", extra, openai))
     store = JobStore(tmp_path / "home" / "jobs.sqlite3")
     backend = openai_api.OpenAIBackend()
@@ -188,3 +190,33 @@ def test_metadata_limits_fail_in_the_spec(tmp_path):
     many = ", ".join(f"k{i}: v" for i in range(16))
     with pytest.raises(SpecError, match="openai.metadata: up to 15 pairs"):
         parse_spec(spec_text(data, tmp_path / "run", openai=f", metadata: {{{many}}}"))
+
+
+def test_dpo_sends_openais_method_and_its_metrics_reach_the_run(tmp_path, service):
+    from test_dpo_train import DPO_FIELDS, write_pairs
+    from tunejob.monitor.metrics import read_metrics
+
+    rewards = {"rewards_chosen": 0.4, "rewards_rejected": -0.2, "rewards_margin": 0.6, "rewards_accuracy": 0.75,
+               "valid_rewards_chosen": 0.3, "valid_rewards_rejected": -0.1, "valid_rewards_margin": 0.4, "valid_rewards_accuracy": 0.7}
+    fake = service(FakeOpenAI(extra_metrics=rewards))
+    summary, _ = run_job(tmp_path, "method: {type: dpo, beta: 0.25}\nhyperparameters: {epochs: 2}\n", data=write_pairs(tmp_path / "p.jsonl", 20))
+    body = fake.bodies[0]
+    assert errors("CreateFineTuningJobRequest", body) == []
+    assert body["method"] == {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": "auto", "beta": 0.25}}}
+    assert errors("CreateFineTuningJobRequest", {**body, "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}})  # the schema can refuse
+    uploaded = [json.loads(line) for line in (tmp_path / "run" / "data" / "train.jsonl").read_text().splitlines()]
+    assert uploaded and all(set(r) == {"input", "preferred_output", "non_preferred_output"} for r in uploaded)  # OpenAI's format, verbatim
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    train = next(r for r in records if r["kind"] == "train" and r["step"] == 2)
+    valid = next(r for r in records if r["kind"] == "eval")
+    assert all(train[k] == rewards[k] for k in DPO_FIELDS) and all(valid[f"valid_{k}"] == rewards[f"valid_{k}"] for k in DPO_FIELDS)
+    assert summary["status"] == "succeeded"
+
+
+def test_dpo_spec_with_chat_data_fails_before_any_upload(tmp_path, service):
+    from tunejob.errors import DataError
+
+    fake = service(FakeOpenAI())
+    with pytest.raises(DataError, match="method dpo trains on preference pairs"):
+        run_job(tmp_path, "method: dpo\n")
+    assert not fake.requests

@@ -107,7 +107,9 @@ def _validators() -> callable:
     import jsonschema
     import yaml
 
-    doc = _nullable_as_json_schema(yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    from openai_schema import _numeric_exclusive_bounds  # 3.0-style `exclusiveMinimum: true` would read as "> 1" (DPO's beta 0.2 failed)
+
+    doc = _numeric_exclusive_bounds(_nullable_as_json_schema(yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))))
     schemas = doc["components"]["schemas"]
     # OpenAI's own pause example answers "status": "paused", which the enum has not caught up with.
     schemas["FineTuningJob"]["properties"]["status"]["enum"].append("paused")

@@ -37,13 +37,13 @@ def _options(
 Executor = Enum("Executor", {"local": "local", "ray": "ray"}, type=str)
 ChatDtype = Enum("ChatDtype", {"float32": "float32", "bfloat16": "bfloat16", "auto": "auto"}, type=str)
 ChatEngine = Enum("ChatEngine", {"local": "local", "vllm": "vllm"}, type=str)
-DataFormat = Enum("DataFormat", {"openai": "openai", "bedrock": "bedrock"}, type=str)
+DataFormat = Enum("DataFormat", {"openai": "openai", "bedrock": "bedrock", "preference": "preference"}, type=str)
 
 
 @app.command()
 def validate(
     path: Annotated[Path, typer.Argument(help="JSONL dataset (chat messages or prompt/completion).")],
-    format: Annotated[DataFormat, typer.Option("--format", help="Rules to check: openai, or bedrock's stricter ones.")] = DataFormat.openai,
+    format: Annotated[DataFormat, typer.Option("--format", help="Rules to check: openai (chat, prompt/completion or preference pairs, recognised), bedrock's stricter ones, or preference pairs only.")] = DataFormat.openai,
     model: Annotated[Optional[str], typer.Option(help="Model whose tokenizer and context limit apply (default: gpt-4o family's o200k_base).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     min_examples: Annotated[int, typer.Option(help="Fewer valid examples than this is an error.")] = 10,

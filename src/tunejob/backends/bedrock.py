@@ -87,7 +87,7 @@ class BedrockBackend:
 
         params = bedrock_params.hyperparameters(spec)  # this model's names and ranges, before any upload
         for path in filter(None, [spec.data.train, spec.data.validation]):
-            require_valid(path, format="bedrock")
+            require_valid(path, format="bedrock", method="supervised")
         settings = spec.bedrock
         record = store.create("bedrock", spec.name, spec.to_yaml(), spec.run_dir)
         say(f"job {record.id} recorded in {store.path} (re-attach any time: tunejob watch {record.id})")

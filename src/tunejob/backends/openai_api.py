@@ -72,9 +72,12 @@ def request_body(spec: JobSpec, tag: str, train_file: str, val_file: str | None)
     hp, settings = spec.hyperparameters, spec.openai
     chosen = {name: getattr(hp, key) if key in hp.model_fields_set else "auto"
               for name, key in (("n_epochs", "epochs"), ("batch_size", "batch_size"), ("learning_rate_multiplier", "learning_rate_multiplier"))}
+    kind = spec.method.type
+    if kind == "dpo":  # beta unset: OpenAI's own choice, as for the others
+        chosen["beta"] = spec.method.beta if spec.method.beta is not None else "auto"
     body = {"model": spec.model, "training_file": train_file, "seed": hp.seed,
             "metadata": {**(settings.metadata or {}), TAG_KEY: tag},
-            "method": {"type": "supervised", "supervised": {"hyperparameters": chosen}}}
+            "method": {"type": kind, kind: {"hyperparameters": chosen}}}
     if val_file:
         body["validation_file"] = val_file
     if settings.suffix:
@@ -100,7 +103,7 @@ class OpenAIBackend:
         from tunejob.data.validate import require_valid
 
         for path in filter(None, [spec.data.train, spec.data.validation]):
-            require_valid(path, model=spec.model)
+            require_valid(path, model=spec.model, method=spec.method.type)
         settings = spec.openai
         client = make_client(settings)
         record = store.create("openai", spec.name, spec.to_yaml(), spec.run_dir)

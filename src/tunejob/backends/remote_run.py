@@ -65,11 +65,18 @@ def metrics_records(data: dict) -> list[dict]:
     if data.get("train_loss") is not None:
         out.append({"kind": "train", "step": step, "train_loss": data["train_loss"],
                     "train_mean_token_accuracy": data.get("train_mean_token_accuracy") or 0.0,
-                    "learning_rate": data.get("learning_rate") or 0.0, "tokens_per_second": 0.0})
+                    "learning_rate": data.get("learning_rate") or 0.0, "tokens_per_second": 0.0, **_rewards(data, "")})
     valid = data.get("full_valid_loss") if data.get("full_valid_loss") is not None else data.get("valid_loss")
     if valid is not None:
         acc = data.get("full_valid_mean_token_accuracy") or data.get("valid_mean_token_accuracy") or 0.0
         out.append({"kind": "eval", "step": step, "valid_loss": valid, "valid_mean_token_accuracy": acc,
-                    "full_valid_loss": data.get("full_valid_loss"), "full_valid_mean_token_accuracy": data.get("full_valid_mean_token_accuracy")})
+                    "full_valid_loss": data.get("full_valid_loss"), "full_valid_mean_token_accuracy": data.get("full_valid_mean_token_accuracy"),
+                    **_rewards(data, "valid_")})
     return out
+
+
+def _rewards(data: dict, prefix: str) -> dict:
+    """DPO's reward metrics, under the local run's names (rewards_* / valid_rewards_*), as
+    `tunejob serve` sends them; OpenAI's spec leaves event data free-form."""
+    return {k: v for k, v in data.items() if k.startswith(f"{prefix}rewards_") and isinstance(v, (int, float))}
 

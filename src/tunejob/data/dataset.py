@@ -1,8 +1,10 @@
 """Reading fine-tuning JSONL files safely, splitting them, and converting between formats.
 
-Two input formats are accepted, as OpenAI documents them:
+Three input formats are accepted, as OpenAI documents them:
 - chat: {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ..., "weight": 0|1}, ...]}
 - prompt/completion: {"prompt": "...", "completion": "..."}, read as one user and one assistant turn.
+- preference (DPO): {"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]},
+  loaded as it is (data/preference.py reads it).
 
 Reading never trusts the file: lines are read in bounded chunks (a 2 GB line costs 8 MiB of
 memory, not 2 GB), bytes are decoded strictly, and a path that is missing, a directory or a
@@ -111,6 +113,9 @@ def load_examples(path: str | Path) -> list[dict]:
             obj = json.loads(raw.data.decode("utf-8-sig" if raw.number == 1 else "utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}:{raw.number}: not valid JSON ({exc}); run `tunejob validate {path}`") from None
+        if "preferred_output" in obj:  # a preference pair stays in OpenAI's shape (data/preference.py)
+            examples.append(obj)
+            continue
         example = {"messages": as_messages(obj)}
         # function calling: the tool list is rendered with the conversation (data/tool_calls.py)
         example.update({k: obj[k] for k in ("tools", "functions") if obj.get(k)})

@@ -8,7 +8,7 @@ from typing import Literal
 from tunejob.data.dataset import text_of
 from tunejob.data.problems import Report
 
-Format = Literal["openai", "bedrock"]
+Format = Literal["openai", "bedrock", "preference"]
 
 
 CHAT_TOP_KEYS = {"messages", "tools", "functions", "parallel_tool_calls"}
@@ -17,9 +17,16 @@ MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id
 
 ROLES = {"system", "user", "assistant", "tool", "function"}
 
+# OpenAI's preference (DPO) format: {"input": {"messages", "tools", ...}, "preferred_output": [...],
+# "non_preferred_output": [...]}
+PREFERENCE_TOP_KEYS = {"input", "preferred_output", "non_preferred_output"}
+PREFERENCE_INPUT_KEYS = {"messages", "tools", "functions", "parallel_tool_calls"}
+
 def example_kind(obj: object) -> str:
     if not isinstance(obj, dict):
         return "invalid"
+    if PREFERENCE_TOP_KEYS & set(obj):
+        return "preference"
     if "messages" in obj:
         return "chat"
     if "prompt" in obj or "completion" in obj:
@@ -31,6 +38,11 @@ def check_example(obj: object, kind: str, fmt: Format, line: int, report: Report
     before = report.errors
     if not isinstance(obj, dict):
         report.add("data_type", line, f"expected a JSON object, got {type(obj).__name__}")
+        return False
+    if kind == "preference":
+        return _check_preference(obj, line, report)
+    if fmt == "preference":
+        report.add("not_preference", line, f"a {kind.replace('_', '/')} example where a preference pair was expected")
         return False
     if kind == "invalid":
         report.add("missing_messages_list", line, f"no \"messages\" key (keys: {', '.join(_show(k) for k in sorted(obj)) or 'none'})")
@@ -125,3 +137,40 @@ def _check_bedrock_turns(roles: list[str], obj: dict, line: int, report: Report)
         if a == b or {a, b} - {"user", "assistant"}:
             report.add("bedrock_not_alternating", line, f"{a} followed by {b}")
             break
+
+
+def _check_preference(obj: dict, line: int, report: Report) -> bool:
+    """One preference pair: the input conversation, then one or more assistant turns on each side."""
+    before = report.errors
+    for key in sorted(set(obj) - PREFERENCE_TOP_KEYS):
+        report.add("preference_unrecognized_key", line, f"unrecognized top-level key {_show(key)}")
+    inp = obj.get("input")
+    messages = inp.get("messages") if isinstance(inp, dict) else None
+    if not isinstance(messages, list) or not messages:
+        report.add("preference_missing_input", line, "\"input\" must be an object with a non-empty \"messages\" list")
+    else:
+        for key in sorted(set(inp) - PREFERENCE_INPUT_KEYS):
+            report.add("preference_unrecognized_key", line, f"unrecognized key {_show(key)} in \"input\"")
+        for i, msg in enumerate(messages, 1):
+            _check_message(msg, i, "openai", line, report)
+        if report.errors == before and messages[-1]["role"] == "assistant":
+            report.add("preference_input_ends_with_assistant", line, f"input message {len(messages)} (the last) is from the assistant")
+    outputs = {}
+    for key in ("preferred_output", "non_preferred_output"):
+        out = obj.get(key)
+        if not isinstance(out, list) or not out:
+            report.add("preference_missing_output", line, f"{_show(key)} is {'missing' if key not in obj else 'empty or not a list'}")
+            continue
+        mark = report.errors
+        for i, msg in enumerate(out, 1):
+            _check_message(msg, i, "openai", line, report)
+            if isinstance(msg, dict) and msg.get("role") not in (None, "assistant"):
+                report.add("preference_output_not_assistant", line, f"{key} message {i} has role {_show(msg.get('role'))}")
+        if report.errors == mark:
+            outputs[key] = out
+    if len(outputs) == 2 and _same(outputs["preferred_output"], outputs["non_preferred_output"]):
+        report.add("preference_identical_outputs", line, "preferred_output and non_preferred_output are the same")
+    return report.errors == before
+
+def _same(a: list, b: list) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)

@@ -30,7 +30,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "invalid_weight": ("error", "weight is 0 (do not train on this message) or 1, and only on assistant messages"),
     "invalid_tool_calls": ("error", "tool_calls is a list of {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}"),
     "prompt_completion_invalid": ("error", "give both \"prompt\" and \"completion\" as strings, and no other keys"),
-    "mixed_formats": ("error", "use one format in a file: chat (messages) or prompt/completion"),
+    "mixed_formats": ("error", "use one format in a file: chat (messages), prompt/completion, or preference pairs"),
     "duplicate_example": ("error", "remove the repeated example: duplicates can land in both train and validation and hide overfitting"),
     "too_many_tokens": ("error", "shorten the example or pick a model with a longer context; it would be truncated"),
     "too_few_examples": ("error", "add examples: 50-100 good ones is a sensible start"),
@@ -40,6 +40,13 @@ KINDS: dict[str, tuple[str, str]] = {
     "bedrock_last_not_assistant": ("error", "end the conversation with an assistant message"),
     "bedrock_not_alternating": ("error", "alternate user and assistant strictly; merge consecutive messages of one role"),
     "bedrock_system_misplaced": ("error", "only the first message may be a system message (it becomes Bedrock's \"system\" field)"),
+    "not_preference": ("error", "with --format preference each line is {\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}"),
+    "preference_unrecognized_key": ("error", "remove the key; a preference pair has input (messages, tools, parallel_tool_calls), preferred_output, non_preferred_output"),
+    "preference_missing_input": ("error", "give the pair \"input\": {\"messages\": [...]}, the conversation both outputs answer"),
+    "preference_input_ends_with_assistant": ("error", "end the input with the user (or tool) turn that the two outputs answer"),
+    "preference_missing_output": ("error", "give both preferred_output and non_preferred_output as non-empty lists of assistant messages"),
+    "preference_output_not_assistant": ("error", "outputs hold only assistant messages: role \"assistant\""),
+    "preference_identical_outputs": ("error", "make the non-preferred output differ from the preferred one: identical pairs teach nothing"),
     "utf8_bom": ("warning", "save without a byte-order mark; tunejob ignores it"),
     "missing_system_message": ("warning", "a consistent system prompt helps the model learn one persona"),
     "missing_user_message": ("warning", "most chat examples have a user turn to answer"),
@@ -63,6 +70,7 @@ class Report:
     model: str | None
     token_counter: str
     tokens_approximate: bool
+    data_kind: str | None = None  # "chat", "prompt_completion" or "preference": the file's first example's
     lines: int = 0
     examples: int = 0
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -102,6 +110,7 @@ class Report:
         return {
             "path": self.path,
             "format": self.format,
+            "data_kind": self.data_kind,
             "model": self.model,
             "ok": self.ok,
             "lines": self.lines,

@@ -11,7 +11,7 @@ def load_splits(spec: JobSpec) -> tuple[list[dict], list[dict]]:
     from tunejob.data.validate import require_valid
 
     for path in filter(None, [spec.data.train, spec.data.validation]):
-        require_valid(path, min_examples=1 if path == spec.data.validation else 2)
+        require_valid(path, min_examples=1 if path == spec.data.validation else 2, method=spec.method.type)
     train = load_examples(spec.data.train)
     if spec.data.validation is not None:
         return train, load_examples(spec.data.validation)

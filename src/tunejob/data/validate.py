@@ -1,6 +1,9 @@
 """Dataset validation: every line checked, every problem with its line number, and statistics.
 
-    tunejob validate examples/data/sales_companion.jsonl [--format bedrock] [--model gpt-4.1-mini] [--json]
+    tunejob validate examples/data/sales_companion.jsonl [--format bedrock|preference] [--model gpt-4.1-mini] [--json]
+
+A file of preference pairs (OpenAI's DPO format) is recognised by its keys; `--format preference`
+also refuses any other kind of line. A pair's tokens are both of its conversations.
 
 The error kinds of OpenAI's data-preparation cookbook keep their names (data_type,
 missing_messages_list, message_missing_key, message_unrecognized_key, unrecognized_role,
@@ -18,6 +21,7 @@ from pathlib import Path
 from tunejob import catalog
 from tunejob.data.dataset import MAX_LINE_BYTES, as_messages, iter_raw_lines
 from tunejob.data.example_rules import Format, check_example, example_kind
+from tunejob.data.preference import conversations
 from tunejob.data.problems import KINDS, Report, render_text
 from tunejob.data.tokens import TokenCounter, counter_for
 
@@ -40,21 +44,23 @@ def validate_file(
     limit = (info.max_example_tokens if info else None) or counter.context_limit
     report = Report(str(path), format, model, counter.name, counter.approximate)
     seen: dict[bytes, int] = {}
-    good: list[tuple[int, list[dict]]] = []  # (line, messages) awaiting token counts
+    good: list[tuple[int, list[list[dict]]]] = []  # (line, its conversations: 1, or 2 for a pair) awaiting token counts
     totals: list[int] = []
     assistant: list[int] = []
     per_example_messages: list[int] = []
-    detected: str | None = None  # "chat" or "prompt_completion", from the first valid example
+    detected: str | None = None  # "chat", "prompt_completion" or "preference", from the first example
 
     def flush() -> None:
         if not good:
             return
-        counts = counter.count([m for _, m in good])
-        for (line, _), (total, answer) in zip(good, counts):
-            totals.append(total)
-            assistant.append(answer)
-            if limit and total > limit:
-                report.add("too_many_tokens", line, f"{total:,} tokens, over the {limit:,}-token limit of {model or counter.name}")
+        counts = iter(counter.count([c for _, convs in good for c in convs]))
+        for line, convs in good:
+            sides = [next(counts) for _ in convs]
+            totals.append(sum(t for t, _ in sides))
+            assistant.append(sum(a for _, a in sides))
+            longest, answer = max(t for t, _ in sides), min(a for _, a in sides)
+            if limit and longest > limit:
+                report.add("too_many_tokens", line, f"{longest:,} tokens, over the {limit:,}-token limit of {model or counter.name}")
             elif answer <= SHORT_ANSWER_TOKENS:
                 report.add("short_assistant_answer", line, f"assistant answer has {answer} token(s)")
         good.clear()
@@ -72,9 +78,9 @@ def validate_file(
         if obj is _UNREADABLE:
             continue
         kind = example_kind(obj)
-        if detected is None and kind in ("chat", "prompt_completion"):
-            detected = kind
-        elif kind in ("chat", "prompt_completion") and kind != detected:
+        if detected is None and kind in _KINDS:
+            detected = report.data_kind = kind
+        elif kind in _KINDS and kind != detected and format != "preference":
             report.add("mixed_formats", raw.number, f"a {kind.replace('_', '/')} example in a {detected.replace('_', '/')} file")
             continue
         digest = hashlib.blake2b(data.strip(), digest_size=16).digest()
@@ -85,9 +91,9 @@ def validate_file(
             continue
         seen[digest] = raw.number
         report.examples += 1
-        messages = as_messages(obj)
-        per_example_messages.append(len(messages))
-        good.append((raw.number, messages))
+        convs = conversations(obj) if kind == "preference" else [as_messages(obj)]
+        per_example_messages.append(len(convs[0]))
+        good.append((raw.number, convs))
         if len(good) >= 2048:
             flush()
     flush()
@@ -102,6 +108,7 @@ def validate_file(
 
 
 _UNREADABLE = object()
+_KINDS = ("chat", "prompt_completion", "preference")
 
 
 def _decode(data: bytes, line: int, report: Report) -> object:
@@ -125,12 +132,21 @@ def _decode(data: bytes, line: int, report: Report) -> object:
     return _UNREADABLE
 
 
-def require_valid(path: str | Path, format: Format = "openai", model: str | None = None, min_examples: int = 1) -> Report:
+def require_valid(path: str | Path, format: Format = "openai", model: str | None = None, min_examples: int = 1,
+                  method: str | None = None) -> Report:
     """Validate before work starts; a file with errors becomes one DataError naming the first
-    problem (file:line), the count by kind, and the command that lists them all."""
+    problem (file:line), the count by kind, and the command that lists them all. With `method`
+    (the spec's "supervised" or "dpo"), a file of the other kind is one DataError too."""
     from tunejob.errors import DataError
 
     report = validate_file(path, format=format, model=model, min_examples=min_examples)
+    pairs = report.data_kind == "preference"
+    if method == "dpo" and report.data_kind and not pairs:
+        raise DataError(f"{path}: method dpo trains on preference pairs, but this file holds {report.data_kind.replace('_', '/')} "
+                        "examples; give a file of {\"input\", \"preferred_output\", \"non_preferred_output\"} lines or set method: supervised")
+    if method == "supervised" and pairs:
+        raise DataError(f"{path}: this file holds preference pairs, which method supervised cannot train; set method: {{type: dpo}} "
+                        "or give a chat file")
     if not report.ok:
         first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
         kinds = ", ".join(f"{k} x{n}" for k, n in report.counts.items() if n and KINDS[k][0] == "error")

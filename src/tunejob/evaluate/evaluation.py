@@ -287,8 +287,13 @@ def evaluate_run(
     precision = trained_precision(run_dir)
     model, tokenizer = load_tuned(spec, checkpoint, device, precision)
     with autocast(device, precision == "bf16"):  # the arithmetic training validated with
-        scores = loss_scores(model, tokenizer, spec, examples, device)
-        items = [pr for pr in (prompt_and_reference(ex["messages"]) for ex in examples) if pr is not None][:limit]
+        if examples and "preferred_output" in examples[0]:  # preference pairs: ranking share instead of the chat loss
+            from tunejob.evaluate.preference import answer_items, preference_scores
+
+            scores, items = preference_scores(model, tokenizer, spec, examples, device), answer_items(examples)[:limit]
+        else:
+            scores = loss_scores(model, tokenizer, spec, examples, device)
+            items = [pr for pr in (prompt_and_reference(ex["messages"]) for ex in examples) if pr is not None][:limit]
         rows = answer_examples(model, tokenizer, items, max_new_tokens, say)
         fact_recall = _fact_recall(model, tokenizer, facts, say) if facts is not None else None
     answers = summarise_answers(rows)
@@ -343,6 +348,9 @@ METRIC_ROWS = [
     ("token F1", "f1", 3, "higher"), ("ROUGE-L", "rouge_l", 3, "higher"),
     ("latency (s / answer)", "latency_s", 3, "lower"), ("answer length (tokens)", "answer_tokens", 1, None),
     ("tokens / s", "tokens_per_second", 1, "higher"),
+    # preference pairs (evaluate/preference.py)
+    ("preferred output ranked higher", "preference_share", 3, "higher"), ("reward accuracy (vs base)", "reward_accuracy", 3, "higher"),
+    ("DPO loss (vs base)", "dpo_loss", 4, "lower"),
 ]
 
 
@@ -358,6 +366,8 @@ def render(result: dict, console=None, show_answers: int = 5) -> None:
         table.add_column(col, justify="left" if col in ("metric", "better") else "right")
     for label, key, digits, direction in METRIC_ROWS:
         b, f = m["base"].get(key), m["finetuned"].get(key)
+        if key not in m["base"] and key not in m["finetuned"]:
+            continue  # the other data kind's metric (chat loss vs preference ranking)
         better = "" if direction is None or b is None or f is None or b == f else ("fine-tuned" if (f < b) == (direction == "lower") else "base")
         table.add_row(label, _fmt(b, digits), _fmt(f, digits), better)
     cost = result.get("cost_per_1k_queries_usd")

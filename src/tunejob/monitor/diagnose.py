@@ -7,7 +7,13 @@ rate 1e-5 to 5e-5 for full fine-tuning (LoRA: 1e-4 to 3e-4), epochs 2-4, batch s
 
     {"verdict": KIND, "findings": [{"kind": KIND, "steps": [...], "message": "...", "advice": "..."}]}
 
-KIND is one of healthy, overfitting, flat, spikes, divergence, not_converged.
+KIND is one of healthy, overfitting, flat, spikes, divergence, not_converged, margin_exploding.
+
+A DPO stream (train records with rewards_margin) is read with DPO's own signs (`_dpo`): a loss
+stuck at ln 2 with reward accuracy near 0.5 is not learning (the policy still equals the
+reference), validation reward accuracy falling while the training margin grows is overfitting,
+and a margin that keeps climbing after the loss has saturated means beta or the learning rate is
+too high.
 """
 
 from __future__ import annotations
@@ -16,13 +22,18 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 
-KINDS = ("healthy", "overfitting", "flat", "spikes", "divergence", "not_converged")
-PRIORITY = ("divergence", "overfitting", "spikes", "flat", "not_converged", "healthy")
+KINDS = ("healthy", "overfitting", "flat", "spikes", "divergence", "not_converged", "margin_exploding")
+PRIORITY = ("divergence", "margin_exploding", "overfitting", "spikes", "flat", "not_converged", "healthy")
 
 FLAT_RELATIVE_CHANGE = 0.02  # under 2% change start-to-end counts as flat
 SPIKE_MAD_FACTOR = 8.0  # a spike sits this many robust deviations above the local median
 SPIKE_MIN_RISE = 0.25  # ... and at least 25% above it
 MIN_POINTS = 5
+LN2 = math.log(2)  # the DPO loss when policy and reference agree
+DPO_STUCK_LOSS = 0.02  # within this of ln 2 ...
+DPO_CHANCE_ACCURACY = 0.1  # ... with reward accuracy within this of 0.5: not learning
+DPO_ACCURACY_DROP = 0.1  # validation reward accuracy this far below its best: overfitting (with a growing margin)
+DPO_MARGIN_LIMIT = 10.0  # sigmoid(10) leaves a pair loss of 4.5e-5: past it the margin only pushes the policy away
 
 
 @dataclass
@@ -84,13 +95,15 @@ def diagnose(records: list[dict], learning_rate: float | None = None, epochs: in
         first = min(bad_train + bad_valid)
         findings.append(Finding("divergence", f"the loss became NaN or infinite at step {first}",
                                 _lr_advice(lr, 0.1, "divide the learning rate by 10") + "; check the data for empty or broken examples", [first]))
+    dpo = any(r.get("kind") == "train" and "rewards_margin" in r for r in records)
     if len(train) >= MIN_POINTS:
         findings += _divergence(train, lr, already=bool(findings))
         if not findings:  # a run that blew up has no meaningful spikes or plateaus
             findings += _spikes(train, records, lr)
-            findings += _flat(train, valid, lr)
+            findings += _dpo(records, lr) if dpo else _flat(train, valid, lr)
     if len(valid) >= 3:
-        findings += _overfitting(train, valid, epochs)
+        if not any(f.kind == "overfitting" for f in findings):
+            findings += _overfitting(train, valid, epochs)
         if not any(f.kind == "overfitting" for f in findings):
             findings += _not_converged(valid, epochs)
     elif len(train) >= MIN_POINTS and not findings:
@@ -200,3 +213,35 @@ def _not_converged(series: list[tuple[int, float]], epochs: int | None, what: st
         return [Finding("not_converged", f"{what} was still falling at the end ({100 * drop:.1f}% over the last third)",
                         f"train longer: {more} epochs (the guide: 2-4), or a somewhat higher learning rate", [series[-1][0]])]
     return []
+
+
+def _dpo(records: list[dict], lr: float | None) -> list[Finding]:
+    """DPO's three patterns over the reward metrics (train records with rewards_*, evals with valid_rewards_*)."""
+    loss = [v for _, v in _series(records, "train", "train_loss")]
+    accuracy = [v for _, v in _series(records, "train", "rewards_accuracy")]
+    margin = _series(records, "train", "rewards_margin")
+    valid_acc = _series(records, "eval", "valid_rewards_accuracy")
+    out: list[Finding] = []
+    k = max(MIN_POINTS, len(loss) // 3)
+    if len(loss) >= MIN_POINTS and abs(statistics.fmean(loss[-k:]) - LN2) < DPO_STUCK_LOSS \
+            and abs(statistics.fmean(accuracy[-k:] or [0.5]) - 0.5) < DPO_CHANCE_ACCURACY:
+        out.append(Finding("flat", f"the DPO loss stayed at ln 2 = {LN2:.3f} with reward accuracy near 0.5: the model still ranks "
+                                   "the pairs as its reference does (not learning)",
+                           _lr_advice(lr, 5, "raise the learning rate") + "; check that preferred and non-preferred outputs really differ",
+                           [records[0].get("step", 0), margin[-1][0] if margin else 0]))
+    smoothed = smooth([v for _, v in margin]) if len(margin) >= MIN_POINTS else []
+    if smoothed and smoothed[-1] > DPO_MARGIN_LIMIT:
+        step = next(margin[i][0] for i, v in enumerate(smoothed) if v > DPO_MARGIN_LIMIT)
+        out.append(Finding("margin_exploding", f"the reward margin climbed past {DPO_MARGIN_LIMIT:g} (to {smoothed[-1]:.1f}, from step {step}) "
+                                               "after the loss had nothing left to gain",
+                           "lower beta (method.beta) or " + _lr_advice(lr, 0.3, "lower the learning rate"), [step]))
+    if len(valid_acc) >= 3 and smoothed:
+        best = max(range(len(valid_acc)), key=lambda i: (valid_acc[i][1], i))  # the latest of equal bests
+        best_step, best_acc = valid_acc[best]
+        at_best = next((v for (s, _), v in zip(margin, smoothed) if s >= best_step), smoothed[-1])
+        late = [v for _, v in valid_acc[best + 1 :]]
+        if len(late) >= 2 and max(late[-2:]) <= best_acc - DPO_ACCURACY_DROP and smoothed[-1] > at_best:
+            out.append(Finding("overfitting", f"validation reward accuracy fell from {best_acc:.2f} (step {best_step}) to {late[-1]:.2f} "
+                                              f"while the training margin grew from {at_best:.2f} to {smoothed[-1]:.2f}",
+                               f"use the checkpoint of step {best_step}; next time train fewer epochs or raise beta", [best_step, valid_acc[-1][0]]))
+    return out

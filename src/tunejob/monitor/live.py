@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from tunejob.monitor.metrics import LineSink
+from tunejob.monitor.metrics import LineSink, rewards_text
 
 CHART_WIDTH, CHART_HEIGHT = 60, 8
 
@@ -94,7 +94,7 @@ class LiveSink:
         eta_s = f"ETA {int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "ETA -"
         head = f"[{bar}] step {self.step}/{self.total}  {eta_s}"
         if self.last:
-            head += f"  train {self.last['train_loss']:.4f}  {self.last.get('tokens_per_second', 0):.0f} tok/s"
+            head += f"  train {self.last['train_loss']:.4f}  {self.last.get('tokens_per_second', 0):.0f} tok/s" + rewards_text(self.last)
         if self.valid:
             head += f"  valid {self.valid[-1][1]:.4f}"
         if self.best:

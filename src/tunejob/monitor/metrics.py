@@ -42,6 +42,13 @@ class JsonlSink:
         self._f.close()
 
 
+def rewards_text(record: dict, prefix: str = "") -> str:
+    """A DPO record's reward margin and accuracy for a progress line ("" for supervised records)."""
+    if f"{prefix}rewards_margin" not in record:
+        return ""
+    return f"  margin {record[f'{prefix}rewards_margin']:.3f}  reward acc {record[f'{prefix}rewards_accuracy']:.2f}"
+
+
 class LineSink:
     """Plain progress lines on stderr (the rich live view replaces this on a terminal)."""
 
@@ -55,10 +62,10 @@ class LineSink:
             line = (
                 f"step {step}/{self.total}  train_loss {record['train_loss']:.4f}  "
                 f"acc {record['train_mean_token_accuracy']:.3f}  lr {record['learning_rate']:.2e}  "
-                f"{record['tokens_per_second']:.0f} tok/s"
+                f"{record['tokens_per_second']:.0f} tok/s" + rewards_text(record)
             )
         elif record["kind"] == "eval":
-            line = f"step {step}/{self.total}  valid_loss {record['valid_loss']:.4f}  acc {record['valid_mean_token_accuracy']:.3f}"
+            line = f"step {step}/{self.total}  valid_loss {record['valid_loss']:.4f}  acc {record['valid_mean_token_accuracy']:.3f}" + rewards_text(record, "valid_")
         elif record["kind"] == "start":
             return  # the trainer has printed the same line already
         else:
@@ -73,7 +80,9 @@ class TensorBoardSink:
     """TensorBoard event files under RUN_DIR/tensorboard (`tensorboard --logdir runs/`)."""
 
     TAGS = {"train_loss": "loss/train", "valid_loss": "loss/valid", "train_mean_token_accuracy": "accuracy/train",
-            "valid_mean_token_accuracy": "accuracy/valid", "learning_rate": "learning_rate", "tokens_per_second": "throughput/tokens_per_second"}
+            "valid_mean_token_accuracy": "accuracy/valid", "learning_rate": "learning_rate", "tokens_per_second": "throughput/tokens_per_second",
+            # DPO (TRL's tag names)
+            **{f"{p}rewards_{k}": f"rewards/{k}{'_valid' if p else ''}" for p in ("", "valid_") for k in ("chosen", "rejected", "margin", "accuracy")}}
 
     def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter

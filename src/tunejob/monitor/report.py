@@ -48,7 +48,11 @@ def loss_chart(run: dict, out_png: Path) -> Path:
     records = run["records"]
     train = [(r["step"], r["train_loss"]) for r in records if r.get("kind") == "train"]
     valid = [(r["step"], r["valid_loss"]) for r in records if r.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    dpo = any("rewards_margin" in r for r in records)
+    fig, axes = plt.subplots(2 if dpo else 1, 1, figsize=(9, 8 if dpo else 4.8), dpi=110, squeeze=False)
+    ax = axes[0][0]
+    if dpo:
+        _reward_chart(axes[1][0], records)
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="#1f77b4", alpha=0.25, linewidth=1, label="training loss (per step)")
@@ -64,7 +68,7 @@ def loss_chart(run: dict, out_png: Path) -> Path:
     if summary.get("stop_reason") == "early_stopping":
         ax.axvline(summary["steps"], color="#7f7f7f", linestyle=":", linewidth=1.5, label=f"early stop (step {summary['steps']})")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_ylabel("DPO loss (pairs)" if dpo else "loss (assistant tokens)")
     ax.set_title(f"Training vs validation loss: {run['config'].get('name', run['dir'].name)}")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
@@ -72,6 +76,22 @@ def loss_chart(run: dict, out_png: Path) -> Path:
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def _reward_chart(ax, records: list[dict]) -> None:
+    """DPO's reward curves: training margin and accuracy per step, their validation values per eval."""
+    for prefix, kind, style in (("", "train", "-"), ("valid_", "eval", "o-")):
+        rows = [r for r in records if r.get("kind") == kind and f"{prefix}rewards_margin" in r]
+        if rows:
+            steps = [r["step"] for r in rows]
+            where = "validation" if prefix else "training"
+            ax.plot(steps, [r[f"{prefix}rewards_margin"] for r in rows], style, color="#9467bd", label=f"{where} reward margin")
+            ax.plot(steps, [r[f"{prefix}rewards_accuracy"] for r in rows], style, color="#ff7f0e", label=f"{where} reward accuracy")
+    ax.axhline(0.5, color="#7f7f7f", linestyle=":", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward margin / accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:

@@ -15,10 +15,10 @@ from tunejob.plan import cost
 from tunejob.spec import JobSpec
 
 
-def _validated(path: Path, fmt: str = "openai", model: str | None = None):
+def _validated(path: Path, fmt: str = "openai", model: str | None = None, method: str | None = None):
     from tunejob.data.validate import require_valid
 
-    return require_valid(path, format=fmt, model=model)
+    return require_valid(path, format=fmt, model=model, method=method)
 
 
 def token_counts(path: Path, model: str) -> tuple[list[int], bool]:
@@ -27,8 +27,13 @@ def token_counts(path: Path, model: str) -> tuple[list[int], bool]:
     from tunejob.data.tokens import counter_for
 
     counter = counter_for(model)
-    examples = [ex["messages"] for ex in load_examples(path)]
-    return [total for total, _ in counter.count(examples)], counter.approximate
+    from tunejob.data.preference import conversations, is_pair
+
+    loaded = load_examples(path)
+    if loaded and is_pair(loaded[0]):  # a pair's tokens: both of its conversations, as validate counts them
+        counts = iter(counter.count([c for ex in loaded for c in conversations(ex)]))
+        return [next(counts)[0] + next(counts)[0] for _ in loaded], counter.approximate
+    return [total for total, _ in counter.count([ex["messages"] for ex in loaded])], counter.approximate
 
 
 def cost_report(model: str | None, data: Path | None = None, tokens: int | None = None, epochs: int | None = None, price_per_1m: float | None = None,
@@ -56,7 +61,7 @@ def plan_job(spec: JobSpec, gpu_memory_gb: float | None = None, price_per_1m: fl
 
 def _plan_api(spec: JobSpec, price_per_1m: float | None) -> dict:
     fmt = "bedrock" if spec.backend == "bedrock" else "openai"
-    report = _validated(spec.data.train, fmt, spec.model)
+    report = _validated(spec.data.train, fmt, spec.model, spec.method.type)
     out: dict = {"backend": spec.backend, "model": spec.model, "train_examples": report.examples,
                  "validation": str(spec.data.validation) if spec.data.validation else f"{spec.data.val_fraction:.0%} of train (split by the provider or tunejob)",
                  "warnings": _warnings(report.examples, 0, 0)}
@@ -80,23 +85,29 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     from tunejob.train.shapes import shape_from_path
 
     hp = spec.hyperparameters
-    _validated(spec.data.train)
+    _validated(spec.data.train, method=spec.method.type)
     examples = load_examples(spec.data.train)
     if spec.data.validation:
-        _validated(spec.data.validation)
+        _validated(spec.data.validation, method=spec.method.type)
         train, val = examples, load_examples(spec.data.validation)
     else:
         train, val = split_examples(examples, spec.data.val_fraction, spec.data.seed)
     model_path = resolve_model_path(spec.model)
     tokenizer = load_tokenizer(model_path)
-    train_seqs, tstats = encode_examples(tokenizer, train, hp.max_seq_len, hp.train_on)
-    val_seqs, vstats = encode_examples(tokenizer, val, hp.max_seq_len, hp.train_on)
+    if spec.method.type == "dpo":  # a pair is two sequences (its tokens count both); the reference pass is forward-only, once
+        from tunejob.data.preference import encode_pairs
+
+        (train_seqs, tstats), (val_seqs, vstats) = (encode_pairs(tokenizer, x, hp.max_seq_len) for x in (train, val))
+        lengths = sorted(len(s.input_ids) for p in train_seqs for s in (p.chosen, p.rejected)) or [0]
+    else:
+        train_seqs, tstats = encode_examples(tokenizer, train, hp.max_seq_len, hp.train_on)
+        val_seqs, vstats = encode_examples(tokenizer, val, hp.max_seq_len, hp.train_on)
+        lengths = sorted(len(s.input_ids) for s in train_seqs) or [0]
     batch, epochs = spec.resolved_batch_size(), spec.resolved_epochs()
     steps = epochs * math.ceil(len(train_seqs) / batch)
     if hp.max_steps:
         steps = min(steps, hp.max_steps)
     shape = shape_from_path(model_path)
-    lengths = sorted(len(s.input_ids) for s in train_seqs) or [0]
     seq_len = min(hp.max_seq_len, lengths[-1])
     device = "cuda" if gpu_memory_gb is not None else "cpu"
     # the trainer's own rule: one sequence per forward pass on CPU, batch / accumulation on GPUs
@@ -115,7 +126,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     eval_tokens = vstats.tokens * evals
     out = {
         "backend": "local", "model": spec.model, "model_path": model_path, "quantization": spec.quantization,
-        "tool_rendering": tool_rendering(tokenizer) if any(uses_tools(ex) for ex in train + val) else None,
+        "tool_rendering": tool_rendering(tokenizer) if any(uses_tools(ex.get("input", ex)) for ex in train + val) else None,
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs),
         "tokens_per_epoch": tstats.tokens, "trained_tokens_per_epoch": tstats.trained_tokens,
         "tokens_per_example": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},

@@ -32,9 +32,16 @@ def series(records: list[dict], status: str, total_steps: int | None = None, bes
         best_step = min(valid, key=lambda p: p[1])[0]
     best_loss = next((v for s, v in valid if s == best_step), None)
     early = end["step"] if end is not None and end.get("stop_reason") == "early_stopping" else None
-    return {"status": status, "train": train, "valid": valid, "best_step": best_step if best_loss is not None else None,
-            "best_valid_loss": best_loss, "early_stop_step": early, "steps_done": max((s for s, _ in train), default=0),
-            "total_steps": total}
+    out = {"status": status, "train": train, "valid": valid, "best_step": best_step if best_loss is not None else None,
+           "best_valid_loss": best_loss, "early_stop_step": early, "steps_done": max((s for s, _ in train), default=0),
+           "total_steps": total}
+    # DPO: the reward margin and accuracy, training per step and validation per eval (a second axis)
+    for name, kind, key in (("margin", "train", "rewards_margin"), ("reward_accuracy", "train", "rewards_accuracy"),
+                            ("valid_margin", "eval", "valid_rewards_margin"), ("valid_reward_accuracy", "eval", "valid_rewards_accuracy")):
+        points = [[r["step"], r[key]] for r in records if r.get("kind") == kind and r.get(key) is not None]
+        if points:
+            out.setdefault("rewards", {})[name] = points
+    return out
 
 
 class JobSource(Protocol):

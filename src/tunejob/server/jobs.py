@@ -16,9 +16,10 @@ from tunejob.server.store import new_id
 from tunejob.server.worker import ACTIVE
 
 
-def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | None, seed: int) -> dict:
-    """The local job spec a server job runs: OpenAI's 'auto' is OpenAI's meaning (batch 4, 3 epochs);
-    tunejob's extras are checked by the job spec's own models, then against the server's caps."""
+def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | None, seed: int, method: str = "supervised") -> dict:
+    """The local job spec a server job runs: OpenAI's 'auto' is OpenAI's meaning (batch 4, 3 epochs;
+    DPO's beta: the local default); tunejob's extras are checked by the job spec's own models, then
+    against the server's caps."""
     from tunejob.spec import JobSpec
 
     lr = DEFAULT_LR * (1.0 if hp["learning_rate_multiplier"] == "auto" else float(hp["learning_rate_multiplier"]))
@@ -28,6 +29,8 @@ def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | No
     hyper.update(extra.hyperparameters or {})
     spec = {"name": "job", "backend": "local", "model": state.base_models[base], "data": {"train": "x.jsonl", "seed": seed},
             "hyperparameters": hyper, "checkpointing": {"eval_steps": 10, "save_steps": 10}}
+    if method == "dpo":
+        spec["method"] = {"type": "dpo", **({} if hp.get("beta", "auto") == "auto" else {"beta": hp["beta"]})}
     spec.update(extra.model_dump(exclude_none=True, exclude={"hyperparameters", "resources"}))
     nodes = (extra.distributed or {}).get("nodes", 1)
     if nodes != 1:
@@ -65,6 +68,24 @@ def _training_files(state: ServerState, who: str, req: CreateFineTuningJob) -> N
             raise ApiError(400, f"invalid {key}: no such file {fid}", param=key, code="invalid_file")
         if f["status"] != "processed":
             raise ApiError(400, f"invalid {key}: file {fid} failed validation: {f['status_details']}", param=key, code="invalid_file")
+        pairs = _holds_pairs(state.store.file_path(fid))
+        if pairs != (req.method_type == "dpo"):
+            need = "preference pairs (input, preferred_output, non_preferred_output)" if req.method_type == "dpo" else "chat examples"
+            raise ApiError(400, f"invalid {key}: method {req.method_type} trains on {need}, and file {fid} holds "
+                                f"{'preference pairs' if pairs else 'chat examples'}", param=key, code="invalid_file")
+
+
+def _holds_pairs(path) -> bool:
+    """Whether a validated file holds preference pairs (validation refuses mixed files, so the first line says)."""
+    import json
+
+    from tunejob.data.dataset import iter_raw_lines
+    from tunejob.data.example_rules import example_kind
+
+    for raw in iter_raw_lines(path):
+        if raw.data and raw.data.strip():
+            return example_kind(json.loads(raw.data.decode("utf-8-sig"))) == "preference"
+    return False
 
 
 def create_job(state: ServerState, who: str, body: object) -> dict:
@@ -76,13 +97,13 @@ def create_job(state: ServerState, who: str, body: object) -> dict:
     _training_files(state, who, req)
     hp = req.openai_hyperparameters()
     seed = req.seed if req.seed is not None else int(time.time()) % 2**31
-    spec = job_spec(state, base, hp, req.tunejob, seed)
+    spec = job_spec(state, base, hp, req.tunejob, seed, req.method_type)
     model, suffix, metadata = req.model, req.suffix, req.metadata
     job_id = new_id("ftjob")
     job = {
         "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "model": model, "fine_tuned_model": None,
-        "organization_id": "org-tunejob", "status": "queued", "hyperparameters": hp,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "organization_id": "org-tunejob", "status": "queued", "hyperparameters": {k: v for k, v in hp.items() if k != "beta"},
+        "method": {"type": req.method_type, req.method_type: {"hyperparameters": hp}},
         "training_file": req.training_file, "validation_file": req.validation_file, "result_files": [],
         "trained_tokens": None, "error": None, "finished_at": None, "seed": seed, "suffix": suffix,
         "user_provided_suffix": suffix, "metadata": metadata, "estimated_finish": None, "integrations": [],

@@ -68,17 +68,29 @@ class SupervisedMethod(BaseModel):
     hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
 
 
+class DpoHyperparameters(OpenAIHyperparameters):
+    beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+
+
+class DpoMethod(BaseModel):
+    model_config = _STRICT
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class Method(BaseModel):
     model_config = _STRICT
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
-    dpo: dict | None = None
+    dpo: DpoMethod | None = None
     reinforcement: dict | None = None
 
     @model_validator(mode="after")
-    def _only_supervised(self):
-        if self.type != "supervised":
-            raise ValueError(f"method.type {self.type!r} is not supported by tunejob serve yet; use 'supervised'")
+    def _trainable(self):
+        if self.type == "reinforcement":
+            raise ValueError("method.type 'reinforcement' is not supported by tunejob serve; use 'supervised' or 'dpo'")
+        other = next((t for t in ("supervised", "dpo", "reinforcement") if t != self.type and getattr(self, t) is not None), None)
+        if other:
+            raise ValueError(f"method.{other} is given but method.type is {self.type!r}; send the {self.type!r} section or set type {other!r}")
         return self
 
 
@@ -123,11 +135,19 @@ class CreateFineTuningJob(BaseModel):
     integrations: Annotated[list[dict], Field(max_length=0)] | None = None  # W&B is not wired here
     tunejob: TunejobOptions | None = None
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method else "supervised"
+
     def openai_hyperparameters(self) -> dict:
-        """method.supervised's hyperparameters over the deprecated top-level ones, as OpenAI merges them."""
+        """The method's hyperparameters over the deprecated top-level ones, as OpenAI merges them
+        (DPO's add beta)."""
         hp = self.hyperparameters.model_dump() if self.hyperparameters else OpenAIHyperparameters().model_dump()
-        if self.method and self.method.supervised:
-            hp.update(self.method.supervised.hyperparameters.model_dump(exclude_unset=True))
+        if self.method_type == "dpo":
+            hp["beta"] = "auto"
+        section = getattr(self.method, self.method_type, None) if self.method else None
+        if section is not None:
+            hp.update(section.hyperparameters.model_dump(exclude_unset=True))
         return hp
 
 

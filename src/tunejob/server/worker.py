@@ -272,16 +272,16 @@ class Worker:
         if kind == "start":
             self.store.update_job(job_id, _total_steps=r.get("total_steps"))
         elif kind == "train" and step > seen["train"]:
-            data = {"step": step, "train_loss": r["train_loss"], "train_mean_token_accuracy": r["train_mean_token_accuracy"], "total_steps": job.get("_total_steps")}
-            self.store.add_event(job_id, f"Step {step}: training loss={r['train_loss']:.4f}", type="metrics", data=data)
+            last_train = {"step": step, "train_loss": r["train_loss"], "train_mean_token_accuracy": r["train_mean_token_accuracy"], **_rewards(r, "")}
+            self.store.add_event(job_id, f"Step {step}: training loss={r['train_loss']:.4f}", type="metrics", data={**last_train, "total_steps": job.get("_total_steps")})
             seen["train"] = step
-            self.store.update_job(job_id, _seen=seen, _last_train={"step": step, "train_loss": r["train_loss"], "train_mean_token_accuracy": r["train_mean_token_accuracy"]})
+            self.store.update_job(job_id, _seen=seen, _last_train=last_train)
         elif kind == "eval" and step > seen["eval"]:
             data = {"step": step, "valid_loss": r["valid_loss"], "valid_mean_token_accuracy": r["valid_mean_token_accuracy"],
-                    "full_valid_loss": r["full_valid_loss"], "full_valid_mean_token_accuracy": r["full_valid_mean_token_accuracy"]}
+                    "full_valid_loss": r["full_valid_loss"], "full_valid_mean_token_accuracy": r["full_valid_mean_token_accuracy"], **_rewards(r, "valid_")}
             last = job.get("_last_train") or {}
             if last.get("step") == step:  # OpenAI's metrics event at an eval step carries both losses
-                data.update(train_loss=last["train_loss"], train_mean_token_accuracy=last["train_mean_token_accuracy"])
+                data.update({k: v for k, v in last.items() if k != "step"})
             data["total_steps"] = job.get("_total_steps")
             self.store.add_event(job_id, f"Step {step}: validation loss={r['valid_loss']:.4f}", type="metrics", data=data)
             seen["eval"] = step
@@ -316,6 +316,11 @@ class Worker:
                               trained_tokens=summary.get("trained_tokens"), result_files=[result_id], _best_step=best)
         self.store.add_event(job_id, f"New fine-tuned model created: {job['_ft_name']} (best checkpoint: step {best})")
         self.store.add_event(job_id, "The job has successfully completed")
+
+
+def _rewards(record: dict, prefix: str) -> dict:
+    """A DPO record's reward metrics (rewards_* / valid_rewards_*), for events and checkpoints."""
+    return {k: v for k, v in record.items() if k.startswith(f"{prefix}rewards_")}
 
 
 class _Tail:

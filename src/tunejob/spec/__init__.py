@@ -15,12 +15,13 @@ from tunejob.spec.job import (
     Hyperparameters,
     JobSpec,
     LoraSpec,
+    MethodSpec,
     OpenAISettings,
 )
 from tunejob.spec.loader import format_validation_error, load_spec, parse_spec
 
 __all__ = [
     "LOCAL_AUTO_BATCH_SIZE", "LOCAL_AUTO_EPOCHS", "LORA_DEFAULT_LR", "BedrockSettings", "Checkpointing", "DataSpec",
-    "DistributedSettings", "Hyperparameters", "JobSpec", "LoraSpec", "OpenAISettings", "format_validation_error",
+    "DistributedSettings", "Hyperparameters", "JobSpec", "LoraSpec", "MethodSpec", "OpenAISettings", "format_validation_error",
     "load_spec", "parse_spec",
 ]

@@ -69,6 +69,31 @@ class Hyperparameters(_Section):
         return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
 
 
+DPO_DEFAULT_BETA = 0.1  # TRL's DPOConfig default
+
+
+class MethodSpec(_Section):
+    """OpenAI's fine-tuning method. `dpo` trains on preference pairs (data/preference.py)."""
+
+    type: Literal["supervised", "dpo"] = Field("supervised", description="supervised (chat data) or dpo (preference pairs).")
+    beta: PositiveFloat | None = Field(None, description="DPO: how far the model may move from the base (default 0.1 locally, the provider's on API backends).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v):
+        return {"type": v} if isinstance(v, str) else v  # `method: dpo`
+
+    @model_validator(mode="after")
+    def _beta(self) -> "MethodSpec":
+        if self.beta is not None and self.type != "dpo":
+            raise ValueError("beta: applies to method type dpo only; remove it or set type: dpo")
+        return self
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else DPO_DEFAULT_BETA
+
+
 class LoraSpec(_Section):
     r: int = Field(16, ge=1, le=1024, description="Rank of the adapter matrices (start at 16; 32-64 to learn more).")
     alpha: float | None = Field(None, gt=0, description="Scaling; defaults to 2 x r.")
@@ -163,6 +188,7 @@ class JobSpec(_Section):
     model: str = Field("default", min_length=1, description="'default' (embedded SmolLM2-135M), a path, or an API model id.")
     data: DataSpec
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    method: MethodSpec = Field(default_factory=MethodSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantization: Literal["none", "4bit"] = "none"
     checkpointing: Checkpointing = Field(default_factory=Checkpointing)
@@ -202,6 +228,8 @@ class JobSpec(_Section):
         exclude = {"openai"} if self.backend != "openai" else set()
         if self.bedrock is None:
             exclude.add("bedrock")
+        if "method" not in self.model_fields_set:
+            exclude.add("method")  # a supervised spec saves as it always did
         if self.backend != "local":
             exclude |= {"lora", "distributed"}
         data = self.model_dump(mode="json", exclude=exclude)
@@ -263,6 +291,7 @@ def _combination_problems(spec: JobSpec) -> list[str]:
         problems.append("bedrock: backend 'bedrock' needs a bedrock section with role_arn and s3_bucket")
     if spec.bedrock is not None and spec.backend != "bedrock":
         problems.append("bedrock: settings for backend 'bedrock'; remove the section or set backend: bedrock")
+    problems += _method_problems(spec)
     ck = spec.checkpointing
     if ck.keep_best and ck.save_steps % ck.eval_steps:
         fixed = ck.eval_steps * max(1, round(ck.save_steps / ck.eval_steps))
@@ -270,4 +299,18 @@ def _combination_problems(spec: JobSpec) -> list[str]:
             f"checkpointing.save_steps: {ck.save_steps} is not a multiple of eval_steps {ck.eval_steps}, so a checkpoint "
             f"could lack a validation loss to rank it by; set save_steps: {fixed}"
         )
+    return problems
+
+
+def _method_problems(spec: JobSpec) -> list[str]:
+    if spec.method.type != "dpo":
+        return []
+    problems = []
+    if spec.hyperparameters.train_on == "all":
+        problems.append("hyperparameters.train_on: 'all' with method dpo would compare the shared prompt too; "
+                        "DPO scores the outputs only, so remove train_on or set it to 'assistant'")
+    if spec.backend == "bedrock":
+        problems.append("method: dpo runs on backends local and openai; use one of them or method supervised for bedrock")
+    if spec.distributed.world_size > 1:
+        problems.append("distributed: method dpo trains in one process for now; remove the distributed section")
     return problems

@@ -137,6 +137,22 @@ def forward_loss(model, batch: dict, path: str = "keep", aux_loss: bool = True) 
     return loss, int(mask.sum()), correct
 
 
+def sequence_logps(model, batch: dict, path: str = "keep") -> tuple[torch.Tensor, int, int]:
+    """((B,) summed log-probabilities of each sequence's trained tokens, trained tokens, correctly
+    predicted ones), by the same forward as the loss: the log-probability of a completion that DPO
+    compares (TRL sums them the same way: `per_token_logps.sum(dim=1)` over the completion mask)."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    logits, _ = _logits(model, batch, mask, path)
+    targets = labels[mask]
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    rows = mask.nonzero(as_tuple=True)[0]
+    logps = torch.zeros(labels.shape[0], device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    with torch.no_grad():
+        correct = int((logits.argmax(-1) == targets).sum())
+    return logps, int(mask.sum()), correct
+
+
 # ------------------------------------------------------------ choosing the path
 
 
@@ -218,11 +234,14 @@ class LossPath:
         self.choice = Choice(path, {"forced": path}) if path else None
 
     def __call__(self, model, batch: dict):
+        return forward_loss(model, batch, self.path_for(model, batch))
+
+    def path_for(self, model, batch: dict) -> str:
         if self.choice is None:
             self.choice = choose_path(model, batch, self.tolerance)
             if self.say is not None:
                 self.say(describe(model, self.choice))
-        return forward_loss(model, batch, self.choice.path)
+        return self.choice.path
 
 
 def describe(model, choice: Choice) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tunejob.data.preference import encode_pairs
 from tunejob.data.sequences import encode_examples
 from tunejob.data.splits import load_splits
 from tunejob.errors import BackendError, DataError, Stopped
@@ -38,6 +39,7 @@ from tunejob.train.adapter import add_lora, count_parameters, load_model
 from tunejob.train.batches import EpochOrder, as_batch, autocast, make_collator, micro_batch_size
 from tunejob.train.loss import LossPath, evaluate
 from tunejob.train.models import load_tokenizer, resolve_model_path
+from tunejob.train.preference import Dpo, means
 
 
 def _say(msg: str) -> None:
@@ -73,6 +75,7 @@ class Run:
     trainable: int
     total: int
     bf16: bool = False
+    dpo: Dpo | None = None  # method dpo: train/val seqs are PairSequences and this is the objective
     stop: "StopRequest | None" = None
     state: dict = field(default_factory=lambda: {"step": 0, "best_step": None, "best_valid_loss": None, "evals_without_improvement": 0,
                                                  "tokens_seen": 0, "trained_tokens": 0, "elapsed_s": 0.0})
@@ -89,8 +92,11 @@ class Run:
 def _encode(spec: JobSpec, tokenizer, say) -> tuple[list, list]:
     hp = spec.hyperparameters
     train_examples, val_examples = load_splits(spec)
-    train_seqs, train_stats = encode_examples(tokenizer, train_examples, hp.max_seq_len, hp.train_on)
-    val_seqs, val_stats = encode_examples(tokenizer, val_examples, hp.max_seq_len, hp.train_on)
+    if spec.method.type == "dpo":
+        (train_seqs, train_stats), (val_seqs, val_stats) = (encode_pairs(tokenizer, ex, hp.max_seq_len) for ex in (train_examples, val_examples))
+    else:
+        train_seqs, train_stats = encode_examples(tokenizer, train_examples, hp.max_seq_len, hp.train_on)
+        val_seqs, val_stats = encode_examples(tokenizer, val_examples, hp.max_seq_len, hp.train_on)
     for label, st in (("train", train_stats), ("validation", val_stats)):
         if st.truncated:
             say(f"note: {st.truncated} {label} example(s) longer than max_seq_len {hp.max_seq_len} were truncated")
@@ -111,7 +117,7 @@ def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, co
     tokenizer = load_tokenizer(model_path)
     train_seqs, val_seqs = _encode(spec, tokenizer, say)
     batch_size, epochs = spec.resolved_batch_size(), spec.resolved_epochs()
-    order = EpochOrder([len(s.input_ids) for s in train_seqs], batch_size, hp.seed)
+    order = EpochOrder([_length(s) for s in train_seqs], batch_size, hp.seed)
     total_steps = epochs * order.steps_per_epoch
     if hp.max_steps:
         total_steps = min(total_steps, hp.max_steps)
@@ -126,13 +132,19 @@ def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, co
     distributed.broadcast_parameters(world, params)
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     optimizer = torch.optim.AdamW(params, lr=spec.resolved_learning_rate(), weight_decay=hp.weight_decay)
+    collate, loss_path = make_collator(tokenizer.pad_token_id), LossPath(say=say)
+    micro = micro_batch_size(batch_size, hp.gradient_accumulation, world.size, world.device)
+    dpo = Dpo(spec.method.resolved_beta, loss_path, collate, micro, world.device, mixed == "bf16") if spec.method.type == "dpo" else None
     return Run(spec=spec, world=world, say=say, config_yaml=config_yaml, train_seqs=train_seqs, val_seqs=val_seqs, model=model,
                params=params, optimizer=optimizer, scheduler=get_cosine_schedule_with_warmup(optimizer, warmup, total_steps),
-               collate=make_collator(tokenizer.pad_token_id),
                # the effective batch stays batch_size however many processes share it (the spec checks divisibility)
-               micro=micro_batch_size(batch_size, hp.gradient_accumulation, world.size, world.device),
-               batch_size=batch_size, total_steps=total_steps, order=order, loss_path=LossPath(say=say),
-               trainable=trainable, total=total, bf16=mixed == "bf16")
+               collate=collate, micro=micro, batch_size=batch_size, total_steps=total_steps, order=order, loss_path=loss_path,
+               trainable=trainable, total=total, bf16=mixed == "bf16", dpo=dpo)
+
+
+def _length(seq) -> int:
+    """Tokens a sequence (or a preference pair: both sides) puts through the model."""
+    return seq.tokens if hasattr(seq, "chosen") else len(seq.input_ids)
 
 
 def _open_stream(run: Run, resuming: bool) -> Stream:
@@ -158,6 +170,11 @@ def _train_step(run: Run, step: int) -> dict | None:
     """One optimizer step (1-based `step`): the step's record, or None when the loss is not finite."""
     world, t0 = run.world, time.time()
     seqs = [run.train_seqs[i] for i in run.order.step(step - 1)]
+    if run.dpo is not None:
+        sums = run.dpo.accumulate(run.model, seqs, len(seqs))
+        fields = means(sums, len(seqs))
+        n_trained = sum(p.chosen.trained_tokens + p.rejected.trained_tokens for p in seqs)
+        return _optimizer_step(run, step, seqs, fields, n_trained, sum(_length(s) for s in seqs), t0)
     n_trained = sum(s.trained_tokens for s in seqs)  # of the global batch: every rank knows it
     mine = seqs[world.rank :: world.size]
     loss_sum, correct, processed = 0.0, 0, 0
@@ -171,30 +188,41 @@ def _train_step(run: Run, step: int) -> dict | None:
         correct += c
     distributed.sum_gradients(world, run.params)  # the one-process gradient of the global batch
     loss_sum, correct, processed = distributed.sum_(world, [loss_sum, correct, processed])
-    train_loss = loss_sum / n_trained
+    fields = {"train_loss": loss_sum / n_trained, "train_mean_token_accuracy": correct / n_trained}
+    return _optimizer_step(run, step, seqs, fields, n_trained, processed, t0)
+
+
+def _optimizer_step(run: Run, step: int, seqs: list, fields: dict, n_trained: int, processed: int, t0: float) -> dict:
+    """Clip, AdamW, schedule once the step's gradients are in; the step's record (an event when
+    the loss is not finite, with the optimizer left untouched)."""
+    train_loss = fields["train_loss"]
     if not math.isfinite(train_loss):
         return {"kind": "event", "step": step, "message": f"train loss became {train_loss} at step {step}"}
     torch.nn.utils.clip_grad_norm_(run.params, run.spec.hyperparameters.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    state, tokens = run.state, sum(len(s.input_ids) for s in seqs)
+    state, tokens = run.state, sum(_length(s) for s in seqs)
     state["tokens_processed"] = state.get("tokens_processed", 0) + int(processed)
     state["tokens_seen"] += tokens
     state["trained_tokens"] += n_trained
-    return {"kind": "train", "step": step, "epoch": round(step / run.steps_per_epoch, 4), "train_loss": train_loss,
-            "train_mean_token_accuracy": correct / n_trained, "learning_rate": run.scheduler.get_last_lr()[0],
-            "tokens_seen": state["tokens_seen"], "tokens_per_second": tokens / max(time.time() - t0, 1e-9),
-            "batch": [s.source_index for s in seqs]}
+    return {"kind": "train", "step": step, "epoch": round(step / run.steps_per_epoch, 4), **fields,
+            "learning_rate": run.scheduler.get_last_lr()[0], "tokens_seen": state["tokens_seen"],
+            "tokens_per_second": tokens / max(time.time() - t0, 1e-9), "batch": [s.source_index for s in seqs]}
 
 
 def _evaluate(run: Run, step: int, stream: Stream, started: float) -> bool:
     """Full validation loss at eval steps; True when it is a new best."""
     if step % run.spec.checkpointing.eval_steps and step != run.total_steps:
         return False
-    valid_loss, valid_acc = evaluate(run.model, run.val_seqs, run.collate, run.micro, run.device, run.world, run.bf16, run.loss_path)
-    stream.emit({"kind": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4), "valid_loss": valid_loss,
-                 "valid_mean_token_accuracy": valid_acc, "full_valid_loss": valid_loss, "full_valid_mean_token_accuracy": valid_acc,
+    if run.dpo is not None:
+        fields = run.dpo.evaluate(run.model, run.val_seqs)
+    else:
+        valid_loss, valid_acc = evaluate(run.model, run.val_seqs, run.collate, run.micro, run.device, run.world, run.bf16, run.loss_path)
+        fields = {"valid_loss": valid_loss, "valid_mean_token_accuracy": valid_acc}
+    valid_loss = fields["valid_loss"]
+    stream.emit({"kind": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4), **fields,
+                 "full_valid_loss": valid_loss, "full_valid_mean_token_accuracy": fields["valid_mean_token_accuracy"],
                  "elapsed_s": round(time.time() - started, 3)})
     state = run.state
     if state["best_valid_loss"] is None or valid_loss < state["best_valid_loss"]:

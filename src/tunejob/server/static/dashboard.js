@@ -16,6 +16,17 @@ function tjTraces(series, label) {
     t.push({x: [series.best_step], y: [series.best_valid_loss], mode: "markers", name: "best checkpoint (step " + series.best_step + ")",
             marker: {symbol: "star", size: 16, color: "#2ca02c"}});
   }
+  // DPO runs: reward margin and accuracy on a second y axis
+  const rewards = series.rewards || {};
+  for (const [key, name, color, mode] of [["margin", "reward margin", "#9467bd", "lines"], ["reward_accuracy", "reward accuracy", "#ff7f0e", "lines"],
+                                          ["valid_margin", "validation reward margin", "#9467bd", "lines+markers"],
+                                          ["valid_reward_accuracy", "validation reward accuracy", "#ff7f0e", "lines+markers"]]) {
+    const pts = rewards[key];
+    if (pts && pts.length) {
+      t.push({x: pts.map(p => p[0]), y: pts.map(p => p[1]), mode: mode, name: pre + name, yaxis: "y2",
+              line: {color: color, width: mode === "lines" ? 1 : 2, dash: mode === "lines" ? "dot" : "solid"}});
+    }
+  }
   return t;
 }
 
@@ -24,9 +35,10 @@ const TJ_LAYOUT = {margin: {t: 30, r: 20, b: 45, l: 55}, xaxis: {title: {text: "
 
 // The early stop as a dashed vertical line with a label.
 function tjLayout(series) {
-  if (series.early_stop_step === null || series.early_stop_step === undefined) return TJ_LAYOUT;
+  const base = series.rewards ? {...TJ_LAYOUT, yaxis2: {title: {text: "reward margin / accuracy"}, overlaying: "y", side: "right"}} : TJ_LAYOUT;
+  if (series.early_stop_step === null || series.early_stop_step === undefined) return base;
   const x = series.early_stop_step;
-  return {...TJ_LAYOUT,
+  return {...base,
           shapes: [{type: "line", x0: x, x1: x, yref: "paper", y0: 0, y1: 1, line: {dash: "dash", color: "#555"}}],
           annotations: [{x: x, yref: "paper", y: 1, text: "early stop (step " + x + ")", showarrow: false, yanchor: "bottom"}]};
 }

@@ -1,0 +1,148 @@
+"""DPO throughput: seconds per 1,000 preference pairs, tunejob's local DPO vs TRL's DPOTrainer.
+
+    python bench/dpo_throughput.py --steps 25 --out bench/results/dpo_throughput.json
+    python bench/dpo_throughput.py --model /path/to/tiny --steps 2 --pairs 16   # smoke size
+
+Same base model (embedded SmolLM2-135M-Instruct by default), same pairs, same LoRA (r=16, alpha=32,
+q_proj+v_proj, dropout 0.05), 4 pairs per step, learning rate 5e-6, beta 0.1, sigmoid loss,
+reference = the base with the adapter disabled on both sides, no gradient checkpointing on either
+side, fp32. Each side runs in its own process (its peak RSS is its own) and sees each pair at most
+once (steps x 4 <= pairs), so tunejob's cache of reference log-probabilities saves nothing here.
+
+Pairs: each Sales Companion conversation up to its last assistant turn is the prompt; that turn is
+preferred, and the last assistant turn of another conversation (fixed by the seed) is not.
+
+Timing: the end of each optimizer step (a TrainerCallback on TRL's side, each training record's
+elapsed_s on tunejob's). The figure is steady state: from the end of step 1 to the end of the last
+step, over (steps - 1) x 4 pairs, so one-off first-step costs (TRL: a slow first step measured at
+tiny size; tunejob: the loss-path check) are left out; "first_step_s" reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import time
+from pathlib import Path
+
+from report import publish
+from train_throughput import LORA, SAMPLE, child_result, cpu_model, versions
+
+BATCH, LR, BETA = 4, 5e-6, 0.1
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict]:
+    rows = [json.loads(line)["messages"] for line in SAMPLE.read_text().splitlines()]
+    rng, pairs = random.Random(seed), []
+    while len(pairs) < n:
+        for i, msgs in enumerate(rows):
+            last = max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
+            other = rows[(i + rng.randrange(1, len(rows))) % len(rows)]
+            wrong = other[max(k for k, m in enumerate(other) if m["role"] == "assistant")]
+            if wrong["content"] == msgs[last]["content"]:
+                continue
+            # the copy number keeps repeated prompts distinct (tunejob refuses duplicate lines)
+            prompt = [dict(m) for m in msgs[:last]]
+            prompt[-1]["content"] += f" (#{len(pairs)})"
+            pairs.append({"input": {"messages": prompt}, "preferred_output": [msgs[last]], "non_preferred_output": [wrong]})
+            if len(pairs) == n:
+                break
+    return pairs
+
+
+def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    ends: list[float] = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, *a, **kw):
+            ends.append(time.perf_counter())
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    rows = [{"prompt": p["input"]["messages"], "chosen": p["preferred_output"], "rejected": p["non_preferred_output"]} for p in pairs]
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, beta=BETA,
+                     max_length=max_len, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+                     seed=42, dataloader_num_workers=0, bf16=False, use_cpu=not torch.cuda.is_available())
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"], task_type="CAUSAL_LM")
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, peft_config=lora, callbacks=[StepEnds()])
+    t = time.perf_counter()
+    trainer.train()
+    return {"first_step_s": ends[0] - t, "seconds": ends[-1] - ends[0], "pairs": (steps - 1) * BATCH}
+
+
+def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path) -> dict:
+    from tunejob.data.dataset import write_jsonl
+    from tunejob.monitor.metrics import read_metrics
+    from tunejob.spec import parse_spec
+    from tunejob.train.trainer import train
+
+    write_jsonl(out / "train.jsonl", pairs)
+    write_jsonl(out / "val.jsonl", make_pairs(len(pairs) + 8)[-8:])
+    spec = parse_spec(
+        f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"
+        f"method: {{type: dpo, beta: {BETA}}}\n"
+        f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, max_steps: {steps}, max_seq_len: {max_len}, warmup: 0}}\n"
+        f"lora: {{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}, target_modules: [q_proj, v_proj]}}\n"
+        f"checkpointing: {{eval_steps: {steps}, save_steps: {steps}, early_stopping_patience: null}}\n")
+    train(spec, say=lambda m: None)
+    trains = [r for r in read_metrics(out / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    # elapsed_s of a step's record includes the evaluation of the step before it when there was one;
+    # eval_steps = steps puts the only evaluation after the last record
+    return {"first_step_s": trains[0]["elapsed_s"], "seconds": trains[-1]["elapsed_s"] - trains[0]["elapsed_s"], "pairs": (steps - 1) * BATCH}
+
+
+def child(config: str, model_path: str, steps: int, max_len: int, n: int, out: Path) -> None:
+    pairs = make_pairs(n)
+    r = (run_tunejob if config == "tunejob" else run_trl)(model_path, pairs, steps, max_len, out)
+    r["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print("RESULT " + json.dumps(r))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--configs", default="trl,tunejob")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.steps < 2:
+        raise SystemExit("--steps must be at least 2: the figure is from the end of step 1 to the end of the last")
+    if args.steps * BATCH > args.pairs:
+        raise SystemExit(f"--steps {args.steps} x {BATCH} pairs is more than --pairs {args.pairs}: each pair is to be seen once")
+    if args.model is None:
+        from tunejob.train.models import default_model_path
+
+        args.model = str(default_model_path())
+    if args.child:
+        child(args.child, args.model, args.steps, args.max_len, args.pairs, args.workdir)
+        return
+    results = {}
+    for config in args.configs.split(","):
+        r = child_result(__file__, config, ["--model", args.model, "--steps", str(args.steps), "--pairs", str(args.pairs), "--max-len", str(args.max_len)])
+        r["seconds_per_1k_pairs"] = round(1000 * r["seconds"] / r["pairs"], 1)
+        results[config] = r
+        print(config, json.dumps(r), flush=True)
+    if "trl" in results and "tunejob" in results:
+        results["tunejob"]["speedup_vs_trl"] = round(results["trl"]["seconds_per_1k_pairs"] / results["tunejob"]["seconds_per_1k_pairs"], 2)
+    publish({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}", "model": args.model,
+             "versions": versions(), "steps": args.steps, "pairs": args.pairs, "batch_pairs": BATCH, "learning_rate": LR, "beta": BETA,
+             "max_len": args.max_len, "lora": LORA, "gradient_checkpointing": False, "results": results}, args.out)
+
+
+if __name__ == "__main__":
+    main()
