@@ -284,24 +284,9 @@ def chat(
 ) -> None:
     """Answer with the base model plus the run's adapter: greedy decoding (the most likely token
     each step, no sampling, no repetition penalty), the same as `tunejob eval`."""
-    if system is None and Path(target).exists():
-        from tunejob.evaluate.chat import trained_system_prompt
+    from tunejob.runner import chat_reply
 
-        system = trained_system_prompt(target)
-        if system:
-            _err(f"system prompt: the run's own ({system[:60]}{'...' if len(system) > 60 else ''}); --system '' sends none")
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
-    if not Path(target).exists():
-        from tunejob.runner import chat_api
-
-        reply = chat_api(target, messages, max_new_tokens)
-        if reply is not None:
-            print(reply)
-            return
-    from tunejob.evaluate.chat import answer, load_for_chat
-
-    model, tokenizer = load_for_chat(target)
-    print(answer(model, tokenizer, messages, max_new_tokens))
+    print(chat_reply(target, message, system, max_new_tokens, say=_err))
 
 
 GGUFType = Enum("GGUFType", {"f16": "f16", "q8_0": "q8_0", "f32": "f32"}, type=str)

@@ -61,3 +61,25 @@ def chat_api(target: str, messages: list[dict], max_tokens: int) -> str | None:
     except openai.OpenAIError as exc:
         raise explain(exc, spec.openai) from None
     return reply.choices[0].message.content or ""
+
+
+def chat_reply(target: str, message: str, system: str | None, max_new_tokens: int, say=print) -> str:
+    """`tunejob chat`: the answer of a local run / checkpoint (greedy, as `tunejob eval`), or of an
+    API job / fine-tuned model through its provider. `system` None takes the run's own prompt."""
+    from pathlib import Path
+
+    if system is None and Path(target).exists():
+        from tunejob.evaluate.chat import trained_system_prompt
+
+        system = trained_system_prompt(target)
+        if system:
+            say(f"system prompt: the run's own ({system[:60]}{'...' if len(system) > 60 else ''}); --system '' sends none")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    if not Path(target).exists():
+        reply = chat_api(target, messages, max_new_tokens)
+        if reply is not None:
+            return reply
+    from tunejob.evaluate.chat import answer, load_for_chat
+
+    model, tokenizer = load_for_chat(target)
+    return answer(model, tokenizer, messages, max_new_tokens)
