@@ -92,7 +92,7 @@ def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, ou
     spec = parse_spec(
         f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"
         f"method: {{type: dpo, beta: {BETA}}}\n"
-        f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, max_steps: {steps}, max_seq_len: {max_len}, warmup: 0}}\n"
+        f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, max_steps: {steps}, max_seq_len: {max_len}, warmup: 0, mixed_precision: 'no'}}\n"
         f"lora: {{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}, target_modules: [q_proj, v_proj]}}\n"
         f"checkpointing: {{eval_steps: {steps}, save_steps: {steps}, early_stopping_patience: null}}\n")
     train(spec, say=lambda m: None)

@@ -25,7 +25,7 @@ Configurations (each in its own process, so its peak RSS is its own):
 Held-out: whole base conversations are held out first (default 100 of the 132 Sales Companion
 ones); training rows are those left plus joins of them (2-4 conversations, 50 to ~1,000 tokens), so
 no held-out text is ever trained on. Every configuration's adapter is scored afterwards by one
-shared fp32 evaluator (tunejob.train.loss.evaluate: the model's own forward) on the held-out rows,
+shared evaluator (bf16 where this CPU is fast in it, else fp32) (tunejob.train.loss.evaluate: the model's own forward) on the held-out rows,
 next to the base model's loss. Speed is the sum of the optimizer steps' times (both sides: batch in,
 optimizer stepped), so loading, the final evaluation and saving are outside it.
 Model FLOPs per real token: 4 x parameters (forward 2N, backward to the activations 2N).
@@ -161,16 +161,20 @@ def run_tunejob(model_path: str, train: list[dict], held: list[dict], max_len: i
 
 
 def held_out_loss(model_path: str, adapter: str | None, held: list[dict], max_len: int) -> float:
-    """One evaluator for every configuration (and the base): fp32 weights, assistant-token loss."""
+    """One evaluator for every configuration (and the base): assistant-token loss, with the base
+    in bf16 under autocast where this machine's probe says bf16 is fast (adapter fp32), else fp32.
+    Either way the same arithmetic for every configuration; bf16 halves this script's run time."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tunejob.train.batches import make_collator
     from tunejob.train.loss import evaluate
+    from tunejob.train.precision import resolve
 
     tok, seqs = encoded(model_path, held, max_len)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    dtype = torch.bfloat16 if resolve("auto", "cpu") == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
     seqs.sort(key=lambda s: len(s.input_ids))  # length-sorted batches: little padding, same loss
@@ -245,7 +249,7 @@ def summarise(runs: list[dict], n_params: int, peak: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
-    ap.add_argument("--train-examples", type=int, default=24, help="training rows: one epoch of batch 4 over them")
+    ap.add_argument("--train-examples", type=int, default=16, help="training rows: one epoch of batch 4 over them")
     ap.add_argument("--held-out", type=int, default=100, help="held-out base conversations")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--max-len", type=int, default=2048)  # nothing truncated: padding-free TRL cannot truncate
