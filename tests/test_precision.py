@@ -109,3 +109,18 @@ def test_chat_dtype_auto_follows_the_training_probe():
     assert EngineOptions().torch_dtype() == torch.float32  # fp32 stays chat's default
     with pytest.raises(TunejobError, match="auto"):
         EngineOptions(dtype="fp8")
+
+
+def test_plan_follows_the_chosen_precision(tmp_path, tiny_model):
+    from tunejob.plan.planner import plan_job
+
+    data = write_chat_data(tmp_path / "d.jsonl", 12)
+    plans = {}
+    for mp in ("no", "bf16", "auto"):
+        spec = parse_spec(f"model: {tiny_model}\ndata: {{train: {data}}}\nhyperparameters: {{mixed_precision: '{mp}', max_seq_len: 64}}\n")
+        plans[mp] = plan_job(spec)
+    assert plans["no"]["mixed_precision"] == "no" and plans["bf16"]["mixed_precision"] == "bf16"
+    assert plans["auto"]["mixed_precision"] == precision.resolve("auto", "cpu")
+    # the frozen base at 2 bytes a parameter instead of 4; the time estimate against bf16's own GEMM peak
+    assert plans["bf16"]["memory"]["weights_gb"] == pytest.approx(plans["no"]["memory"]["weights_gb"] / 2, rel=0.05)
+    assert plans["no"]["time"]["precision"] == "fp32" and plans["bf16"]["time"]["precision"] == "bf16"
