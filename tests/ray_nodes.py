@@ -23,9 +23,24 @@ from pathlib import Path
 
 import psutil
 
-from tunejob.server.run import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_ports(n: int) -> list[int]:
+    """n different ports the OS says are free now. Held open together while they are chosen: one
+    at a time, the OS may hand the same port out twice (the dashboard and a node's agent once got
+    the same one, and the dashboard failed with "address already in use")."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def ray_env() -> dict[str, str]:
@@ -51,18 +66,19 @@ class RayCluster:
         """The job API (the head's dashboard): what `tunejob serve --ray-address` takes."""
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], agent_port: int | None = None) -> None:
         log = (self.temp_dir / f"{name}.log").open("ab")
+        agent_port = agent_port or free_ports(1)[0]
         self.nodes[name] = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--object-store-memory", "80000000",
-                                             "--dashboard-agent-listen-port", str(free_port()), *args],
+                                             "--dashboard-agent-listen-port", str(agent_port), *args],
                                             stdout=log, stderr=subprocess.STDOUT, env=ray_env())
 
     def start_head(self, cpus: int, resources: dict | None = None) -> None:
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port, client_port, agent_port = free_ports(4)
         self._start("head", ["--head", "--node-ip-address", "127.0.0.2", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true", "--ray-client-server-port",
-                             str(free_port()), "--temp-dir", str(self.temp_dir / "ray"), "--num-cpus", str(cpus),
-                             "--resources", json.dumps(resources or {})])
+                             str(client_port), "--temp-dir", str(self.temp_dir / "ray"), "--num-cpus", str(cpus),
+                             "--resources", json.dumps(resources or {})], agent_port)
 
     def add_node(self, name: str, cpus: int, resources: dict | None = None) -> None:
         ip = f"127.0.0.{self._next_ip}"
