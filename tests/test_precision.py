@@ -51,7 +51,7 @@ def test_this_machines_verdict_agrees_with_its_flags_and_its_measurement():
 
 def test_api_backends_accept_auto_and_refuse_bf16():
     spec = parse_spec("backend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {train: t}\n")
-    assert spec.hyperparameters.mixed_precision == "auto"
+    spec = parse_spec("backend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {train: t}\nhyperparameters: {mixed_precision: auto}\n")
     from tunejob.backends.openai_api import request_body
 
     assert "mixed_precision" not in json.dumps(request_body(spec, "tag", "file-1", None))

@@ -60,6 +60,7 @@ def pick(logits: torch.Tensor, row: Row) -> int:
     if req.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
         ordered, index = scores.sort(descending=True)
         outside = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) >= req.top_p
+        outside[0] = False  # the most likely token always stays (top_p 0 would leave none: NaN, a 500)
         scores = scores.index_fill(0, index[outside], float("-inf"))
     return int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator))
 

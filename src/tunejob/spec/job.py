@@ -54,7 +54,7 @@ class Hyperparameters(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: PositiveFloat = Field(1.0, description="Clip the global gradient norm to this (TRL and transformers default 1.0).")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="Local backend: 'bf16' keeps the frozen base in bf16 (adapter, optimizer and loss stay fp32); "
+        "no", description="Local backend: 'bf16' keeps the frozen base in bf16 (adapter, optimizer and loss stay fp32); "
         "'auto' picks bf16 where the device multiplies bf16 fast (CUDA, CPUs with AMX / AVX512-BF16), else 'no' (fp32).",
     )
     seed: int = Field(42, description="Training seed (initialisation, shuffling, dropout).")
