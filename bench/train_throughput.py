@@ -20,7 +20,7 @@ Configurations (each in its own process, so its peak RSS is its own):
                    run only where this CPU's bf16 matmul beats fp32 (AMX / AVX512-BF16)
   tunejob-fp32     mixed_precision: no
   tunejob-bf16     mixed_precision: bf16 (frozen base stored in bf16)
-  tunejob-auto     the default; resolves per machine (train/precision.py), recorded in the report
+  tunejob-auto     mixed_precision: auto; resolves per machine (train/precision.py), recorded in the report
 
 Held-out: whole base conversations are held out first (default 100 of the 132 Sales Companion
 ones); training rows are those left plus joins of them (2-4 conversations, 50 to ~1,000 tokens), so
