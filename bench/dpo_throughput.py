@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 
 from report import publish
-from train_throughput import LORA, SAMPLE, child_result, cpu_model, versions
+from train_throughput import LORA, SAMPLE, child_result, versions
+
+from tunejob.train.precision import cpu_model
 
 BATCH, LR, BETA = 4, 5e-6, 0.1
 

@@ -48,7 +48,6 @@ from pathlib import Path
 
 from report import publish
 
-from tunejob.train.precision import cpu_model  # noqa: F401  (dpo_throughput imports it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
@@ -308,7 +307,7 @@ def run_all(args) -> dict:
             r["speed_vs_best_trl"] = round(r["real_tokens_per_s"]["mean"] / results[best]["real_tokens_per_s"]["mean"], 2)
             r["memory_vs_best_trl"] = round(r["peak_rss_mb"]["mean"] / results[best]["peak_rss_mb"]["mean"], 2)
     base_loss = spawn(args, "base", 0)["final_valid_loss"]
-    from tunejob.train.precision import resolve
+    from tunejob.train.precision import cpu_model, resolve
 
     return {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}",
             "model": args.model, "gemm_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}, "parameters": n_params,
