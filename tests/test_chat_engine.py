@@ -122,3 +122,27 @@ def test_bf16_weights_when_asked(tiny_model):
     target = engine.weights.target(str(tiny_model), None)
     model, _ = engine.weights.forward_model(target, [])
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_streamed_text_is_the_answers_text(tiny_model):
+    """What a stream sends, joined, is the non-streamed content (the tokenizer's own decode of all
+    tokens), for answers with newlines and characters split across tokens, including one cut off by
+    the last token (CI once saw a stream drop it while the plain answer kept it as U+FFFD)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from tunejob.server.inference import to_result
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    words = tok(" alpha beta\ngamma", add_special_tokens=False)["input_ids"]
+    half = [i for i in range(len(tok)) if tok.decode([i]).endswith("\ufffd")][:50]  # a byte of a longer character
+    assert half and tok.convert_tokens_to_ids("\u010a") in words  # byte-level BPE's newline is among them
+    rng = random.Random(0)
+    answers = [[rng.choice(half if rng.random() < 0.3 else words) for _ in range(rng.randint(1, 20))] for _ in range(200)]
+    answers += [words + [half[0]], [half[0]], [half[0], half[1]], words]
+    for tokens in answers:
+        gen = Generation("base", None, ChatRequest(messages=[]), stream=True, loop=None)
+        streamed = "".join(gen.new_text(tok, tokens[:k], final=k == len(tokens)) for k in range(1, len(tokens) + 1))
+        plain = to_result(tok, ChatRequest(messages=[], max_tokens=len(tokens)), 0, tokens, set(), False).content
+        assert streamed.strip() == plain, tokens

@@ -52,6 +52,14 @@ def _agrees(answer: str, reference: tuple) -> bool:
     return False
 
 
+def _explain(answer: str, reference: tuple) -> str:
+    tokens, gaps, tok = reference
+    for k in range(len(tokens)):
+        if not answer.startswith(tok.decode(tokens[: k + 1], skip_special_tokens=True).strip()):
+            return f"reference {tok.decode(tokens, skip_special_tokens=True)!r}; parts at token {k} (gap {gaps[k]:.2e})"
+    return f"reference {tok.decode(tokens, skip_special_tokens=True)!r}; the answer runs on"
+
+
 def test_concurrent_chats_answer_as_one_at_a_time(tmp_path, tiny_model):
     server = Server(tmp_path / "data", tiny_model, ("--chat-queue", str(2 * len(PROMPTS)))).start()
     try:
@@ -83,7 +91,7 @@ def test_concurrent_chats_answer_as_one_at_a_time(tmp_path, tiny_model):
             for w in workers:
                 w.join(timeout=120)
         assert len(answers) == 2 * len(asks), sorted(answers)
-        wrong = {k: v for k, v in answers.items() if not _agrees(v, refs[k[:2]])}
+        wrong = {k: (v, _explain(v, refs[k[:2]])) for k, v in answers.items() if not _agrees(v, refs[k[:2]])}
         assert not wrong, wrong
         log = server.log.read_text()
         assert "runs unmerged on its base" in log and "merged into a copy of its base" in log, log[-2000:]

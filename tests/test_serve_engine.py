@@ -43,8 +43,8 @@ class _Stream(threading.Thread):
                     self.chunk_times.append(time.time())
                     if line.startswith(b"data: [DONE]"):
                         break
-        except OSError:
-            pass  # hung up on purpose
+        except (OSError, AttributeError):  # hung up on purpose (a closed response's fp is None)
+            pass
         self.ended.set()
 
     def hang_up(self) -> None:

@@ -63,6 +63,19 @@ class Generation:
     def cancel(self) -> None:
         self.cancel_flag.set()
 
+    def new_text(self, tokenizer, tokens: list[int], final: bool) -> str:
+        """The streamed text `tokens` add to what was sent. Decoding from the last newline, not from
+        the start, keeps a long answer's cost per token flat. Half a character is held back until its
+        next token, except at the end: the streamed text must be the non-streamed content, which
+        keeps a last, cut-off character as U+FFFD."""
+        text = tokenizer.decode(tokens[self.sent_from:], skip_special_tokens=True)
+        if len(text) <= len(self.sent) or (text.endswith("\ufffd") and not final):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        if text.endswith("\n"):
+            self.sent, self.sent_from = "", len(tokens)
+        return delta
+
     def _emit(self, kind: str, value: object) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -208,13 +221,9 @@ class Engine:
         for row in batch.rows + done:
             gen: Generation = row.owner
             if gen.stream and not gen.request.parses_calls and row.finish != "error":
-                # Decoding from the last newline, not from the start, keeps a long answer's cost per token flat.
-                text = row.target.tokenizer.decode(row.tokens[gen.sent_from:], skip_special_tokens=True)
-                if len(text) > len(gen.sent) and not text.endswith("\ufffd"):  # hold back half a character
-                    gen._emit("text", text[len(gen.sent):])
-                    gen.sent = text
-                    if text.endswith("\n"):
-                        gen.sent, gen.sent_from = "", len(row.tokens)
+                delta = gen.new_text(row.target.tokenizer, row.tokens, final=bool(row.finish))
+                if delta:
+                    gen._emit("text", delta)
         for row in done:
             self.weights.release(row.target)
             if row.finish != "error":
