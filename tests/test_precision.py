@@ -50,7 +50,8 @@ def test_this_machines_verdict_agrees_with_its_flags_and_its_measurement():
 
 
 def test_api_backends_accept_auto_and_refuse_bf16():
-    spec = parse_spec("backend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {train: t}\n")
+    default = parse_spec("backend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {train: t}\n")
+    assert default.hyperparameters.mixed_precision == "auto"  # the default, on every backend
     spec = parse_spec("backend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {train: t}\nhyperparameters: {mixed_precision: auto}\n")
     from tunejob.backends.openai_api import request_body
 

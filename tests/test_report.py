@@ -109,5 +109,6 @@ def test_watch_follows_a_running_job_to_its_end(tmp_path, tiny_model):
     finally:
         proc.wait(timeout=300)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["stop_reason"] == "completed"
+    ended = json.loads((out / "summary.json").read_text())["stop_reason"]  # completed, or early_stopping in bf16 here
+    assert ended in ("completed", "early_stopping") and json.loads(res.stdout)["stop_reason"] == ended
     assert "valid_loss" in res.stderr

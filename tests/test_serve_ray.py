@@ -36,7 +36,9 @@ def epochs(n: int) -> dict:
 
 
 def job_body(resources: dict | None = None, save_steps: int = 5) -> dict:
-    return {"tunejob": {"checkpointing": {"eval_steps": save_steps, "save_steps": save_steps}, "hyperparameters": {"max_seq_len": 64},
+    # no early stopping: these tests count every step of the run, whichever precision `auto` picks here
+    return {"tunejob": {"checkpointing": {"eval_steps": save_steps, "save_steps": save_steps, "early_stopping_patience": None},
+                        "hyperparameters": {"max_seq_len": 64},
                         "resources": resources or {"cpus": 1}}}
 
 

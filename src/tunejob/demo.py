@@ -58,7 +58,11 @@ def _next_steps(run_dir: Path, facts: Path) -> None:
 
 
 def run_demo(output_dir: Path, question: str | None, overrides: list[str]) -> dict:
-    from tunejob.evaluate.chat import answer, load_for_chat
+    import torch
+
+    from tunejob.evaluate.chat import answer, run_checkpoint
+    from tunejob.evaluate.evaluation import load_tuned, trained_precision
+    from tunejob.train.batches import autocast
     from tunejob.evaluate.facts import load_facts, recall, verdict
     from tunejob.monitor.report import write_report
     from tunejob.train.trainer import train
@@ -71,17 +75,21 @@ def run_demo(output_dir: Path, question: str | None, overrides: list[str]) -> di
     html_path, png = write_report(run_dir)
     _say(f"report: {html_path} (loss chart {png})")
 
-    model, tokenizer = load_for_chat(run_dir)  # one model: the adapter is switched off for the base's answers
+    # One model, loaded as training ran it and as `tunejob eval` loads it (so both report the same
+    # fact score): the adapter is switched off for the base's answers.
+    precision = trained_precision(run_dir)
+    model, tokenizer = load_tuned(spec, run_checkpoint(run_dir), torch.device("cpu"), precision)
     facts = load_facts(demo_facts_path())
-    result = recall(model, tokenizer, facts)
-    _show_recall(result)
-    extra = None
-    if question:
-        messages = facts[0].messages()[:-1] + [{"role": "user", "content": question}]
-        with model.disable_adapter():
-            base = answer(model, tokenizer, messages)
-        extra = {"question": question, "base": base, "fine_tuned": answer(model, tokenizer, messages)}
-        _say(f"\nQ: {question}\n\n--- base model ---\n{extra['base']}\n\n--- fine-tuned ---\n{extra['fine_tuned']}")
+    with autocast(torch.device("cpu"), precision == "bf16"):
+        result = recall(model, tokenizer, facts)
+        _show_recall(result)
+        extra = None
+        if question:
+            messages = facts[0].messages()[:-1] + [{"role": "user", "content": question}]
+            with model.disable_adapter():
+                base = answer(model, tokenizer, messages)
+            extra = {"question": question, "base": base, "fine_tuned": answer(model, tokenizer, messages)}
+            _say(f"\nQ: {question}\n\n--- base model ---\n{extra['base']}\n\n--- fine-tuned ---\n{extra['fine_tuned']}")
     _say(f"\nVerdict: {verdict(result)}.")
     _next_steps(run_dir, demo_facts_path())
     return {"summary": summary, "facts": result, "question": extra, "report": str(html_path)}
