@@ -2,7 +2,6 @@
 bound of reading every weight once per token, measured in the same run.
 
     python bench/profile_decode.py --out bench/results/profile_decode.json
-    python bench/profile_decode.py --cache dynamic --out bench/results/profile_decode_dynamic.json  # before kv_cache.py
     python bench/profile_decode.py --dtype bfloat16 --out bench/results/profile_decode_bf16.json
     python bench/profile_decode.py --model /path/to/tiny --steps 3   # smoke size
 
@@ -83,8 +82,6 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores tunejob finds)")
-    ap.add_argument("--cache", default="growing", choices=["growing", "dynamic"],
-                    help="the engine's KV cache (server/kv_cache.py), or transformers' DynamicCache as it was before it")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -93,16 +90,10 @@ def main() -> None:
     from tunejob.train.models import resolve_model_path
 
     threads.apply(args.threads or threads.available_cores())
-    if args.cache == "dynamic":  # rows here all join at the first step and never leave, so the batch needs no joins
-        from transformers.cache_utils import DynamicCache
-
-        from tunejob.server import kv_cache
-
-        kv_cache.new_cache = lambda config: DynamicCache(config=config)
     weights = Weights(dtype=getattr(torch, args.dtype))
     target = weights.target(str(args.model or resolve_model_path("default")), None)
     model, _ = weights.forward_model(target, [])
-    figures = {"dtype": args.dtype, "cache": args.cache, "threads": torch.get_num_threads(), "attention": model.config._attn_implementation,
+    figures = {"dtype": args.dtype, "threads": torch.get_num_threads(), "attention": model.config._attn_implementation,
                "batch": [_batch_figures(weights, target, n, args.steps) for n in (1, 8)], **_bounds(model, target, args.steps)}
     publish(figures, args.out)
 

@@ -38,7 +38,7 @@ class ServerConfig:
     ray_address: str | None = None  # ray: the cluster (auto, http://HEAD:8265, ray://HEAD:10001)
     node_retries: int = 2  # resumes of a run lost with its node before the job fails
     chat_batch: int = 8  # chat rows sharing one forward pass (server/batch.py)
-    chat_dtype: str = "float32"  # weights chat runs in: float32 or bfloat16 (bf16 only where the device is fast in it)
+    chat_dtype: str = "auto"  # weights chat runs in: auto (bfloat16 where training's probe finds the device fast in it), float32, bfloat16
     chat_merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (server/weights.py); 0: never
     chat_compile: bool = False  # torch.compile chat's forward (server/weights.py); off until measured to pay
     engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)

@@ -68,9 +68,9 @@ def pick(logits: torch.Tensor, row: Row) -> int:
 def _joinable(cache) -> bool:
     """Caches that are plain per-layer (batch, heads, length, dim) tensors can be padded and
     joined; sliding-window or other layers cannot, and their batch takes no rows mid-flight."""
-    from tunejob.server.kv_cache import GrowingLayer
+    from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is GrowingLayer for layer in getattr(cache, "layers", [None]))
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -98,10 +98,6 @@ class Batch:
         model, names = self.weights.forward_model(rows[0].target, [r.target.adapter for r in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         extra = {"adapter_names": names} if names else {}
-        if cache is None:
-            from tunejob.server.kv_cache import new_cache
-
-            cache = new_cache(model.config)
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                         logits_to_keep=1, **extra)
