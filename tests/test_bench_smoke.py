@@ -68,3 +68,9 @@ def test_dpo_throughput_smoke(tmp_path, tiny_model):
     assert set(r["results"]) == {"trl", "tunejob"} and r["gradient_checkpointing"] is False
     for side in r["results"].values():
         assert side["seconds_per_1k_pairs"] > 0 and side["pairs"] == 4
+
+
+def test_profile_decode_smoke(tmp_path, tiny_model):
+    r = json.loads(run_bench("profile_decode.py", tmp_path / "d.json", "--model", str(tiny_model), "--steps", "2", "--threads", "1", timeout=300))
+    assert [b["rows"] for b in r["batch"]] == [1, 8] and all(b["tokens_per_s"] > 0 for b in r["batch"])
+    assert "aten::mm" in r["batch"][0]["top_ops_self_cpu_share"] and r["weight_read_ms"] > 0 and r["weights_mb"] > 0

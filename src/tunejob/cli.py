@@ -235,7 +235,7 @@ def serve(
     ray_address: Annotated[Optional[str], typer.Option(help="ray: the cluster: auto (on a node of it), http://HEAD:8265 or ray://HEAD:10001.")] = None,
     node_retries: Annotated[int, typer.Option(min=0, help="Resumes of a job whose run was lost with its node, before the job fails.")] = 2,
     chat_batch: Annotated[int, typer.Option(min=1, help="Chat requests that share one forward pass (local engine).")] = 8,
-    chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): auto = bfloat16 where training's probe finds the device fast in it (answers then follow bf16 rounding), else float32.")] = ChatDtype.float32,
+    chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): auto = bfloat16 where training's probe finds the device fast in it (answers then follow bf16 rounding), else float32.")] = ChatDtype.auto,
     chat_merge_mb: Annotated[int, typer.Option(min=0, help="Memory for merged copies of adapters chatted with repeatedly (local engine); 0 never merges.")] = 1024,
     chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = False,
     engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine.local,
