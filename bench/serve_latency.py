@@ -208,7 +208,8 @@ def latency_report(args, model: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         port = free_port()
-        server = start_server(tmp / "data", model, port, tmp / "server.log")
+        # the direct baseline below runs in fp32: the server chats in --chat-dtype (float32 unless asked), not auto
+        server = start_server(tmp / "data", model, port, tmp / "server.log", ["--chat-dtype", args.chat_dtype])
         try:
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=600)
             f = client.files.create(file=open(DATA, "rb"), purpose="fine-tune")
