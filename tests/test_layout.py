@@ -16,8 +16,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunejob"
 FOUNDATION = {"errors", "spec", "catalog"}  # importable by every stage; import only each other
-STAGES = ["monitor", "data", "train", "plan", "evaluate", "export", "backends", "server"]
-TOP = {"__init__", "__main__", "cli", "runner", "demo"}  # orchestration: may import anything, imported by nothing
+STAGES = ["monitor", "data", "train", "plan", "evaluate", "export", "backends", "server", "migrate"]
+TOP = {"__init__", "__main__", "cli", "cli_migrate", "runner", "demo"}  # orchestration: may import anything, imported by nothing
 
 
 def module_name(path: Path) -> str:

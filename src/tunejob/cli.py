@@ -34,6 +34,13 @@ def _options(
         os.environ["TUNEJOB_VERBOSE"] = "1"  # child processes (serve's jobs, --nproc workers) inherit it
 
 
+def _add_migrate() -> None:
+    from tunejob.cli_migrate import app as migrate_app
+
+    app.add_typer(migrate_app, name="migrate")
+
+
+_add_migrate()
 Executor = Enum("Executor", {"local": "local", "ray": "ray"}, type=str)
 ChatDtype = Enum("ChatDtype", {"float32": "float32", "bfloat16": "bfloat16", "auto": "auto"}, type=str)
 ChatEngine = Enum("ChatEngine", {"local": "local", "vllm": "vllm"}, type=str)
@@ -240,6 +247,7 @@ def serve(
     chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = False,
     engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine.local,
     vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,
+    alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Keep an old model name answering: 'ft:...=RUN_DIR' or a migration folder (repeatable).")] = None,
 ) -> None:
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
@@ -248,7 +256,7 @@ def serve(
             "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue,
-           executor={"executor": executor.value, "slots": slots, "ray_address": ray_address, "node_retries": node_retries})
+           executor={"executor": executor.value, "slots": slots, "ray_address": ray_address, "node_retries": node_retries}, aliases=alias)
 
 
 @app.command()

@@ -24,7 +24,7 @@ class RemoteRun:
     written twice.
     """
 
-    def __init__(self, run_dir: Path, spec_yaml: str, total_steps: int = 0):
+    def __init__(self, run_dir: Path, spec_yaml: str, total_steps: int = 0, console: bool = True):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(spec_yaml)
@@ -32,7 +32,7 @@ class RemoteRun:
         existing = read_metrics(path) if path.exists() else []
         self.seen = {k: max((r["step"] for r in existing if r.get("kind") == k), default=0) for k in ("train", "eval")}
         self.records = existing
-        self.stream = Stream([JsonlSink(path), make_console_sink(total_steps or 1)])
+        self.stream = Stream([JsonlSink(path), *([make_console_sink(total_steps or 1)] if console else [])])
 
     def emit(self, record: dict) -> None:
         kind = record.get("kind")

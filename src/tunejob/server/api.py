@@ -43,6 +43,7 @@ class ServerConfig:
     chat_compile: bool = False  # torch.compile chat's forward (server/weights.py); off until measured to pay
     engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)
     vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
+    aliases: dict[str, str] = field(default_factory=dict)  # old model name -> run dir (server/aliases.py)
 
 
 class ApiError(Exception):

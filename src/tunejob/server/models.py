@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
+from tunejob.server.aliases import alias_chat_model
 from tunejob.server.api import ApiError, ServerState, owner
 
 
@@ -21,6 +22,7 @@ def not_found(name: str) -> ApiError:
 
 def model_objects(state: ServerState, who: str) -> list[dict]:
     out = [{"id": name, "object": "model", "created": 0, "owned_by": "tunejob"} for name in sorted(state.base_models)]
+    out += [{"id": name, "object": "model", "created": 0, "owned_by": "tunejob-alias"} for name in sorted(state.config.aliases)]
     for job in state.store.list_jobs(who):
         if job.get("fine_tuned_model") and not job.get("_model_deleted"):
             out.append({"id": job["fine_tuned_model"], "object": "model", "created": job["finished_at"] or job["created_at"], "owned_by": "user"})
@@ -49,6 +51,9 @@ def resolve_chat_model(state: ServerState, who: str, name: str) -> tuple[str, Pa
     if own is not None:
         job, adapter = own
         return resolve_model_path(job["_spec"]["model"]), adapter
+    aliased = alias_chat_model(state.config.aliases, name)
+    if aliased is not None:
+        return aliased
     base = state.base_for(name)
     if base is None:
         raise not_found(name)

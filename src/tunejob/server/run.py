@@ -39,7 +39,7 @@ def load_keys(keys: list[str], keys_file: Path | None, environ: dict | None = No
 
 def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path | None, default_model: str,
           models: list[str], max_upload_mb: float, caps: dict | None = None, train_threads: int | None = None,
-          chat_threads: int | None = None, chat_queue: int = 8, executor: dict | None = None) -> None:
+          chat_threads: int | None = None, chat_queue: int = 8, executor: dict | None = None, aliases: list[str] | None = None) -> None:
     """`tunejob serve`; `caps` holds ServerConfig's max_epochs / max_steps / max_seq_len, `executor`
     its executor / slots / ray_address / node_retries;
     chat_* and engine settings come in `caps` too."""
@@ -56,7 +56,12 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
     if (caps or {}).get("engine") == "vllm" and not (caps or {}).get("vllm_url"):
         raise TunejobError("--engine vllm: give --vllm-url, the base URL of a vLLM server started with --enable-lora "
                            "(e.g. --vllm-url http://127.0.0.1:8001)")
+    if aliases and (caps or {}).get("engine") == "vllm":
+        raise TunejobError("--alias answers with adapters this process loads; use it with --engine local")
+    from tunejob.server.aliases import parse_aliases
+
     config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
+                          aliases=parse_aliases(aliases or []),
                           models=extra, max_upload_bytes=int(max_upload_mb * 2**20), train_threads=train_threads,
                           chat_threads=chat_threads, chat_queue=chat_queue, **(caps or {}), **(executor or {}))
     where = f", jobs on the Ray cluster at {config.ray_address or 'auto'}" if config.executor == "ray" else ""

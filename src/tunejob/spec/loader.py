@@ -49,7 +49,7 @@ def parse_spec(
         raise SpecError(f"{source}:1: a job spec is a YAML mapping (key: value), got {type(raw).__name__}")
     lines = _key_lines(node)
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
         # a bad value given with --set is reported against the --set, not the file's line for that key
         lines[tuple(item.partition("=")[0].strip().split("."))] = f"--set {item}"
     if default_name and "name" not in raw:
@@ -74,7 +74,8 @@ def _resolve(base: Path, p: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> None:
+    """`key.sub=value` (value read as YAML) into a raw spec dict."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise SpecError(f"--set {item!r}: write it as key.sub=value, e.g. --set hyperparameters.epochs=2")
