@@ -145,6 +145,14 @@ class Account:
         if self.rate_limit:
             return self._error(429, "Rate limit reached for requests", "rate_limit_exceeded", self.rate_limit.pop(0))
         question = body["messages"][-1]["content"]
+        if body.get("tools"):  # a tool conversation: the model calls its first tool
+            name = body["tools"][0]["function"]["name"]
+            call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": json.dumps({"q": question})}}
+            return self._reply("CreateChatCompletionResponse", {
+                "id": "chatcmpl-2", "object": "chat.completion", "created": 1_750_000_000, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None,
+                             "message": {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}}],
+                "usage": {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}})
         return self._reply("CreateChatCompletionResponse", {
             "id": "chatcmpl-1", "object": "chat.completion", "created": 1_750_000_000, "model": body["model"],
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,

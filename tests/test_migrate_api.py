@@ -86,3 +86,92 @@ def test_a_torn_last_line_is_cut_and_its_prompt_asked_again(tmp_path):
     stats = record_answers(account.client(), "m", items, GoldenLog(path), concurrency=1)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert stats["already"] == 1 and stats["answered"] == 2 and sorted(e["id"] for e in lines) == ["p0", "p1", "p2"]
+
+
+TOOLS = [{"type": "function", "function": {"name": "lookup_account", "description": "Find an account.",
+                                           "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
+
+
+def test_tool_conversations_and_dpo_pairs_are_asked_as_they_trained(tmp_path):
+    """Tool conversations keep their tools and record the model's tool_calls; a DPO job's golden
+    prompts are its pairs' inputs."""
+    from tunejob.migrate.record import record_model
+
+    tool_line = {"messages": [{"role": "user", "content": "Who owns Globex?"},
+                              {"role": "assistant", "tool_calls": [{"id": "c0", "type": "function", "function": {"name": "lookup_account", "arguments": "{\"q\": \"Globex\"}"}}]}],
+                 "tools": TOOLS, "parallel_tool_calls": False}
+    pair = {"input": {"messages": [{"role": "user", "content": "Say hi"}]}, "preferred_output": [{"role": "assistant", "content": "Hi!"}],
+            "non_preferred_output": [{"role": "assistant", "content": "no"}]}
+    sft, dpo = job_object(3, validation_file="file-val-3"), job_object(4, method="dpo", validation_file="file-val-4")
+    account = Account(jobs=[sft, dpo], files={"file-train-3": _chat_line("t?"), "file-val-3": (json.dumps(tool_line) + "\n").encode(),
+                                              "file-train-4": (json.dumps(pair) + "\n").encode(), "file-val-4": (json.dumps(pair) + "\n").encode()})
+    record_model(account.client(), sft["fine_tuned_model"], tmp_path / "sft")
+    golden = [json.loads(line) for line in (tmp_path / "sft" / "golden.jsonl").read_text().splitlines()]
+    assert account.chats[-1]["tools"] == TOOLS and account.chats[-1]["parallel_tool_calls"] is False
+    assert golden[0]["answer"]["tool_calls"][0]["function"]["name"] == "lookup_account" and golden[0]["finish_reason"] == "tool_calls"
+    assert golden[0]["reference"]["tool_calls"][0]["function"]["arguments"] == "{\"q\": \"Globex\"}"
+    record_model(account.client(), dpo["id"], tmp_path / "dpo")
+    assert account.chats[-1]["messages"] == [{"role": "user", "content": "Say hi"}]
+    assert (tmp_path / "dpo" / "spec.yaml").read_text().count("type: dpo") == 1
+    assert account.problems == []
+
+
+def test_retrain_maps_openai_settings_and_says_why():
+    from tunejob.migrate.retrain import lora_hyperparameters, resolve_openai
+
+    ran = resolve_openai({"n_epochs": 4, "batch_size": 2, "learning_rate_multiplier": 0.5}, 300)
+    assert lora_hyperparameters(ran, 7) == {"epochs": 4, "batch_size": 2, "learning_rate": 1e-4, "seed": 7}
+    auto = resolve_openai({"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}, 20)
+    assert auto["n_epochs"][0] == 5 and "documented auto rule" in auto["n_epochs"][1]  # the cookbook: 100 // 20
+    assert auto["batch_size"][0] == 1 and "publishes no rule" in auto["batch_size"][1]
+    assert resolve_openai({}, 10_000)["n_epochs"][0] == 2 and resolve_openai({}, 10_000)["batch_size"][0] == 20
+
+
+def test_distillation_skips_what_training_holds_and_holds_out_a_seeded_share():
+    from tunejob.migrate.prompts import golden_prompts, item_of
+    from tunejob.migrate.retrain import as_training_example, distill_split
+
+    train = [{"messages": [{"role": "user", "content": f"t{i}"}, {"role": "assistant", "content": "x", "weight": 1}]} for i in range(3)]
+    val = [{"messages": [{"role": "user", "content": f"v{i}"}, {"role": "assistant", "content": "y"}]} for i in range(10)]
+    items = golden_prompts(train, val, [], samples=2, seed=0)
+    assert [i["source"] for i in items].count("training") == 2 and len({i["id"] for i in items}) == 12
+    assert item_of(train[0], "training")["messages"] == [{"role": "user", "content": "t0"}]  # weight is training-only
+    golden = [{**i, "answer": {"content": f"gold {i['messages'][0]['content']}"}} for i in items]
+    from tunejob.migrate.prompts import training_ids
+
+    used, held = distill_split(golden, training_ids(train), 0.2, seed=1)
+    assert len(used) == 8 and len(held) == 2 and not {g["source"] for g in used + held} & {"training"}
+    assert (used, held) == distill_split(golden, training_ids(train), 0.2, seed=1)
+    assert as_training_example(used[0])["messages"][-1] == {"role": "assistant", "content": used[0]["answer"]["content"]}
+
+
+def test_tool_calls_compare_by_name_and_parsed_arguments():
+    from tunejob.migrate.compare import tool_match
+
+    call = lambda name, args: {"type": "function", "function": {"name": name, "arguments": args}}
+    assert tool_match(None, None) is None
+    assert tool_match([call("f", '{"a": 1, "b": 2}')], [call("f", '{"b":2,"a":1}')]) == {"same_tools": True, "same_arguments": True}
+    assert tool_match([call("f", '{"a": 1}')], [call("f", '{"a": 2}')]) == {"same_tools": True, "same_arguments": False}
+    assert tool_match([call("f", "{}")], []) == {"same_tools": False, "same_arguments": False}
+
+
+def test_shutdown_dates_come_from_the_table_or_the_api():
+    from tunejob.migrate.shutdown import days_left, shutdown_of
+
+    assert shutdown_of("ft:gpt-4o-mini-2024-07-18:acme::x")["date"] == "2027-01-14"
+    assert shutdown_of("ft:gpt-4.1-nano-2025-04-14:acme::x")["date"] == "2026-10-23"
+    assert shutdown_of("ft:gpt-4o-2024-08-06:acme::x")["date"] == "2027-01-14" and shutdown_of("ft:some-new-model:acme::x") is None
+    assert shutdown_of("ft:gpt-4o-mini-2024-07-18:acme::x", api_date="2027-02-01")["date"] == "2027-02-01"
+    assert days_left("2027-01-14", datetime.date(2026, 12, 2)) == 43
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    from conftest import run_cli
+
+    cases = [(("migrate", "compare", str(tmp_path)), "give --candidate RUN_DIR"),
+             (("migrate", "retrain", str(tmp_path), "--model", "default"), "no migration.json here"),
+             (("migrate", "inventory"), "set NO_SUCH_KEY_VAR")]
+    for args, words in cases:
+        done = run_cli(*args, "--api-key-env", "NO_SUCH_KEY_VAR") if args[1] == "inventory" else run_cli(*args)
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
