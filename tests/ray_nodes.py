@@ -44,10 +44,14 @@ def free_ports(n: int) -> list[int]:
 
 
 def ray_env() -> dict[str, str]:
-    """The nodes' environment, which each job's entrypoint inherits: `tunejob` on PATH (this
-    interpreter's), no usage reporting; a dead node seen in ~5 s (5 failed checks 1 s apart; a
-    dead raylet refuses at once) instead of Ray's ~15 s, with checks that allow 3 s on a busy machine."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+    """The nodes' environment, which each job's entrypoint inherits: the venv's bin NOT on PATH
+    (nodes started as .venv/bin/ray, as a user would without activating the venv: the entrypoint
+    must find tunejob by the server's interpreter, issue 35), no usage reporting; a dead node seen
+    in ~5 s (5 failed checks 1 s apart; a dead raylet refuses at once) instead of Ray's ~15 s, with
+    checks that allow 3 s on a busy machine."""
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    env = dict(os.environ, PATH=path, RAY_USAGE_STATS_ENABLED="0",
                RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="3000", RAY_health_check_failure_threshold="5")
     env.pop("RAY_ADDRESS", None)
     return env

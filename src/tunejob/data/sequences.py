@@ -95,7 +95,7 @@ def _labels_from_mask(tokenizer, msgs, tools, trained: list[bool], ids: list[int
     return labels
 
 
-_FIXES = "use train_on: all, or a chat template with {% generation %} markers"
+_FIXES = "use hyperparameters.train_on: all, or a chat template with {% generation %} markers"
 
 
 def _locate(tokenizer, msgs, tools, i: int, text: str, turn: int, where: str, index: int) -> tuple[int, int]:

@@ -5,7 +5,11 @@ job API (`JobSubmissionClient`, served by the head node's dashboard): Ray places
 the job's CPUs, GPUs and custom resources free, queues it (PENDING) while none has, and keeps it
 running when the server stops. Requirements, all documented in the README:
 
-- `tunejob` (the same version) on every node's PATH: the entrypoint is a shell command there;
+- tunejob (the same version) installed on every node at the server's own interpreter path: the
+  entrypoint runs `PYTHON -m tunejob run`, with PYTHON the server's sys.executable, so neither the
+  node's PATH nor an activated venv matters (a bare `tunejob` was not found on nodes started as
+  .venv/bin/ray); where that interpreter or tunejob is missing, the job fails with one line
+  saying so (exit 127);
 - the server's data dir mounted at the same path on every node (NFS, a shared volume): the spec,
   the uploaded files and the run directory are read and written there, so events, metrics and
   checkpoints flow to the server as they do for a local child. The run's output goes to
@@ -19,6 +23,7 @@ environment is the job's runtime_env): set here to STOP_GRACE_S so the trainer c
 from __future__ import annotations
 
 import shlex
+import sys
 
 from tunejob.errors import TunejobError
 from tunejob.server.executor import STOP_GRACE_S, Launch, RunState
@@ -33,10 +38,25 @@ _WHY = {"JOB_SUPERVISOR_ACTOR_DIED": "its node died or was stopped",
         "JOB_SUPERVISOR_ACTOR_UNSCHEDULABLE": "no node of the cluster can ever have its resources"}
 
 
-def entrypoint(launch: Launch) -> str:
-    """The shell command Ray runs: `exec`, so Ray's SIGTERM reaches the trainer itself (a shell
-    in between would die at once and leave the trainer to the SIGKILL that follows)."""
-    return f"exec tunejob run {shlex.quote(str(launch.spec_path))} >> {shlex.quote(str(launch.log_path))} 2>&1"
+NOT_INSTALLED = 127  # the shell's "command not found", also used when the interpreter lacks tunejob
+
+
+def entrypoint(launch: Launch, python: str | None = None) -> str:
+    """The shell command Ray runs: the server's own interpreter, checked first (a missing one or
+    one without tunejob exits 127), then `exec`, so Ray's SIGTERM reaches the trainer itself (a
+    shell in between would die at once and leave the trainer to the SIGKILL that follows)."""
+    py = shlex.quote(python or sys.executable)
+    log = shlex.quote(str(launch.log_path))
+    return (f"{py} -c 'import tunejob' >> {log} 2>&1 || exit {NOT_INSTALLED}; "
+            f"exec {py} -m tunejob run {shlex.quote(str(launch.spec_path))} >> {log} 2>&1")
+
+
+def exit_reason(code: int | None, node: str) -> str:
+    if code == NOT_INSTALLED:
+        return (f"tunejob is not installed on the Ray node{(' ' + node) if node else ''} at {sys.executable} (exit {NOT_INSTALLED}); "
+                "install it there, with the same version and at the same path as the server's, or run the server from an "
+                "interpreter every node has")
+    return f"training exited with code {code}"
 
 
 def run_env(launch: Launch, stop_grace_s: int = STOP_GRACE_S) -> dict[str, str]:
@@ -92,7 +112,7 @@ class RayExecutor:
             return RunState(_STATES[status], info.message or "", where)
         error_type = getattr(info.error_type, "value", info.error_type)
         if error_type == _TRAINING_FAILED:
-            return RunState("failed", f"training exited with code {info.driver_exit_code}", where)
+            return RunState("failed", exit_reason(info.driver_exit_code, where), where)
         why = _WHY.get(error_type) or (info.message or "no reason given").splitlines()[0][:300]
         if error_type == "JOB_SUPERVISOR_ACTOR_START_TIMEOUT":  # it only waited too long in Ray's queue
             return RunState("expired", f"Ray job {run_id} failed: {why}", where)

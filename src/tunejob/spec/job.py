@@ -87,7 +87,7 @@ class MethodSpec(_Section):
     @model_validator(mode="after")
     def _beta(self) -> "MethodSpec":
         if self.beta is not None and self.type != "dpo":
-            raise ValueError("beta: applies to method type dpo only; remove it or set type: dpo")
+            raise ValueError("beta: applies to method type dpo only; remove it or set method.type: dpo")
         return self
 
     @property
