@@ -123,5 +123,6 @@ def create_app(config: ServerConfig) -> FastAPI:
     from tunejob.server.dashboard import mount_dashboard
 
     app.state.chat_completions = chat_router.chat_completions
+    app.state.chat_engine = chat_router.engine  # run.py answers its generations at SIGTERM
     mount_dashboard(app, config)
     return app

@@ -99,7 +99,8 @@ def _chunks(gen: Generation, request: Request, name: str, include_usage: bool):
                     yield chunk({"content": value})
                     continue
                 if kind == "error":
-                    err = {"message": str(value) or value.__class__.__name__, "type": "server_error", "param": None, "code": None}
+                    err = {"message": str(value) or value.__class__.__name__, "type": getattr(value, "type", "server_error"),
+                           "param": None, "code": getattr(value, "code", None)}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     return
                 result: inference.ChatResult = value
@@ -146,7 +147,7 @@ def router(state: ServerState) -> APIRouter:
             return await forward.chat(body, name, adapter)
         gen = Generation(base_path, adapter, chat, stream, asyncio.get_running_loop())
         try:
-            engine.submit(gen)
+            engine.submit(gen)  # raises the shutdown's 503 once the server is stopping
         except Busy as exc:
             return busy_response(exc)
         if stream:

@@ -125,14 +125,31 @@ class Engine:
         self._lock = threading.Lock()
         self._seconds = 5.0  # running mean of a generation's time, for Retry-After
         self._thread: threading.Thread | None = None
+        self._gens: dict[int, Generation] = {}  # submitted and not yet done, by id
+        self.closing: Exception | None = None  # set by shutdown(): every later request gets it
+
+    def shutdown(self, error: Exception) -> int:
+        """Answer every generation in flight with `error` now, and refuse new ones: a server told
+        to stop must not wait for a long generation (one forward pass can run for a minute) that
+        nobody will read. Safe from a signal handler; returns how many were answered."""
+        with self._lock:
+            self.closing = error
+            gens = list(self._gens.values())
+        for gen in gens:
+            gen.cancel()
+            gen._emit("error", error)
+        return len(gens)
 
     def submit(self, gen: Generation) -> None:
         """Queue `gen`, or raise Busy when max_pending requests are already in."""
         with self._lock:
+            if self.closing is not None:
+                raise self.closing
             if self._pending >= self.max_pending:
                 wait = self._seconds * math.ceil(self._pending / self.options.max_batch)
                 raise Busy(max(1, math.ceil(wait)), self._pending)
             self._pending += 1
+            self._gens[id(gen)] = gen
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tunejob-chat", daemon=True)
                 self._thread.start()
@@ -236,5 +253,6 @@ class Engine:
 
     def _done(self, gen: Generation) -> None:
         with self._lock:
+            self._gens.pop(id(gen), None)
             self._pending -= 1
             self._seconds = 0.8 * self._seconds + 0.2 * (time.time() - gen.started)

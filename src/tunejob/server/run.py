@@ -66,7 +66,38 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
                           chat_threads=chat_threads, chat_queue=chat_queue, **(caps or {}), **(executor or {}))
     where = f", jobs on the Ray cluster at {config.ray_address or 'auto'}" if config.executor == "ray" else ""
     print(f"tunejob serve: http://{host}:{port}/v1 (data in {data_dir}, {len(config.api_keys)} key(s){where})", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+    app = create_app(config)
+    uvicorn_server = _uvicorn_server()(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    uvicorn_server.on_exit = lambda: _stop_chats(app)
+    uvicorn_server.run()
+
+
+def _stop_chats(app) -> None:
+    from tunejob.server.api import ApiError
+
+    engine = getattr(app.state, "chat_engine", None)
+    if engine is not None and engine.closing is None:
+        n = engine.shutdown(ApiError(503, "The server is shutting down; retry the request once it is back, or on another server",
+                                     type="server_error", code="server_shutting_down"))
+        print(f"tunejob serve: stopping; {n} chat generation(s) answered with 503", file=sys.stderr, flush=True)
+
+
+def _uvicorn_server():
+    import uvicorn  # here, not at the top: `import tunejob.cli` stays light
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which on SIGTERM / SIGINT first answers the chats in flight: its
+        graceful shutdown waits for open requests, and a long generation (a 40,000-token prompt
+        prefilling) held a stopped server for over a minute. Training children still checkpoint:
+        the worker stops them at the app's shutdown, as before."""
+
+        on_exit = staticmethod(lambda: None)
+
+        def handle_exit(self, sig, frame) -> None:
+            self.on_exit()
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 def dashboard(run_dirs: list[Path], port: int) -> None:
