@@ -109,7 +109,7 @@ def test_a_long_answer_does_not_hold_back_short_ones(tmp_path, tiny_model):
 
         def long() -> None:
             for _ in client(server).chat.completions.create(model="default", messages=[{"role": "user", "content": "alpha"}],
-                                                            max_tokens=400, temperature=0, stream=True):
+                                                            max_tokens=4000, temperature=0, stream=True):
                 pass
             long_done.append(time.time())
 
@@ -119,7 +119,8 @@ def test_a_long_answer_does_not_hold_back_short_ones(tmp_path, tiny_model):
         short = c.chat.completions.create(model="default", messages=[{"role": "user", "content": "beta"}], max_tokens=3, temperature=0)
         short_done = time.time()
         t.join(timeout=300)
-        # One at a time, the short answer would wait for all 400 tokens of the long one.
+        # One at a time, the short answer would wait for all 4,000 tokens of the long one (400 were
+        # done in about a second on a fast CPU: the long answer ended before the short one began).
         assert short.choices[0].finish_reason == "length" and long_done and short_done < long_done[0]
     finally:
         server.stop()
