@@ -24,3 +24,18 @@ def test_cores_follow_the_affinity_mask_and_a_child_gets_its_share(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert threads.training_threads() == 2
     assert threads.child_env(1) == {"TUNEJOB_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_only_the_training_process_itself_counts_as_a_run():
+    """`/usr/bin/time -v tunejob run` and `timeout 600 tunejob run` are wrappers: only the Python
+    process under them trains (issue 36's false "another tunejob training run" warning)."""
+    from tunejob.train.threads import _is_training
+
+    argv = lambda line: [w.encode() for w in line.split()]
+    for training in ("/v/bin/python3 /v/bin/tunejob run job.yaml", "python -m tunejob run job.yaml",
+                     "/usr/bin/python3.11 -u -m tunejob --verbose run job.yaml"):
+        assert _is_training(argv(training)), training
+    for other in ("/usr/bin/time -v tunejob run job.yaml", "timeout 600 /v/bin/tunejob run job.yaml", "tunejob run job.yaml",
+                  "/v/bin/python3 /v/bin/accelerate launch --multi_gpu /v/bin/tunejob run job.yaml",
+                  "python -m tunejob serve --port 8000", "/bin/sh -c exec python -m tunejob run x"):
+        assert not _is_training(argv(other)), other

@@ -117,8 +117,24 @@ def other_training_threads() -> int:
 
 
 def _is_training(argv: list[bytes]) -> bool:
-    words = [a.rsplit(b"/", 1)[-1] for a in argv if a]  # `tunejob run ...` or `python -m tunejob run ...`
-    return b"tunejob" in words and b"run" in words
+    """A Python process that runs tunejob's `run` itself: `python -m tunejob run ...`, or the
+    `tunejob` script (the kernel's argv is `python /venv/bin/tunejob run ...`). Never a wrapper
+    whose command line merely holds those words (`time`, `timeout`, a shell, accelerate's
+    launcher): counting them warned of a second run where there was none (issue 36)."""
+    words = [a.rsplit(b"/", 1)[-1] for a in argv if a]
+    if not words or not words[0].startswith(b"python"):
+        return False
+    rest = words[1:]
+    while rest and rest[0].startswith(b"-") and rest[0] != b"-m":  # the interpreter's own options (-u, -X dev)
+        rest = rest[1:]
+    if rest[:2] == [b"-m", b"tunejob"]:
+        rest = rest[2:]
+    elif rest[:1] == [b"tunejob"]:
+        rest = rest[1:]
+    else:
+        return False
+    commands = [w for w in rest if not w.startswith(b"-")]  # tunejob's own options (--verbose) come first
+    return commands[:1] == [b"run"]
 
 
 def warn_if_oversubscribed(threads: int, say=None) -> None:
