@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 
+from tunejob.errors import TunejobError
 from tunejob.server.aliases import alias_chat_model
 from tunejob.server.api import ApiError, ServerState, owner
 
@@ -51,7 +52,10 @@ def resolve_chat_model(state: ServerState, who: str, name: str) -> tuple[str, Pa
     if own is not None:
         job, adapter = own
         return resolve_model_path(job["_spec"]["model"]), adapter
-    aliased = alias_chat_model(state.config.aliases, name)
+    try:
+        aliased = alias_chat_model(state.config.aliases, name)
+    except TunejobError:  # the aliased run was removed after the server started: as gone as any model
+        raise not_found(name) from None
     if aliased is not None:
         return aliased
     base = state.base_for(name)
