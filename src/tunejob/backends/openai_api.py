@@ -149,7 +149,7 @@ class OpenAIBackend:
             except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
                 if attempt == attempts - 1:
                     raise
-                delay = _retry_after(exc) or min(0.5 * 2**attempt, 8.0)
+                delay = min(retry_after(exc) or min(0.5 * 2**attempt, 8.0), 60.0)
                 say(f"create failed ({exc.__class__.__name__}); checking for the job and retrying in {delay:.1f}s")
                 time.sleep(delay)
             except openai.APIStatusError as exc:
@@ -235,10 +235,22 @@ def _checkpoints(client, job_id: str) -> list[dict]:
     return sorted(out, key=lambda c: c["step"])
 
 
-def _retry_after(exc) -> float | None:
+def retry_after(exc) -> float | None:
+    """Seconds the server asked to wait, as the SDK reads them: retry-after-ms, else Retry-After
+    (seconds, or an HTTP date); None when it named none."""
+    import email.utils
+
     response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
+    headers = response.headers if response is not None else {}
     try:
-        return min(float(value), 60.0) if value is not None else None
-    except ValueError:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
         return None

@@ -87,9 +87,12 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def per_1k_queries(prompt_tokens: float | None, completion_tokens: float | None, input_per_1m, output_per_1m) -> float | None:
-    if None in (prompt_tokens, completion_tokens, input_per_1m, output_per_1m):
+    from tunejob.plan.cost import inference_cost_per_day
+
+    if None in (prompt_tokens, completion_tokens, input_per_1m, output_per_1m) or prompt_tokens + completion_tokens <= 0:
         return None
-    return round(1000 * (prompt_tokens * input_per_1m + completion_tokens * output_per_1m) / 1e6, 6)
+    total = prompt_tokens + completion_tokens
+    return round(inference_cost_per_day(1000, total, input_per_1m, output_per_1m, completion_tokens / total), 6)
 
 
 def side_summary(cells: list[dict], input_per_1m=None, output_per_1m=None) -> dict:

@@ -19,7 +19,6 @@ count of requests sent is exact.
 
 from __future__ import annotations
 
-import email.utils
 import json
 import os
 import threading
@@ -27,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tunejob.backends.openai_api import retry_after
 
 
 class GoldenLog:
@@ -73,25 +74,6 @@ class GoldenLog:
 
     def answers(self) -> list[dict]:
         return [e for e in self.entries.values() if "answer" in e]
-
-
-def retry_after(exc) -> float | None:
-    """Seconds the server asked to wait: retry-after-ms, or Retry-After (seconds or an HTTP date)."""
-    response = getattr(exc, "response", None)
-    headers = response.headers if response is not None else {}
-    try:
-        if headers.get("retry-after-ms"):
-            return float(headers["retry-after-ms"]) / 1000
-        value = headers.get("retry-after")
-        if value is None:
-            return None
-        try:
-            return float(value)
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(value)
-            return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 class _Gate:

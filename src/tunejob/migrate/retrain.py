@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from tunejob.data.dataset import write_jsonl
 from tunejob.migrate.prompts import item_of, training_ids
 from tunejob.migrate.record import MigrateError, read_rows
 from tunejob.train.checkpoint import write_json_atomic
@@ -87,13 +88,6 @@ def as_training_example(entry: dict) -> dict:
     return example
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _recorded(folder: Path) -> tuple[dict, str, list[dict], list[dict], list[dict]]:
     from tunejob.migrate.golden import GoldenLog
 
@@ -124,12 +118,12 @@ def write_retrain_spec(folder: Path, base: str, distill: bool = False, holdout: 
     resolved = resolve_openai(hp_job, len(train) + len(used))
     data = {"train": "data/train.jsonl"}
     if used:
-        _write(folder / "data" / "train_distill.jsonl", [*train, *(as_training_example(g) for g in used)])
+        write_jsonl(folder / "data" / "train_distill.jsonl", [*train, *(as_training_example(g) for g in used)])
         data["train"] = "data/train_distill.jsonl"
     distilled = {g["id"] for g in used}
     kept = [row for row in validation if (item_of(row, "validation") or {}).get("id") not in distilled]
     if kept:
-        _write(folder / "data" / "validation_retrain.jsonl", kept)
+        write_jsonl(folder / "data" / "validation_retrain.jsonl", kept)
         data["validation"] = "data/validation_retrain.jsonl"
     epochs, batch = int(resolved["n_epochs"][0]), int(resolved["batch_size"][0])
     per_epoch = max(1, -(-(len(train) + len(used)) // batch))
