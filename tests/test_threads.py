@@ -33,7 +33,7 @@ def test_only_the_training_process_itself_counts_as_a_run():
 
     argv = lambda line: [w.encode() for w in line.split()]
     for training in ("/v/bin/python3 /v/bin/tunejob run job.yaml", "python -m tunejob run job.yaml",
-                     "/usr/bin/python3.11 -u -m tunejob --verbose run job.yaml"):
+                     "/usr/bin/python3.11 -u -m tunejob --verbose run job.yaml", "python3 -X dev -W ignore -m tunejob run j.yaml"):
         assert _is_training(argv(training)), training
     for other in ("/usr/bin/time -v tunejob run job.yaml", "timeout 600 /v/bin/tunejob run job.yaml", "tunejob run job.yaml",
                   "/v/bin/python3 /v/bin/accelerate launch --multi_gpu /v/bin/tunejob run job.yaml",

@@ -126,7 +126,7 @@ def _is_training(argv: list[bytes]) -> bool:
         return False
     rest = words[1:]
     while rest and rest[0].startswith(b"-") and rest[0] != b"-m":  # the interpreter's own options (-u, -X dev)
-        rest = rest[1:]
+        rest = rest[2:] if rest[0] in (b"-X", b"-W") else rest[1:]  # these two take a value
     if rest[:2] == [b"-m", b"tunejob"]:
         rest = rest[2:]
     elif rest[:1] == [b"tunejob"]:
