@@ -79,9 +79,12 @@ def test_dashboard_pages(browser, server, tmp_path):
     c = client(server)
     train = write_chat_data(tmp_path / "train.jsonl", 64)
     f = c.files.create(file=open(train, "rb"), purpose="fine-tune")
-    # batch 1, 50 epochs: 3,200 steps, far longer than the test watches (it cancels the job); an eval every 8 steps
+    # batch 1, 50 epochs: 2,900 steps, far longer than the test watches (it cancels the job); an eval every 8 steps.
+    # Early stopping off: with it, two noisy evaluations (bf16, where `auto` picks it) could end the job before the
+    # page opens, and a finished job's page draws once and never polls (CI failed that way, once).
     job = c.fine_tuning.jobs.create(training_file=f.id, model="default", hyperparameters={"n_epochs": 50, "batch_size": 1},
-                                    extra_body={"tunejob": {"lora": {"r": 4}, "checkpointing": {"eval_steps": 8, "save_steps": 8}}})
+                                    extra_body={"tunejob": {"lora": {"r": 4}, "checkpointing": {
+                                        "eval_steps": 8, "save_steps": 8, "early_stopping_patience": None}}})
     wait_status(c, job.id, ("running",), timeout=120)
 
     ctx, page = login(browser, server, KEY_A)
@@ -95,6 +98,7 @@ def test_dashboard_pages(browser, server, tmp_path):
     page.wait_for_url(f"**/jobs/{job.id}")
     page.wait_for_function("tjPointCount('chart') > 0", timeout=120_000)
     before = points(page)
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "running", [e.message for e in c.fine_tuning.jobs.list_events(job.id)]
     page.wait_for_function(f"tjPointCount('chart') > {before}", timeout=120_000)  # the page polls; no reload
     assert points(page) > before
     # the diagnosis and the checkpoints fill in while the job trains, without a reload
