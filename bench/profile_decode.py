@@ -1,4 +1,4 @@
-"""Where one chat decoding step's time goes (tunejob serve's engine: server/batch.py), against the
+"""Where one chat decoding step's time goes (tunejob serve's engine: engine/batch.py), against the
 bound of reading every weight once per token, measured in the same run.
 
     python bench/profile_decode.py --out bench/results/profile_decode.json
@@ -26,7 +26,7 @@ from report import publish  # noqa: E402
 
 
 def _rows(target, n: int):
-    from tunejob.server.batch import Row
+    from tunejob.engine.batch import Row
     from tunejob.server.inference import ChatRequest, prompt_inputs
 
     out = []
@@ -37,7 +37,7 @@ def _rows(target, n: int):
 
 
 def _batch_figures(weights, target, n: int, steps: int) -> dict:
-    from tunejob.server.batch import Batch
+    from tunejob.engine.batch import Batch
 
     batch = Batch(weights, target.key, max(n, 1))
     batch.join(_rows(target, n))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunejob"
 FOUNDATION = {"errors", "spec", "catalog"}  # importable by every stage; import only each other
-STAGES = ["monitor", "data", "train", "plan", "evaluate", "export", "backends", "server", "migrate"]
+STAGES = ["monitor", "data", "engine", "train", "plan", "evaluate", "export", "backends", "server", "migrate"]
 TOP = {"__init__", "__main__", "cli", "cli_migrate", "runner", "demo"}  # orchestration: may import anything, imported by nothing
 
 

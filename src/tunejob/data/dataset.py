@@ -103,8 +103,9 @@ def as_messages(obj: dict) -> list[dict]:
     ]
 
 
-def load_examples(path: str | Path) -> list[dict]:
-    """Parse a dataset that has passed validation into chat examples ({"messages": [...]})."""
+def load_examples(path: str | Path, whole_lines: bool = False) -> list[dict]:
+    """Parse a dataset that has passed validation into chat examples ({"messages": [...]}); with
+    `whole_lines`, each line as it is (reinforcement: its other fields are the grader's item)."""
     examples = []
     for raw in iter_raw_lines(path):
         if raw.data is None or not raw.data.strip():
@@ -113,7 +114,7 @@ def load_examples(path: str | Path) -> list[dict]:
             obj = json.loads(raw.data.decode("utf-8-sig" if raw.number == 1 else "utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise DataError(f"{path}:{raw.number}: not valid JSON ({exc}); run `tunejob validate {path}`") from None
-        if "preferred_output" in obj:  # a preference pair stays in OpenAI's shape (data/preference.py)
+        if "preferred_output" in obj or whole_lines:  # a preference pair stays in OpenAI's shape (data/preference.py)
             examples.append(obj)
             continue
         example = {"messages": as_messages(obj)}

@@ -8,7 +8,7 @@ from typing import Literal
 from tunejob.data.dataset import text_of
 from tunejob.data.problems import Report
 
-Format = Literal["openai", "bedrock", "preference"]
+Format = Literal["openai", "bedrock", "preference", "reinforcement"]
 
 
 CHAT_TOP_KEYS = {"messages", "tools", "functions", "parallel_tool_calls"}
@@ -39,6 +39,9 @@ def check_example(obj: object, kind: str, fmt: Format, line: int, report: Report
     if not isinstance(obj, dict):
         report.add("data_type", line, f"expected a JSON object, got {type(obj).__name__}")
         return False
+    if fmt == "reinforcement" and kind != "chat":
+        report.add("missing_messages_list", line, "a reinforcement example is {\"messages\": [...], ...}: the prompt, plus the fields its grader reads")
+        return False
     if kind == "preference":
         return _check_preference(obj, line, report)
     if fmt == "preference":
@@ -60,6 +63,8 @@ def check_example(obj: object, kind: str, fmt: Format, line: int, report: Report
     if not isinstance(messages, list) or not messages:
         report.add("missing_messages_list", line, "\"messages\" must be a non-empty list")
         return False
+    if fmt == "reinforcement":
+        return _check_prompt(obj, messages, line, report)
     allowed_top = {"system", "messages"} if fmt == "bedrock" else CHAT_TOP_KEYS
     for key in set(obj) - allowed_top:
         report.add("bedrock_unrecognized_key" if fmt == "bedrock" else "example_unrecognized_key", line, f"unrecognized top-level key {_show(key)}")
@@ -81,6 +86,21 @@ def check_example(obj: object, kind: str, fmt: Format, line: int, report: Report
     if "user" not in roles:
         report.add("missing_user_message", line, "no user message")
     return True
+
+def _check_prompt(obj: dict, messages: list, line: int, report: Report) -> bool:
+    """OpenAI's reinforcement format: the conversation up to the turn the model answers, plus any
+    other keys, which reach the grader as `item.*` (data/reinforcement.py checks those)."""
+    before = report.errors
+    for i, msg in enumerate(messages, 1):
+        role = msg.get("role") if isinstance(msg, dict) else None
+        # developer is OpenAI's name for the system turn of its reasoning models, which RFT trained
+        _check_message({**msg, "role": "system"} if role == "developer" else msg, i, "openai", line, report)
+    if report.errors != before:
+        return False
+    if messages[-1]["role"] not in ("user", "tool"):
+        report.add("prompt_ends_with_answer", line, f"the last message is the {_show(messages[-1]['role'])}'s")
+    return report.errors == before
+
 
 def _check_message(msg: object, i: int, fmt: Format, line: int, report: Report) -> None:
     where = f"message {i}"

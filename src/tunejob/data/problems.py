@@ -47,6 +47,8 @@ KINDS: dict[str, tuple[str, str]] = {
     "preference_missing_output": ("error", "give both preferred_output and non_preferred_output as non-empty lists of assistant messages"),
     "preference_output_not_assistant": ("error", "outputs hold only assistant messages: role \"assistant\""),
     "preference_identical_outputs": ("error", "make the non-preferred output differ from the preferred one: identical pairs teach nothing"),
+    "prompt_ends_with_answer": ("error", "end each reinforcement example with the user (or tool) turn the model answers: the answers are sampled and graded, not given"),
+    "missing_item_field": ("error", "give every line the fields the grader reads as {{item.<field>}}, or change the grader"),
     "utf8_bom": ("warning", "save without a byte-order mark; tunejob ignores it"),
     "missing_system_message": ("warning", "a consistent system prompt helps the model learn one persona"),
     "missing_user_message": ("warning", "most chat examples have a user turn to answer"),

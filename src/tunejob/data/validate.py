@@ -37,8 +37,10 @@ def validate_file(
     counter: TokenCounter | None = None,
     max_line_bytes: int = MAX_LINE_BYTES,
     min_examples: int = MIN_EXAMPLES,
+    item_fields: frozenset[str] = frozenset(),
 ) -> Report:
-    """Check every line of a JSONL dataset; raise DataError only when the file cannot be opened."""
+    """Check every line of a JSONL dataset; raise DataError only when the file cannot be opened.
+    `item_fields`: the dotted fields a reinforcement grader reads from each line ({{item.x.y}})."""
     info = catalog.lookup(model) if model else None
     counter = counter or counter_for(model)
     limit = (info.max_example_tokens if info else None) or counter.context_limit
@@ -61,7 +63,7 @@ def validate_file(
             longest, answer = max(t for t, _ in sides), min(a for _, a in sides)
             if limit and longest > limit:
                 report.add("too_many_tokens", line, f"{longest:,} tokens, over the {limit:,}-token limit of {model or counter.name}")
-            elif answer <= SHORT_ANSWER_TOKENS:
+            elif answer <= SHORT_ANSWER_TOKENS and format != "reinforcement":  # prompts have no answer to check
                 report.add("short_assistant_answer", line, f"assistant answer has {answer} token(s)")
         good.clear()
 
@@ -90,6 +92,8 @@ def validate_file(
         if not check_example(obj, kind, format, raw.number, report):
             continue
         seen[digest] = raw.number
+        for field in sorted(f for f in item_fields if not has_field(obj, f)):
+            report.add("missing_item_field", raw.number, f"no {field!r}, which the grader reads as {{{{item.{field}}}}}")
         report.examples += 1
         convs = conversations(obj) if kind == "preference" else [as_messages(obj)]
         per_example_messages.append(len(convs[0]))
@@ -132,14 +136,24 @@ def _decode(data: bytes, line: int, report: Report) -> object:
     return _UNREADABLE
 
 
+def has_field(obj: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return False
+        obj = obj[part]
+    return True
+
+
 def require_valid(path: str | Path, format: Format = "openai", model: str | None = None, min_examples: int = 1,
-                  method: str | None = None) -> Report:
+                  method: str | None = None, item_fields: frozenset[str] = frozenset()) -> Report:
     """Validate before work starts; a file with errors becomes one DataError naming the first
     problem (file:line), the count by kind, and the command that lists them all. With `method`
     (the spec's "supervised" or "dpo"), a file of the other kind is one DataError too."""
     from tunejob.errors import DataError
 
-    report = validate_file(path, format=format, model=model, min_examples=min_examples)
+    if method == "reinforcement":
+        format = "reinforcement"
+    report = validate_file(path, format=format, model=model, min_examples=min_examples, item_fields=item_fields)
     pairs = report.data_kind == "preference"
     if method == "dpo" and report.data_kind and not pairs:
         raise DataError(f"{path}: method dpo trains on preference pairs, but this file holds {report.data_kind.replace('_', '/')} "

@@ -37,7 +37,7 @@ class ServerConfig:
     slots: int = 1  # local: training jobs at once on this machine (one per GPU)
     ray_address: str | None = None  # ray: the cluster (auto, http://HEAD:8265, ray://HEAD:10001)
     node_retries: int = 2  # resumes of a run lost with its node before the job fails
-    chat_batch: int = 8  # chat rows sharing one forward pass (server/batch.py)
+    chat_batch: int = 8  # chat rows sharing one forward pass (engine/batch.py)
     chat_dtype: str = "auto"  # weights chat runs in: auto (bfloat16 where training's probe finds the device fast in it), float32, bfloat16
     chat_merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (server/weights.py); 0: never
     chat_compile: bool = False  # torch.compile chat's forward (server/weights.py); off until measured to pay

@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 
 from tunejob.errors import TunejobError
-from tunejob.server.batch import Batch, Row
-from tunejob.server.inference import ChatRequest, eos_ids, prompt_inputs, to_result
+from tunejob.engine.batch import Batch, Row, eos_ids
+from tunejob.server.inference import ChatRequest, prompt_inputs, to_result
 from tunejob.server.weights import Weights
 from tunejob.train import threads
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from tunejob.data import tool_calls
+from tunejob.engine.batch import eos_ids
 from tunejob.server.store import new_id
 
 CACHE_SIZE = 3
@@ -85,12 +86,6 @@ def prompt_inputs(tokenizer, request: ChatRequest, device):
     messages, tools = tool_calls.render_inputs(tokenizer, request.messages, request.tools or None)
     return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
                                          return_dict=True).to(device)
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = ids if isinstance(ids, (list, tuple)) else [ids]
-    return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
 def _gen_kwargs(tokenizer, request: ChatRequest, eos: set[int]) -> dict:

@@ -20,6 +20,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunejob.spec.reinforcement import DEFAULT_KL_BETA, ReinforcementHyperparameters
+
 
 Auto = Literal["auto"]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -74,10 +76,18 @@ DPO_DEFAULT_BETA = 0.1  # TRL's DPOConfig default
 
 
 class MethodSpec(_Section):
-    """OpenAI's fine-tuning method. `dpo` trains on preference pairs (data/preference.py)."""
+    """OpenAI's fine-tuning method. `dpo` trains on preference pairs (data/preference.py);
+    `reinforcement` samples answers and trains on a grader's scores (spec/reinforcement.py)."""
 
-    type: Literal["supervised", "dpo"] = Field("supervised", description="supervised (chat data) or dpo (preference pairs).")
-    beta: PositiveFloat | None = Field(None, description="DPO: how far the model may move from the base (default 0.1 locally, the provider's on API backends).")
+    type: Literal["supervised", "dpo", "reinforcement"] = Field(
+        "supervised", description="supervised (chat data), dpo (preference pairs) or reinforcement (prompts and a grader).")
+    beta: PositiveFloat | None = Field(None, description="DPO and reinforcement: how far the model may move from the base "
+                                       "(DPO: default 0.1 locally; reinforcement: the KL coefficient, default 0.04).")
+    grader: dict | None = Field(None, description="Reinforcement: OpenAI's grader object (string_check, text_similarity, python, score_model, multi).")
+    hyperparameters: ReinforcementHyperparameters | None = Field(
+        None, description="Reinforcement: OpenAI's hyperparameters (compute_multiplier, eval_interval, eval_samples, ...).")
+    completion_tokens: int | None = Field(None, ge=1, le=8192, description="Reinforcement: most tokens per sampled answer (default 64).")
+    temperature: float | None = Field(None, gt=0, le=2, description="Reinforcement: sampling temperature of the answers (default 1.0).")
 
     @model_validator(mode="before")
     @classmethod
@@ -85,14 +95,26 @@ class MethodSpec(_Section):
         return {"type": v} if isinstance(v, str) else v  # `method: dpo`
 
     @model_validator(mode="after")
-    def _beta(self) -> "MethodSpec":
-        if self.beta is not None and self.type != "dpo":
-            raise ValueError("beta: applies to method type dpo only; remove it or set method.type: dpo")
+    def _fields_of_type(self) -> "MethodSpec":
+        if self.beta is not None and self.type == "supervised":
+            raise ValueError("beta: applies to method types dpo and reinforcement; remove it or set method.type: dpo")
+        rl_only = [k for k in ("grader", "hyperparameters", "completion_tokens", "temperature") if getattr(self, k) is not None]
+        if rl_only and self.type != "reinforcement":
+            raise ValueError(f"{rl_only[0]}: applies to method type reinforcement only; remove it or set method.type: reinforcement")
+        if self.type == "reinforcement" and not self.grader:
+            raise ValueError("grader: method reinforcement needs a grader, e.g. "
+                             "{type: string_check, name: exact, input: '{{sample.output_text}}', reference: '{{item.answer}}', operation: eq}")
         return self
 
     @property
     def resolved_beta(self) -> float:
-        return self.beta if self.beta is not None else DPO_DEFAULT_BETA
+        if self.beta is not None:
+            return self.beta
+        return DEFAULT_KL_BETA if self.type == "reinforcement" else DPO_DEFAULT_BETA
+
+    @property
+    def rl(self) -> ReinforcementHyperparameters:
+        return self.hyperparameters or ReinforcementHyperparameters()
 
 
 class LoraSpec(_Section):
@@ -200,7 +222,7 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> "JobSpec":
-        problems = _combination_problems(self)
+        problems = _apply_reinforcement_hyperparameters(self) + _combination_problems(self)
         if problems:
             raise ValueError(" | ".join(problems))
         return self
@@ -211,7 +233,9 @@ class JobSpec(_Section):
 
     def resolved_learning_rate(self) -> float:
         lr = self.hyperparameters.learning_rate
-        return LORA_DEFAULT_LR if lr == "auto" else float(lr)
+        lr = LORA_DEFAULT_LR if lr == "auto" else float(lr)
+        multiplier = self.method.rl.learning_rate_multiplier if self.method.type == "reinforcement" else "auto"
+        return lr if multiplier == "auto" else lr * multiplier
 
     def resolved_batch_size(self) -> int:
         """The local backend's effective batch ("auto" resolved)."""
@@ -242,6 +266,27 @@ class JobSpec(_Section):
 # OpenAI's documented range; Bedrock's differ per base model (backends/bedrock_params.py).
 OPENAI_RANGES = {"epochs": (1, 50)}
 SECRET_KEYS = {"api_key", "apikey", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id"}
+
+
+def _apply_reinforcement_hyperparameters(spec: JobSpec) -> list[str]:
+    """OpenAI's reinforcement hyperparameters that have a local twin set it (spec/reinforcement.py);
+    both set to different values is a problem, not a silent pick."""
+    if spec.method.type != "reinforcement" or spec.method.hyperparameters is None:
+        return []
+    rl, problems = spec.method.hyperparameters, []
+    for rl_key, section, key in (("n_epochs", spec.hyperparameters, "epochs"), ("batch_size", spec.hyperparameters, "batch_size"),
+                                 ("eval_interval", spec.checkpointing, "eval_steps")):
+        value = getattr(rl, rl_key)
+        if value == "auto":
+            continue
+        where = "hyperparameters" if section is spec.hyperparameters else "checkpointing"
+        if key in section.model_fields_set and getattr(section, key) != value:
+            problems.append(f"method.hyperparameters.{rl_key}: {value} disagrees with {where}.{key}: {getattr(section, key)}; set one of them")
+            continue
+        setattr(section, key, value)
+        if key == "eval_steps" and "save_steps" not in section.model_fields_set:
+            section.save_steps = value
+    return problems
 
 
 def _combination_problems(spec: JobSpec) -> list[str]:
@@ -304,6 +349,8 @@ def _combination_problems(spec: JobSpec) -> list[str]:
 
 
 def _method_problems(spec: JobSpec) -> list[str]:
+    if spec.method.type == "reinforcement":
+        return _reinforcement_problems(spec)
     if spec.method.type != "dpo":
         return []
     problems = []
@@ -314,4 +361,16 @@ def _method_problems(spec: JobSpec) -> list[str]:
         problems.append("method: dpo runs on backends local and openai; use one of them or method supervised for bedrock")
     if spec.distributed.world_size > 1:
         problems.append("distributed: method dpo trains in one process for now; remove the distributed section")
+    return problems
+
+
+def _reinforcement_problems(spec: JobSpec) -> list[str]:
+    problems = []
+    if spec.backend == "bedrock":
+        problems.append("method: reinforcement runs on backends local and openai (tunejob serve, or a service that still offers it); "
+                        "use one of them for bedrock's method supervised")
+    if spec.distributed.world_size > 1:
+        problems.append("distributed: method reinforcement trains in one process for now; remove the distributed section")
+    if spec.hyperparameters.train_on == "all":
+        problems.append("hyperparameters.train_on: reinforcement trains on the sampled answers only; remove train_on")
     return problems

@@ -153,6 +153,17 @@ def sequence_logps(model, batch: dict, path: str = "keep") -> tuple[torch.Tensor
     return logps, int(mask.sum()), correct
 
 
+def token_logps(model, batch: dict, path: str = "keep", temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N,) log-probabilities of each trained token in row-major order, (N,) their rows), by the
+    loss's forward. Logits are divided by the sampling temperature first, as TRL's GRPOTrainer does,
+    so the probabilities are those the answers were sampled from."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    logits, _ = _logits(model, batch, mask, path)
+    logps = -F.cross_entropy(logits.float() / temperature, labels[mask], reduction="none")
+    return logps, mask.nonzero(as_tuple=True)[0]
+
+
 # ------------------------------------------------------------ choosing the path
 
 

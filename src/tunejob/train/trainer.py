@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 import torch
 
 from tunejob.data.preference import encode_pairs
+from tunejob.data.reinforcement import encode_prompts
 from tunejob.data.sequences import encode_examples
 from tunejob.data.splits import load_splits
 from tunejob.errors import BackendError, DataError, Stopped
 from tunejob.monitor.live import make_console_sink
 from tunejob.monitor.metrics import JsonlSink, Stream, TensorBoardSink
 from tunejob.spec import JobSpec
+from tunejob.spec.reinforcement import DEFAULT_COMPLETION_TOKENS
 from tunejob.train import checkpoint as ckpt
 from tunejob.train import distributed, precision
 from tunejob.train import resume as saved
@@ -40,6 +42,7 @@ from tunejob.train.batches import EpochOrder, as_batch, autocast, make_collator,
 from tunejob.train.loss import LossPath, evaluate
 from tunejob.train.models import load_tokenizer, resolve_model_path
 from tunejob.train.preference import Dpo, means
+from tunejob.train.reinforcement import Grpo, make_grpo
 
 
 def _say(msg: str) -> None:
@@ -76,6 +79,7 @@ class Run:
     total: int
     bf16: bool = False
     dpo: Dpo | None = None  # method dpo: train/val seqs are PairSequences and this is the objective
+    rl: Grpo | None = None  # method reinforcement: train/val seqs are PromptSequences and this is the objective
     stop: "StopRequest | None" = None
     state: dict = field(default_factory=lambda: {"step": 0, "best_step": None, "best_valid_loss": None, "evals_without_improvement": 0,
                                                  "tokens_seen": 0, "trained_tokens": 0, "elapsed_s": 0.0})
@@ -94,6 +98,9 @@ def _encode(spec: JobSpec, tokenizer, say) -> tuple[list, list]:
     train_examples, val_examples = load_splits(spec)
     if spec.method.type == "dpo":
         (train_seqs, train_stats), (val_seqs, val_stats) = (encode_pairs(tokenizer, ex, hp.max_seq_len) for ex in (train_examples, val_examples))
+    elif spec.method.type == "reinforcement":
+        n = spec.method.completion_tokens or DEFAULT_COMPLETION_TOKENS
+        (train_seqs, train_stats), (val_seqs, val_stats) = (encode_prompts(tokenizer, ex, hp.max_seq_len, n) for ex in (train_examples, val_examples))
     else:
         train_seqs, train_stats = encode_examples(tokenizer, train_examples, hp.max_seq_len, hp.train_on)
         val_seqs, val_stats = encode_examples(tokenizer, val_examples, hp.max_seq_len, hp.train_on)
@@ -135,11 +142,12 @@ def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, co
     collate, loss_path = make_collator(tokenizer.pad_token_id), LossPath(say=say)
     micro = micro_batch_size(batch_size, hp.gradient_accumulation, world.size, world.device)
     dpo = Dpo(spec.method.resolved_beta, loss_path, collate, micro, world.device, mixed == "bf16") if spec.method.type == "dpo" else None
+    rl = make_grpo(spec, tokenizer, loss_path, world.device, mixed == "bf16", say) if spec.method.type == "reinforcement" else None
     return Run(spec=spec, world=world, say=say, config_yaml=config_yaml, train_seqs=train_seqs, val_seqs=val_seqs, model=model,
                params=params, optimizer=optimizer, scheduler=get_cosine_schedule_with_warmup(optimizer, warmup, total_steps),
                # the effective batch stays batch_size however many processes share it (the spec checks divisibility)
                collate=collate, micro=micro, batch_size=batch_size, total_steps=total_steps, order=order, loss_path=loss_path,
-               trainable=trainable, total=total, bf16=mixed == "bf16", dpo=dpo)
+               trainable=trainable, total=total, bf16=mixed == "bf16", dpo=dpo, rl=rl)
 
 
 def _length(seq) -> int:
@@ -170,6 +178,9 @@ def _train_step(run: Run, step: int) -> dict | None:
     """One optimizer step (1-based `step`): the step's record, or None when the loss is not finite."""
     world, t0 = run.world, time.time()
     seqs = [run.train_seqs[i] for i in run.order.step(step - 1)]
+    if run.rl is not None:
+        fields, n_trained, processed = run.rl.train_fields(run.model, seqs, step)
+        return _optimizer_step(run, step, seqs, fields, n_trained, processed, t0)
     if run.dpo is not None:
         sums = run.dpo.accumulate(run.model, seqs, len(seqs))
         fields = means(sums, len(seqs))
@@ -215,15 +226,18 @@ def _evaluate(run: Run, step: int, stream: Stream, started: float) -> bool:
     """Full validation loss at eval steps; True when it is a new best."""
     if step % run.spec.checkpointing.eval_steps and step != run.total_steps:
         return False
-    if run.dpo is not None:
+    if run.rl is not None:
+        fields = run.rl.evaluate(run.model, run.val_seqs, step)
+    elif run.dpo is not None:
         fields = run.dpo.evaluate(run.model, run.val_seqs)
     else:
         valid_loss, valid_acc = evaluate(run.model, run.val_seqs, run.collate, run.micro, run.device, run.world, run.bf16, run.loss_path)
         fields = {"valid_loss": valid_loss, "valid_mean_token_accuracy": valid_acc}
-    valid_loss = fields["valid_loss"]
-    stream.emit({"kind": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4), **fields,
-                 "full_valid_loss": valid_loss, "full_valid_mean_token_accuracy": fields["valid_mean_token_accuracy"],
+    full = {} if run.rl else {"full_valid_loss": fields["valid_loss"], "full_valid_mean_token_accuracy": fields["valid_mean_token_accuracy"]}
+    stream.emit({"kind": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4), **fields, **full,
                  "elapsed_s": round(time.time() - started, 3)})
+    # the best is the lowest validation loss; for reinforcement, the highest held-out reward (kept negated, as a loss)
+    valid_loss = -fields["valid_reward_mean"] if run.rl else fields["valid_loss"]
     state = run.state
     if state["best_valid_loss"] is None or valid_loss < state["best_valid_loss"]:
         state.update(best_step=step, best_valid_loss=valid_loss, evals_without_improvement=0)
@@ -286,6 +300,8 @@ def _loop(run: Run, stream: Stream) -> str:
             stream.emit(record)
             return "nan_loss"
         stream.emit({**record, "elapsed_s": round(time.time() - started, 3)})
+        for message in run.rl.drain_events() if run.rl else []:  # graders that failed: why their answers scored 0
+            stream.emit({"kind": "event", "step": step, "message": message})
         new_best = _evaluate(run, step, stream, started)
         state["step"], state["elapsed_s"] = step, time.time() - started
         stop_early = bool(cp.early_stopping_patience) and state["evals_without_improvement"] >= cp.early_stopping_patience
@@ -314,6 +330,9 @@ def _summary(run: Run, stop_reason: str, wall: float) -> dict:
         "mixed_precision": "bf16" if run.bf16 else "no",
         "loss_path": run.loss_path.choice.path if run.loss_path.choice else None,
     }
+    if run.rl is not None:  # its best is the highest held-out reward, kept negated as a loss while training
+        best_loss = summary.pop("best_valid_loss")
+        summary["best_valid_reward"] = None if best_loss is None else -best_loss
     if run.world.distributed:
         summary.update(processes=run.world.size, batch_per_process=run.batch_size // run.world.size, effective_batch_size=run.batch_size)
     return summary

@@ -17,18 +17,37 @@ own torch.Generator, so a seed gives the same answer whatever else runs in the b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
-from tunejob.server.inference import ChatRequest
-from tunejob.server.weights import Target, Weights
+
+class Sampling(Protocol):
+    """How a row decodes (serve's ChatRequest; reinforcement fine-tuning's rollout settings)."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+class Target(Protocol):
+    """What a row runs on: rows with the same key share forward passes (server/weights.py's Target)."""
+
+    tokenizer: object
+    adapter: str | None
+    key: tuple
+
+
+class Weights(Protocol):
+    def forward_model(self, target: Target, adapters: list[str | None]) -> tuple[object, list[str] | None]:
+        """(model, per-row adapter names or None) for one forward pass over rows of one target."""
 
 
 @dataclass
 class Row:
     prompt: list[int]
-    request: ChatRequest
+    request: Sampling
     target: Target
     eos: set[int]
     cancelled: Callable[[], bool] = lambda: False
@@ -49,6 +68,13 @@ class Row:
             self.finish = "stop"
         elif len(self.tokens) >= self.request.max_tokens:
             self.finish = "length"
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """The tokens that end an answer: the model's generation config's and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = ids if isinstance(ids, (list, tuple)) else [ids]
+    return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
 
 
 def pick(logits: torch.Tensor, row: Row) -> int:
@@ -98,10 +124,11 @@ class Batch:
         model, names = self.weights.forward_model(rows[0].target, [r.target.adapter for r in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         extra = {"adapter_names": names} if names else {}
+        device = model.device  # the rows' bookkeeping stays on the CPU; a GPU model gets its inputs moved
         with torch.inference_mode():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                        logits_to_keep=1, **extra)
-        return out.logits[:, -1, :].float(), out.past_key_values
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                        past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        return out.logits[:, -1, :].float().cpu(), out.past_key_values
 
     def join(self, rows: list[Row]) -> None:
         """Prefill `rows` (left-padded together) and add them: each gets its first token."""
