@@ -9,6 +9,9 @@ rate 1e-5 to 5e-5 for full fine-tuning (LoRA: 1e-4 to 3e-4), epochs 2-4, batch s
 
 KIND is one of healthy, overfitting, flat, spikes, divergence, not_converged, margin_exploding.
 
+A reinforcement stream (train records with train_reward_mean) is read by monitor/rewards.py,
+RL's four failure shapes, instead of the loss patterns.
+
 A DPO stream (train records with rewards_margin) is read with DPO's own signs (`_dpo`): a loss
 stuck at ln 2 with reward accuracy near 0.5 is not learning (the policy still equals the
 reference), validation reward accuracy falling while the training margin grows is overfitting,
@@ -22,8 +25,10 @@ import math
 import statistics
 from dataclasses import asdict, dataclass, field
 
-KINDS = ("healthy", "overfitting", "flat", "spikes", "divergence", "not_converged", "margin_exploding")
-PRIORITY = ("divergence", "margin_exploding", "overfitting", "spikes", "flat", "not_converged", "healthy")
+KINDS = ("healthy", "overfitting", "flat", "spikes", "divergence", "not_converged", "margin_exploding",
+         "reward_hacking", "kl_exploding", "length_collapse")
+PRIORITY = ("divergence", "kl_exploding", "margin_exploding", "reward_hacking", "overfitting", "length_collapse", "spikes", "flat",
+            "not_converged", "healthy")
 
 FLAT_RELATIVE_CHANGE = 0.02  # under 2% change start-to-end counts as flat
 SPIKE_MAD_FACTOR = 8.0  # a spike sits this many robust deviations above the local median
@@ -96,6 +101,15 @@ def diagnose(records: list[dict], learning_rate: float | None = None, epochs: in
         findings.append(Finding("divergence", f"the loss became NaN or infinite at step {first}",
                                 _lr_advice(lr, 0.1, "divide the learning rate by 10") + "; check the data for empty or broken examples", [first]))
     dpo = any(r.get("kind") == "train" and "rewards_margin" in r for r in records)
+    from tunejob.monitor import rewards  # it reads with this module's helpers
+
+    if rewards.is_reinforcement(records):
+        if not findings:
+            findings += rewards.reward_findings(records, lr)
+        if not findings:
+            findings.append(Finding("healthy", "the reward moves and its answers differ", "keep training; the best checkpoint has the highest held-out reward"))
+        findings.sort(key=lambda f: PRIORITY.index(f.kind))
+        return {"verdict": findings[0].kind, "findings": [asdict(f) for f in findings]}
     if len(train) >= MIN_POINTS:
         findings += _divergence(train, lr, already=bool(findings))
         if not findings:  # a run that blew up has no meaningful spikes or plateaus

@@ -22,8 +22,8 @@ def validation_status(path) -> tuple[str, str | None]:
     from tunejob.data.validate import validate_file
 
     report = validate_file(path, min_examples=1)
-    if report.ok:
-        return "processed", None
+    if report.ok or (report.data_kind == "chat" and validate_file(path, format="reinforcement", min_examples=1).ok):
+        return "processed", None  # chat examples, preference pairs, or reinforcement's prompts (jobs.py matches them to the method)
     first = [f"line {p.line}: {p.kind}: {p.message}" if p.line else f"{p.kind}: {p.message}"
              for ps in report.problems.values() for p in ps if p.severity == "error"][:5]
     return "error", f"{report.errors} error(s): " + "; ".join(first)

@@ -16,7 +16,17 @@ from tunejob.server.store import new_id
 from tunejob.server.worker import ACTIVE
 
 
-def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | None, seed: int, method: str = "supervised") -> dict:
+def _reinforcement_method(hp: dict, grader: dict | None, spec: dict) -> dict:
+    """The spec's method section: n_epochs, batch_size and the learning rate multiplier are already
+    in the job's hyperparameters; eval_interval sets the checkpointing (spec/reinforcement.py)."""
+    if hp.get("eval_interval", "auto") != "auto":
+        spec["checkpointing"] = {"eval_steps": hp["eval_interval"], "save_steps": hp["eval_interval"]}
+    keep = ("compute_multiplier", "eval_samples", "reasoning_effort")
+    return {"type": "reinforcement", "grader": grader, "hyperparameters": {k: hp[k] for k in keep if k in hp}}
+
+
+def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | None, seed: int, method: str = "supervised",
+             grader: dict | None = None) -> dict:
     """The local job spec a server job runs: OpenAI's 'auto' is OpenAI's meaning (batch 4, 3 epochs;
     DPO's beta: the local default); tunejob's extras are checked by the job spec's own models, then
     against the server's caps."""
@@ -31,7 +41,11 @@ def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | No
             "hyperparameters": hyper, "checkpointing": {"eval_steps": 10, "save_steps": 10}}
     if method == "dpo":
         spec["method"] = {"type": "dpo", **({} if hp.get("beta", "auto") == "auto" else {"beta": hp["beta"]})}
-    spec.update(extra.model_dump(exclude_none=True, exclude={"hyperparameters", "resources"}))
+    if method == "reinforcement":
+        spec["method"] = _reinforcement_method(hp, grader, spec)
+    spec.update(extra.model_dump(exclude_none=True, exclude={"hyperparameters", "resources", "method"}))
+    if extra.method:  # local settings of the method (completion_tokens, temperature, beta), checked by the spec below
+        spec["method"] = {**spec.get("method", {"type": method}), **extra.method}
     nodes = (extra.distributed or {}).get("nodes", 1)
     if nodes != 1:
         raise ApiError(400, f"tunejob.distributed.nodes={nodes!r}: a server job runs on one node; ask for more processes "
@@ -68,15 +82,22 @@ def _training_files(state: ServerState, who: str, req: CreateFineTuningJob) -> N
             raise ApiError(400, f"invalid {key}: no such file {fid}", param=key, code="invalid_file")
         if f["status"] != "processed":
             raise ApiError(400, f"invalid {key}: file {fid} failed validation: {f['status_details']}", param=key, code="invalid_file")
-        pairs = _holds_pairs(state.store.file_path(fid))
-        if pairs != (req.method_type == "dpo"):
-            need = "preference pairs (input, preferred_output, non_preferred_output)" if req.method_type == "dpo" else "chat examples"
-            raise ApiError(400, f"invalid {key}: method {req.method_type} trains on {need}, and file {fid} holds "
-                                f"{'preference pairs' if pairs else 'chat examples'}", param=key, code="invalid_file")
+        kind, method = _file_kind(state.store.file_path(fid)), req.method_type
+        if kind != METHOD_DATA[method][0]:
+            raise ApiError(400, f"invalid {key}: method {method} trains on {METHOD_DATA[method][1]}, and file {fid} holds "
+                                f"{dict(METHOD_DATA.values())[kind]}", param=key, code="invalid_file")
+        if method == "reinforcement":
+            _check_prompts(state.store.file_path(fid), req.method.reinforcement.grader, key, fid)
 
 
-def _holds_pairs(path) -> bool:
-    """Whether a validated file holds preference pairs (validation refuses mixed files, so the first line says)."""
+# method -> (the kind of file it trains on, as said in an error)
+METHOD_DATA = {"supervised": ("chat", "chat examples"), "dpo": ("preference", "preference pairs (input, preferred_output, non_preferred_output)"),
+               "reinforcement": ("prompt", "prompts (messages ending with the user's turn, plus the fields the grader reads)")}
+
+
+def _file_kind(path) -> str:
+    """"chat", "preference" or "prompt" (a chat line without an assistant turn: reinforcement's):
+    upload validation accepts one kind per file, so the first line says."""
     import json
 
     from tunejob.data.dataset import iter_raw_lines
@@ -84,8 +105,28 @@ def _holds_pairs(path) -> bool:
 
     for raw in iter_raw_lines(path):
         if raw.data and raw.data.strip():
-            return example_kind(json.loads(raw.data.decode("utf-8-sig"))) == "preference"
-    return False
+            obj = json.loads(raw.data.decode("utf-8-sig"))
+            kind = example_kind(obj)
+            if kind == "chat" and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in obj["messages"]):
+                return "prompt"
+            return kind if kind in ("chat", "preference") else "chat"
+    return "chat"
+
+
+def _check_prompts(path, grader: dict, key: str, fid: str) -> None:
+    """The grader, then every line against it (the fields it reads), before the job is queued."""
+    from tunejob.data.validate import require_valid
+    from tunejob.errors import DataError
+    from tunejob.graders import GraderError, check_grader, referenced_item_fields
+
+    try:
+        check_grader(grader)
+    except GraderError as exc:
+        raise ApiError(400, f"Invalid method.reinforcement.grader: {exc}", param="method.reinforcement.grader", code="invalid_grader") from None
+    try:
+        require_valid(path, method="reinforcement", item_fields=frozenset(referenced_item_fields(grader)))
+    except DataError as exc:
+        raise ApiError(400, f"invalid {key}: {str(exc).replace(str(path), fid)}", param=key, code="invalid_file") from None
 
 
 def create_job(state: ServerState, who: str, body: object) -> dict:
@@ -97,13 +138,14 @@ def create_job(state: ServerState, who: str, body: object) -> dict:
     _training_files(state, who, req)
     hp = req.openai_hyperparameters()
     seed = req.seed if req.seed is not None else int(time.time()) % 2**31
-    spec = job_spec(state, base, hp, req.tunejob, seed, req.method_type)
+    grader = req.method.reinforcement.grader if req.method_type == "reinforcement" else None
+    spec = job_spec(state, base, hp, req.tunejob, seed, req.method_type, grader)
     model, suffix, metadata = req.model, req.suffix, req.metadata
     job_id = new_id("ftjob")
     job = {
         "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "model": model, "fine_tuned_model": None,
-        "organization_id": "org-tunejob", "status": "queued", "hyperparameters": {k: v for k, v in hp.items() if k != "beta"},
-        "method": {"type": req.method_type, req.method_type: {"hyperparameters": hp}},
+        "organization_id": "org-tunejob", "status": "queued", "hyperparameters": {k: hp[k] for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
+        "method": {"type": req.method_type, req.method_type: {"hyperparameters": hp, **({"grader": grader} if grader else {})}},
         "training_file": req.training_file, "validation_file": req.validation_file, "result_files": [],
         "trained_tokens": None, "error": None, "finished_at": None, "seed": seed, "suffix": suffix,
         "user_provided_suffix": suffix, "metadata": metadata, "estimated_finish": None, "integrations": [],

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from tunejob.server.api import ApiError
+from tunejob.spec.reinforcement import ReinforcementHyperparameters
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none", "is-instance", "nullable"}
@@ -77,17 +78,25 @@ class DpoMethod(BaseModel):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
+class ReinforcementMethod(BaseModel):
+    """OpenAI's FineTuneReinforcementMethod: the grader is checked by tunejob.graders (jobs.py)."""
+
+    model_config = _STRICT
+    grader: dict
+    hyperparameters: ReinforcementHyperparameters = Field(default_factory=ReinforcementHyperparameters)
+
+
 class Method(BaseModel):
     model_config = _STRICT
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
-    reinforcement: dict | None = None
+    reinforcement: ReinforcementMethod | None = None
 
     @model_validator(mode="after")
     def _trainable(self):
-        if self.type == "reinforcement":
-            raise ValueError("method.type 'reinforcement' is not supported by tunejob serve; use 'supervised' or 'dpo'")
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("method.reinforcement is required with type 'reinforcement': send its grader (and hyperparameters)")
         other = next((t for t in ("supervised", "dpo", "reinforcement") if t != self.type and getattr(self, t) is not None), None)
         if other:
             raise ValueError(f"method.{other} is given but method.type is {self.type!r}; send the {self.type!r} section or set type {other!r}")
@@ -119,6 +128,7 @@ class TunejobOptions(BaseModel):
     checkpointing: dict | None = None
     hyperparameters: dict | None = None
     distributed: dict | None = None
+    method: dict | None = None  # reinforcement's local settings: completion_tokens, temperature, beta (the KL coefficient)
     resources: JobResources | None = None
 
 
@@ -145,6 +155,8 @@ class CreateFineTuningJob(BaseModel):
         hp = self.hyperparameters.model_dump() if self.hyperparameters else OpenAIHyperparameters().model_dump()
         if self.method_type == "dpo":
             hp["beta"] = "auto"
+        if self.method_type == "reinforcement":
+            hp.update({k: v for k, v in ReinforcementHyperparameters().model_dump().items() if k not in hp})
         section = getattr(self.method, self.method_type, None) if self.method else None
         if section is not None:
             hp.update(section.hyperparameters.model_dump(exclude_unset=True))
