@@ -38,6 +38,13 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
 
 
+async def _checked(request: Request, component: str) -> tuple[dict, JSONResponse | None]:
+    """The request's JSON body, and a 400 when OpenAI's schema `component` refuses it."""
+    body = await request.json()
+    problems = errors(component, body)
+    return body, _error(400, "; ".join(problems), "BadRequestError") if problems else None
+
+
 class VllmStub:
     def __init__(self, answer=None):
         self.answer = answer  # body -> the answer's text (default: "stub answer from MODEL")
@@ -90,10 +97,9 @@ class VllmStub:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
-            body = await request.json()
-            problems = errors("CreateChatCompletionRequest", body)
-            if problems:
-                return _error(400, "; ".join(problems), "BadRequestError")
+            body, refused = await _checked(request, "CreateChatCompletionRequest")
+            if refused:
+                return refused
             if body["model"] != BASE and body["model"] not in self.adapters:
                 return _error(404, f"The model `{body['model']}` does not exist.", "NotFoundError", "model")
             self.chats.append(body)
@@ -114,10 +120,9 @@ class VllmStub:
         async def embeddings(request: Request):
             # vLLM serves embeddings for embedding models; here each text's letter counts a..z, so a
             # test can compute the expected cosine from the same vectors
-            body = await request.json()
-            problems = errors("CreateEmbeddingRequest", body)
-            if problems:
-                return _error(400, "; ".join(problems), "BadRequestError")
+            body, refused = await _checked(request, "CreateEmbeddingRequest")
+            if refused:
+                return refused
             texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
             data = [{"object": "embedding", "index": i, "embedding": letter_counts(t)} for i, t in enumerate(texts)]
             return {"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}
