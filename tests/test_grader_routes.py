@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from openai_schema import errors
-from test_graders import answer_from_prompt
+from test_graders_model import answer_from_prompt
 from test_serve import KEY_A, Server, client
 from vllm_stub import BASE, VllmStub
 

@@ -1,52 +1,23 @@
 """tunejob.graders: OpenAI's RFT graders, checked against OpenAI's published spec (its examples and
 schemas, tests/openai_schema.py), against the reference libraries each metric comes from, and
-against hand-worked numbers. Python graders run in real worker processes; score_model graders
-call a real HTTP server on 127.0.0.1: tests/vllm_stub.py's OpenAI-compatible stand-in, which
-checks every chat body against OpenAI's CreateChatCompletionRequest and answers what the test
-asks for. Not `tunejob serve` itself: its models answer whatever a tiny model generates, after
-seconds of CPU on this 2-core machine, and these tests need fixed answers (test_grader_routes.py
-grades with the server's own models through its forwarding engine)."""
+against hand-worked numbers. Python graders: test_graders_python.py; score_model, label_model and
+cosine over HTTP: test_graders_model.py."""
 
 from __future__ import annotations
 
 import ast
 import json
 import math
-import os
 import re
-import socket
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
 from openai_schema import errors, openapi
-from tunejob.graders import (GraderContext, GraderError, check_grader, grade, grade_many, make_sample, referenced_item_fields,
+from tunejob.graders import (GraderError, check_grader, grade, grade_many, make_sample, referenced_item_fields,
                              run_grader_response, validate_grader_response)
-from vllm_stub import BASE, VllmStub, letter_counts
+from vllm_stub import BASE
 
-RUN, VALIDATE = "/fine_tuning/alpha/graders/run", "/fine_tuning/alpha/graders/validate"
-
-
-def answer_from_prompt(body: dict) -> str:
-    """The judge's fixed answer: whatever the prompt holds between << and >>, else a JSON 1.0."""
-    text = " ".join(m["content"] if isinstance(m["content"], str) else " ".join(p.get("text", "") for p in m["content"])
-                    for m in body["messages"])
-    found = re.search(r"<<(.*?)>>", text, re.S)
-    return found.group(1) if found else '{"result": 1.0, "steps": [{"description": "same", "conclusion": "equal"}]}'
-
-
-@pytest.fixture(scope="module")
-def judge():
-    stub = VllmStub(answer=answer_from_prompt).start()
-    stub.adapters.update({"gpt-5-mini": "-", "gpt-audio": "-"})  # the spec examples' model names answer too
-    yield stub
-    stub.stop()
-
-
-def judged(judge: VllmStub) -> GraderContext:
-    return GraderContext(base_url=f"{judge.url}/v1", api_key="sk-test")
+VALIDATE = "/fine_tuning/alpha/graders/validate"
 
 
 def string_check(operation="eq", input="{{sample.output_text}}", reference="{{item.label}}", name="check") -> dict:
@@ -102,39 +73,6 @@ def test_the_specs_multi_example_is_refused_and_why():
     assert errors("GraderMulti", example) != []
     with pytest.raises(GraderError, match=r"grader.graders: must be a map"):
         check_grader(example)
-
-
-def test_every_run_example_request_grades_into_a_run_grader_response(judge):
-    examples = openapi()["paths"][RUN]["post"]["x-oaiMeta"]["examples"]
-    assert len(examples) == 3  # text alignment, image caption, audio
-    for example in examples:
-        body = curl_body(example["request"]["curl"])
-        assert errors("RunGraderRequest", body) == [], example["title"]
-        response = run_grader_response(body["grader"], body["model_sample"], body.get("item"), judged(judge))
-        assert errors("RunGraderResponse", response) == [], example["title"]
-        assert response["reward"] == 1.0 and not any(response["metadata"]["errors"].values()), (example["title"], response)
-        documented = example.get("response")
-        if documented:
-            documented = json.loads(documented)
-            assert response["reward"] == documented["reward"]
-            assert set(response) == set(documented) and set(response["metadata"]) == set(documented["metadata"])
-            assert set(response["metadata"]["errors"]) == set(documented["metadata"]["errors"])
-    sent = judge.chats[-3:]
-    assert sent[1]["messages"][0]["content"][1] == {"type": "image_url", "image_url": {"url": "https://example.com/dog-catching-ball.png", "detail": "high"}}
-    assert sent[2]["messages"][0]["content"][1]["input_audio"] == {"data": "<base64-encoded mp3>", "format": "mp3"}  # a template in audio data
-
-
-def test_the_documented_run_response_differs_from_its_schema_only_in_token_usage(judge):
-    # The example's metadata.token_usage is an object; the schema (and the SDK) say integer or
-    # null. Ours follows the schema: the total tokens; the object goes per model, as the example has it.
-    example = openapi()["paths"][RUN]["post"]["x-oaiMeta"]["examples"][0]
-    documented = json.loads(example["response"])
-    assert [e.split(":")[0] for e in errors("RunGraderResponse", documented)] == ["metadata/token_usage"]
-    body = curl_body(example["request"]["curl"])
-    ours = run_grader_response(body["grader"], body["model_sample"], body["item"], judged(judge))
-    assert ours["metadata"]["token_usage"] == 7 and ours["metadata"]["sampled_model_name"] == "gpt-5-mini"
-    assert ours["model_grader_token_usage_per_model"] == {"gpt-5-mini": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7, "cached_tokens": 0}}
-    assert judge.chats[-1]["temperature"] == 1 and judge.chats[-1]["seed"] == 42 and judge.chats[-1]["top_p"] == 1
 
 
 def test_the_validate_example_answers_as_documented():
@@ -259,104 +197,6 @@ def test_meteor_here_has_no_wordnet_synonyms():
     assert 0.9 < grade(similar("meteor"), make_sample("a large house"), reference).score < 1.0  # METEOR's fragmentation penalty
 
 
-def test_cosine_needs_an_embeddings_endpoint_and_uses_it(judge):
-    with pytest.raises(GraderError, match="grader.evaluation_metric: cosine compares embeddings, and no embeddings endpoint"):
-        check_grader(similar("cosine"))
-    context = GraderContext(embeddings_base_url=f"{judge.url}/v1", embeddings_model="stub-embed", api_key="sk-test")
-    results = grade_many(similar("cosine"), [make_sample(t) for t, _ in PAIRS], [{"reference": r} for _, r in PAIRS], context)
-
-    def cos(a, b):
-        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
-
-    assert [r.score for r in results] == pytest.approx([cos(letter_counts(t), letter_counts(r)) for t, r in PAIRS])
-
-
-# ---------------------------------------------------------------- python graders
-
-def test_a_python_grader_scores_a_batch_in_one_worker():
-    source = "import os\n\ndef grade(sample, item):\n    return float(os.getpid()) if item.get('pid') else float(sample['output_text'] == item['label'])\n"
-    results = grade_many(python(source), [make_sample("a"), make_sample("b"), make_sample("x"), make_sample("y")],
-                         [{"label": "a"}, {"label": "a"}, {"pid": 1}, {"pid": 1}])
-    assert [r.score for r in results[:2]] == [1.0, 0.0]
-    assert results[2].score == results[3].score and results[2].score != os.getpid()  # one worker, not this process
-
-
-def test_a_grader_that_raises_scores_0_with_the_exceptions_last_line():
-    result = grade(python("def grade(sample, item):\n    return 1 / 0\n"), make_sample("a"), {})
-    assert result.score == 0.0 and result.error_flags["python_grader_runtime_error"]
-    assert result.error_flags["python_grader_runtime_error_details"] == "ZeroDivisionError: division by zero"
-    assert errors("RunGraderResponse", run_grader_response(python("def grade(s, i):\n    raise ValueError('bad')\n"), "a", None)) == []
-
-
-def test_a_hung_sample_is_stopped_and_the_rest_of_the_batch_still_graded():
-    source = "import os, time\n\ndef grade(sample, item):\n    if item['hang']:\n        time.sleep(60)\n    return float(os.getpid())\n"
-    started = time.monotonic()
-    results = grade_many(python(source), [make_sample("x")] * 4, [{"hang": h} for h in (False, True, False, False)],
-                         GraderContext(python_timeout_s=1.0))
-    assert time.monotonic() - started < 10
-    assert results[1].score == 0.0 and "grade took more than 1 s" in results[1].errors[0]
-    assert results[1].error_flags["unresponsive_reward_error"] and results[1].error_flags["python_grader_runtime_error"]
-    assert results[0].score > 0 and results[2].score > 0 and results[2].score == results[3].score
-    assert results[0].score != results[2].score  # the hung worker was killed; a fresh one graded the rest
-
-
-def test_a_grader_that_allocates_too_much_memory_fails_that_sample_only():
-    source = "def grade(sample, item):\n    if item['big']:\n        block = bytearray(2 << 30)\n    return 1.0\n"
-    results = grade_many(python(source), [make_sample("x")] * 2, [{"big": True}, {"big": False}], GraderContext(python_memory_mb=256))
-    assert results[0].score == 0.0 and results[0].error_flags["python_grader_runtime_error_details"].startswith("MemoryError")
-    assert results[1].score == 1.0
-
-
-@pytest.mark.parametrize("returned,why", [("'0.5'", "returned str '0.5', not a float"), ("True", "returned bool True"),
-                                          ("float('nan')", "returned nan, not a finite float"), ("None", "returned NoneType")])
-def test_a_grader_must_return_a_finite_number(returned, why):
-    result = grade(python(f"def grade(sample, item):\n    return {returned}\n"), make_sample("x"), {})
-    assert result.score == 0.0 and why in result.errors[0] and result.error_flags["python_grader_runtime_error"]
-    assert grade(python("def grade(sample, item):\n    return 1\n"), make_sample("x"), {}).score == 1.0  # an int is a number
-
-
-def test_a_grader_has_no_network():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.settimeout(0.5)
-    port = listener.getsockname()[1]
-    source = ("import socket, urllib.request\n\ndef grade(sample, item):\n    score = 0.25\n"
-              f"    try:\n        socket.create_connection(('127.0.0.1', {port}), timeout=2)\n        score += 0.5\n    except OSError:\n        pass\n"
-              f"    try:\n        urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=2)\n        score += 0.25\n    except OSError:\n        pass\n"
-              "    return score\n")
-    try:
-        assert grade(python(source), make_sample("x"), {}).score == 0.25  # both attempts failed; it still returned its score
-        with pytest.raises(OSError):
-            listener.accept()  # nothing ever connected
-    finally:
-        listener.close()
-    plain = grade(python("import socket\n\ndef grade(sample, item):\n    socket.socket()\n    return 1.0\n"), make_sample("x"), {})
-    assert plain.score == 0.0 and "network access is disabled" in plain.errors[0]
-
-
-def test_a_grader_sees_no_secrets_and_works_in_a_scratch_dir_that_is_removed(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-of-the-parent")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-secret")
-    secrets = "import os\n\ndef grade(sample, item):\n    return float(not any('secret' in v for v in os.environ.values()) and 'OPENAI_API_KEY' not in os.environ)\n"
-    assert grade(python(secrets), make_sample("x"), {}).score == 1.0
-    where = grade(python("import os\n\ndef grade(sample, item):\n    open('scratch.txt', 'w').write('x')\n    raise RuntimeError(os.getcwd())\n"),
-                  make_sample("x"), {})
-    cwd = where.error_flags["python_grader_runtime_error_details"].removeprefix("RuntimeError: ")
-    assert Path(cwd).name.startswith("tunejob-grader-") and Path(cwd).parent == Path(tempfile.gettempdir())
-    assert cwd != os.getcwd() and not Path(cwd).exists()  # removed once the batch was graded
-
-
-def test_a_grader_whose_module_fails_to_load_fails_every_sample_once():
-    results = grade_many(python("import no_such_module_here\n\ndef grade(s, i):\n    return 1.0\n"), [make_sample("x")] * 3, [{}] * 3)
-    assert all(r.score == 0.0 and "loading the grader failed: ModuleNotFoundError" in r.errors[0] for r in results)
-
-
-def test_image_tag_is_accepted_and_ignored():
-    grader = {**python("def grade(sample, item):\n    return 0.5\n"), "image_tag": "2025-05-08"}
-    assert grade(grader, make_sample("x"), {}).score == 0.5
-
-
 # ---------------------------------------------------------------- multi and its formula
 
 def multi(formula: str, **graders) -> dict:
@@ -446,6 +286,11 @@ def test_check_grader_names_the_key_and_the_fix(grader, line):
     assert all(not p.startswith("grader") or ": " in p for p in str(err.value).splitlines())
 
 
+def test_a_grader_error_can_be_one_line():
+    err = GraderError("grader.reference: missing; add it")
+    assert str(err) == "grader.reference: missing; add it" and err.param == "grader.reference"
+
+
 def test_check_grader_lists_every_problem_at_once():
     with pytest.raises(GraderError) as err:
         check_grader({"type": "string_check", "name": 3, "input": "{{x.y}}", "operation": "contains"})
@@ -459,57 +304,3 @@ def test_referenced_item_fields_walks_sub_graders_and_messages():
                       "input": [{"role": "user", "content": [{"type": "input_text", "text": "{{item.q}}"}, {"type": "input_image", "image_url": "{{item.img}}"}]}]})
     assert referenced_item_fields(grader) == {"label", "q", "img"}
     assert referenced_item_fields(python("def grade(s, i):\n    return i['x']\n")) == set()
-
-
-# ---------------------------------------------------------------- score_model against an HTTP judge
-
-def test_score_model_reads_json_results_and_bare_numbers_clamped_to_the_range(judge):
-    cases = [('{"result": 0.7, "steps": []}', None, 0.7), ("0.4", None, 0.4), ("```json\n{\"result\": 0.25}\n```", None, 0.25),
-             ('{"result": 7}', None, 1.0), ('{"result": -3}', None, 0.0), ('{"result": 7}', [0, 10], 7.0)]
-    for answer, span, expected in cases:
-        grader = score_model("Reply <<{{item.reply}}>>", **({"range": span} if span else {}))
-        result = grade(grader, make_sample("x"), {"reply": answer}, judged(judge))
-        assert result.score == expected and not result.errors, (answer, result)
-        assert result.token_usage == {BASE: {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7, "cached_tokens": 0}}
-
-
-def test_score_model_sends_the_guides_response_format_and_the_sampling_params(judge):
-    grader = score_model("Grade {{sample.output_text}} against {{item.ref}}",
-                         sampling_params={"temperature": 0.2, "top_p": 0.9, "seed": 7, "max_completions_tokens": 64, "reasoning_effort": None})
-    grade(grader, make_sample("Paris"), {"ref": "Paris"}, judged(judge))
-    sent = judge.chats[-1]
-    assert sent["messages"] == [{"role": "user", "content": "Grade Paris against Paris"}]
-    assert (sent["temperature"], sent["top_p"], sent["seed"], sent["max_completion_tokens"]) == (0.2, 0.9, 7, 64)
-    assert "reasoning_effort" not in sent and "max_completions_tokens" not in sent
-    schema = sent["response_format"]["json_schema"]["schema"]
-    assert sent["response_format"]["type"] == "json_schema" and schema["required"] == ["result", "steps"]
-    assert schema["properties"]["steps"]["items"]["required"] == ["description", "conclusion"]
-
-
-def test_score_model_parse_and_server_errors_score_0_with_their_flags(judge):
-    bad = grade(score_model("<<I think it is pretty good>>"), make_sample("x"), {}, judged(judge))
-    assert bad.score == 0.0 and bad.error_flags["model_grader_parse_error"] and "not a number" in bad.errors[0]
-    gone = grade({**score_model("hi"), "model": "no-such-model"}, make_sample("x"), {}, judged(judge))
-    assert gone.score == 0.0 and gone.error_flags["model_grader_server_error"]
-    assert gone.error_flags["model_grader_server_error_details"].startswith("HTTP 404")
-    unreachable = grade(score_model("hi"), make_sample("x"), {}, GraderContext(base_url="http://127.0.0.1:9/v1", api_key="k"))
-    assert unreachable.error_flags["model_grader_server_error"] and "APIConnectionError" in unreachable.errors[0]
-    missing = grade(score_model("{{item.nope}}"), make_sample("x"), {}, judged(judge))
-    assert missing.error_flags["invalid_variable_error"] and not missing.error_flags["model_grader_server_error"]
-
-
-def test_score_model_grades_a_training_step_concurrently(judge):
-    answers = [f'{{"result": {i / 32}}}' for i in range(32)]
-    started = time.monotonic()
-    results = grade_many(score_model("<<{{item.reply}}>>"), [make_sample("x")] * 32, [{"reply": a} for a in answers], judged(judge))
-    assert [r.score for r in results] == [i / 32 for i in range(32)]
-    assert time.monotonic() - started < 20
-
-
-def test_label_model_in_a_multi(judge):
-    label = {"type": "label_model", "name": "mood", "model": BASE, "labels": ["positive", "neutral", "negative"], "passing_labels": ["positive"],
-             "input": [{"role": "user", "content": "<<{{item.verdict}}>>"}]}
-    grader = {"type": "multi", "name": "m", "graders": {"mood": label}, "calculate_output": "mood"}
-    scores = [grade(grader, make_sample("x"), {"verdict": v}, judged(judge)) for v in ('{"result": "positive"}', "negative", "angry")]
-    assert [s.score for s in scores] == [1.0, 0.0, 0.0] and scores[2].error_flags["model_grader_parse_error"]
-    assert judge.chats[-1]["response_format"]["json_schema"]["schema"]["properties"]["result"]["enum"] == label["labels"]

@@ -51,8 +51,15 @@ def clean_env(scratch: str) -> dict[str, str]:
 
 class _Worker:
     def __init__(self, scratch: str):
-        self.proc = subprocess.Popen([sys.executable, "-I", str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, cwd=scratch, env=clean_env(scratch), start_new_session=True)
+        # stderr (the grader's prints, and what a dying interpreter or library says last) goes to an
+        # unnamed file outside the scratch dir: its last line explains a worker that died
+        self.log = tempfile.TemporaryFile()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.log, cwd=scratch, env=clean_env(scratch), start_new_session=True)
+        except OSError:
+            self.log.close()
+            raise
         self._buffer = b""
 
     def send(self, message: dict) -> None:
@@ -84,7 +91,13 @@ class _Worker:
             self.stop()
             code = self.proc.returncode
         why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        return f"the grader's process ended ({why}) before answering; did it exhaust its memory or call os._exit?"
+        said = self.last_words()
+        return f"the grader's process ended ({why}) before answering" + (f": {said}" if said else "; did it exhaust its memory or call os._exit?")
+
+    def last_words(self) -> str:
+        self.log.seek(max(0, self.log.seek(0, os.SEEK_END) - 4096))
+        lines = [line.strip() for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        return lines[-1][:200] if lines else ""
 
     def stop(self) -> None:
         try:
@@ -92,7 +105,7 @@ class _Worker:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
+        for pipe in (self.proc.stdin, self.proc.stdout, self.log):
             try:
                 pipe.close()
             except OSError:

@@ -6,7 +6,7 @@ to stderr, and its input() reads nothing, so neither can break the protocol):
   in:  {"source": ..., "memory_mb": N}          out: {"ready": true} or {"error": "..."}
   in:  {"sample": {...}, "item": {...}}         out: {"score": 0.5} or {"error": "..."}  (repeated)
 
-Before the grader's code runs: the address space is capped (RLIMIT_AS), and the socket module's
+Before the grader's code runs: the address space (RLIMIT_AS) and file sizes are capped, and the socket module's
 constructors raise, so `requests`, `urllib` and `socket.create_connection` fail. That is
 best-effort, not a jail: code that imports `_socket` directly, or ctypes, gets through. OpenAI runs
 python graders on its own servers in a sandbox without network; here they run as this user, in a
@@ -68,6 +68,8 @@ def main() -> None:
     setup = json.loads(reader.readline())
     limit = int(setup["memory_mb"]) * 2**20
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # no file over 1 GiB (OpenAI gives graders 1 GB of disk); this also bounds the stderr log
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**30, 2**30))
     _cut_network()
     namespace = {"__name__": "grader"}
     try:

@@ -44,7 +44,10 @@ SAMPLING = {"seed": "an integer", "top_p": "a number", "temperature": "a number"
 class GraderError(SpecError):
     """A grader object that is invalid: one line per problem, `grader.<key path>: what is wrong; the fix`."""
 
-    def __init__(self, problems: list[tuple[str, str]]):
+    def __init__(self, problems: list[tuple[str, str]] | str):
+        if isinstance(problems, str):  # one line already written, "grader.key: what; fix"
+            path, _, text = problems.partition(": ")
+            problems = [(path, text)] if text else [("grader", problems)]
         self.problems = problems
         self.param = problems[0][0] if problems else None  # the first key path (an API error's `param`)
         super().__init__("\n".join(f"{path}: {text}" for path, text in problems))
