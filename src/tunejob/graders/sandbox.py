@@ -72,11 +72,13 @@ class _Worker:
     def receive(self, timeout_s: float) -> dict | None:
         """The next reply, None past the deadline; _Died when the worker has exited."""
         deadline, fd = time.monotonic() + timeout_s, self.proc.stdout.fileno()
+        poller = select.poll()  # not select.select: a busy server can hold fds past select's 1024
+        poller.register(fd, select.POLLIN)
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            if select.select([fd], [], [], left)[0]:
+            if poller.poll(left * 1000):
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
                     raise _Died()
