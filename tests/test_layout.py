@@ -4,7 +4,8 @@ Stages are declared once, here, lowest first: a module may import the foundation
 and the stages below it, never one above. The order is the one the code needs, not the reading
 order of the pipeline: training writes the metric stream and reads datasets, so `monitor` and
 `data` sit at the bottom; `plan` predicts what training will do (its batch layout, its LoRA
-targets, its model), so it sits above `train`.
+targets, its model), so it sits above `train`. `graders` (OpenAI's RFT graders: a reward for a
+sample) sits lowest of all: the training loop, the CLI and the server call it, and it needs none of them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunejob"
 FOUNDATION = {"errors", "spec", "catalog"}  # importable by every stage; import only each other
-STAGES = ["monitor", "data", "engine", "train", "plan", "evaluate", "export", "backends", "server", "migrate"]
-TOP = {"__init__", "__main__", "cli", "cli_migrate", "runner", "demo"}  # orchestration: may import anything, imported by nothing
+STAGES = ["graders", "monitor", "data", "engine", "train", "plan", "evaluate", "export", "backends", "server", "migrate"]
+TOP = {"__init__", "__main__", "cli", "cli_migrate", "cli_grade", "runner", "demo"}  # orchestration: may import anything, imported by nothing
 
 
 def module_name(path: Path) -> str:

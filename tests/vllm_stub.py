@@ -4,7 +4,9 @@ request shapes vLLM documents: `POST /v1/load_lora_adapter` takes {"lora_name", 
 optionally "load_inplace"), answers 200 with a text line, and 400 for a name already loaded;
 chat bodies must be OpenAI's CreateChatCompletionRequest (checked against OpenAI's published
 spec) naming the base model or a loaded adapter (else 404); `GET /v1/models` lists the base
-(parent null) and each adapter (parent: the base). Answers are canned: "stub answer from MODEL"."""
+(parent null) and each adapter (parent: the base). Answers are canned: "stub answer from MODEL",
+or what `answer(body)` returns (the graders' tests: a judge with fixed answers). `POST
+/v1/embeddings` (vLLM serves it for embedding models) returns each text's letter counts."""
 
 from __future__ import annotations
 
@@ -36,8 +38,16 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status_code=status)
 
 
+async def _checked(request: Request, component: str) -> tuple[dict, JSONResponse | None]:
+    """The request's JSON body, and a 400 when OpenAI's schema `component` refuses it."""
+    body = await request.json()
+    problems = errors(component, body)
+    return body, _error(400, "; ".join(problems), "BadRequestError") if problems else None
+
+
 class VllmStub:
-    def __init__(self):
+    def __init__(self, answer=None):
+        self.answer = answer  # body -> the answer's text (default: "stub answer from MODEL")
         self.loads: list[dict] = []  # every accepted load_lora_adapter body
         self.chats: list[dict] = []  # every accepted chat body
         self.adapters: dict[str, str] = {}
@@ -87,14 +97,13 @@ class VllmStub:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
-            body = await request.json()
-            problems = errors("CreateChatCompletionRequest", body)
-            if problems:
-                return _error(400, "; ".join(problems), "BadRequestError")
+            body, refused = await _checked(request, "CreateChatCompletionRequest")
+            if refused:
+                return refused
             if body["model"] != BASE and body["model"] not in self.adapters:
                 return _error(404, f"The model `{body['model']}` does not exist.", "NotFoundError", "model")
             self.chats.append(body)
-            text, cid = f"stub answer from {body['model']}", "chatcmpl-stub"
+            text, cid = self.answer(body) if self.answer else f"stub answer from {body['model']}", "chatcmpl-stub"
             if not body.get("stream"):
                 return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": body["model"],
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": None}],
@@ -107,4 +116,19 @@ class VllmStub:
             pieces = [chunk({"role": "assistant", "content": ""})] + [chunk({"content": w}) for w in re.findall(r"\S+\s*", text)]
             return StreamingResponse(iter(pieces + [chunk({}, "stop"), "data: [DONE]\n\n"]), media_type="text/event-stream")
 
+        @app.post("/v1/embeddings")
+        async def embeddings(request: Request):
+            # vLLM serves embeddings for embedding models; here each text's letter counts a..z, so a
+            # test can compute the expected cosine from the same vectors
+            body, refused = await _checked(request, "CreateEmbeddingRequest")
+            if refused:
+                return refused
+            texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+            data = [{"object": "embedding", "index": i, "embedding": letter_counts(t)} for i, t in enumerate(texts)]
+            return {"object": "list", "data": data, "model": body["model"], "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+
         return app
+
+
+def letter_counts(text: str) -> list[float]:
+    return [float(text.lower().count(c)) for c in "abcdefghijklmnopqrstuvwxyz"]

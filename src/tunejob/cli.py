@@ -41,6 +41,15 @@ def _add_migrate() -> None:
 
 
 _add_migrate()
+
+
+def _add_grade() -> None:
+    from tunejob.cli_grade import grade
+
+    app.command("grade")(grade)
+
+
+_add_grade()
 Executor = Enum("Executor", {"local": "local", "ray": "ray"}, type=str)
 ChatDtype = Enum("ChatDtype", {"float32": "float32", "bfloat16": "bfloat16", "auto": "auto"}, type=str)
 ChatEngine = Enum("ChatEngine", {"local": "local", "vllm": "vllm"}, type=str)

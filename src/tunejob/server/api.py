@@ -44,6 +44,9 @@ class ServerConfig:
     engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)
     vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
     aliases: dict[str, str] = field(default_factory=dict)  # old model name -> run dir (server/aliases.py)
+    # This server's own API, e.g. http://127.0.0.1:8000/v1 (run.serve sets it): score_model graders
+    # sent to /v1/fine_tuning/alpha/graders/run ask their model here (server/grader_routes.py).
+    self_url: str | None = None
 
 
 class ApiError(Exception):

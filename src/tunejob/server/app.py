@@ -10,7 +10,7 @@ code written for it runs unchanged with another base_url:
 OpenAI model ids are served by the server's default open model (say so in the job's events);
 tunejob's own options travel in an extra body field, `"tunejob": {"lora": {...}, "quantization": ...}`.
 This module is the factory: the API-key dependency, the error handlers, and one router per
-resource (files.py, jobs.py, models.py, chat.py) plus the dashboard.
+resource (files.py, jobs.py, models.py, chat.py, grader_routes.py) plus the dashboard.
 
 The key check is a dependency of every API router, not middleware matching paths: a route added
 to a router cannot be public by mistake (tests/test_server_security.py walks app.routes). There is
@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunejob.errors import ModelError, TunejobError
-from tunejob.server import chat, files, jobs, models
+from tunejob.server import chat, files, grader_routes, jobs, models
 from tunejob.server.api import ApiError, ServerConfig, ServerState, error_response
 from tunejob.server.requests import param_of
 from tunejob.server.store import Store
@@ -73,6 +73,7 @@ def key_check(config: ServerConfig, store: Store):
             raise ApiError(401, f"Incorrect API key provided: {shown}. Pass a key the server was started with.",
                            "invalid_request_error", None, "invalid_api_key")
         request.state.owner = who
+        request.state.api_key = key  # the grader routes call this server's own models with it
         return who
 
     return check
@@ -114,7 +115,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"status": "ok"}
 
     needs_key = [Depends(key_check(config, store))]
-    for resource in (files, jobs, models):
+    for resource in (files, jobs, models, grader_routes):
         app.include_router(resource.router(state), dependencies=needs_key)
     chat_router = chat.router(state)
     app.include_router(chat_router, dependencies=needs_key)

@@ -61,7 +61,7 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
     from tunejob.server.aliases import parse_aliases
 
     config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
-                          aliases=parse_aliases(aliases or []),
+                          aliases=parse_aliases(aliases or []), self_url=self_url(host, port),
                           models=extra, max_upload_bytes=int(max_upload_mb * 2**20), train_threads=train_threads,
                           chat_threads=chat_threads, chat_queue=chat_queue, **(caps or {}), **(executor or {}))
     where = f", jobs on the Ray cluster at {config.ray_address or 'auto'}" if config.executor == "ray" else ""
@@ -70,6 +70,15 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
     uvicorn_server = _uvicorn_server()(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     uvicorn_server.on_exit = lambda: _stop_chats(app)
     uvicorn_server.run()
+
+
+def self_url(host: str, port: int) -> str:
+    """The server's API as seen from itself: a wildcard address (0.0.0.0, ::) is reached on loopback."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
 
 def _stop_chats(app) -> None:
