@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+
+from tunejob.monitor import rewards
+from tunejob.monitor.curves import MIN_POINTS, Finding, _lr_advice, _series, smooth
 
 KINDS = ("healthy", "overfitting", "flat", "spikes", "divergence", "not_converged", "margin_exploding",
          "reward_hacking", "kl_exploding", "length_collapse")
@@ -33,33 +36,11 @@ PRIORITY = ("divergence", "kl_exploding", "margin_exploding", "reward_hacking", 
 FLAT_RELATIVE_CHANGE = 0.02  # under 2% change start-to-end counts as flat
 SPIKE_MAD_FACTOR = 8.0  # a spike sits this many robust deviations above the local median
 SPIKE_MIN_RISE = 0.25  # ... and at least 25% above it
-MIN_POINTS = 5
 LN2 = math.log(2)  # the DPO loss when policy and reference agree
 DPO_STUCK_LOSS = 0.02  # within this of ln 2 ...
 DPO_CHANCE_ACCURACY = 0.1  # ... with reward accuracy within this of 0.5: not learning
 DPO_ACCURACY_DROP = 0.1  # validation reward accuracy this far below its best: overfitting (with a growing margin)
 DPO_MARGIN_LIMIT = 10.0  # sigmoid(10) leaves a pair loss of 4.5e-5: past it the margin only pushes the policy away
-
-
-@dataclass
-class Finding:
-    kind: str
-    message: str
-    advice: str
-    steps: list[int] = field(default_factory=list)
-    examples: list[list[int]] = field(default_factory=list)  # for spikes: the batch of each step
-
-
-def _series(records: list[dict], kind: str, key: str) -> list[tuple[int, float]]:
-    return [(r["step"], float(r[key])) for r in records if r.get("kind", kind) == kind and r.get(key) is not None]
-
-
-def smooth(values: list[float], window: int | None = None) -> list[float]:
-    """Centred rolling median: robust to single spikes, keeps the trend."""
-    n = len(values)
-    w = window or max(3, (n // 10) | 1)
-    half = w // 2
-    return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(n)]
 
 
 def _noise(values: list[float]) -> float:
@@ -101,8 +82,6 @@ def diagnose(records: list[dict], learning_rate: float | None = None, epochs: in
         findings.append(Finding("divergence", f"the loss became NaN or infinite at step {first}",
                                 _lr_advice(lr, 0.1, "divide the learning rate by 10") + "; check the data for empty or broken examples", [first]))
     dpo = any(r.get("kind") == "train" and "rewards_margin" in r for r in records)
-    from tunejob.monitor import rewards  # it reads with this module's helpers
-
     if rewards.is_reinforcement(records):
         if not findings:
             findings += rewards.reward_findings(records, lr)
@@ -126,12 +105,6 @@ def diagnose(records: list[dict], learning_rate: float | None = None, epochs: in
         findings.append(Finding("healthy", "both losses are decreasing and settling", "keep training as planned; use the best checkpoint"))
     findings.sort(key=lambda f: PRIORITY.index(f.kind))
     return {"verdict": findings[0].kind, "findings": [asdict(f) for f in findings]}
-
-
-def _lr_advice(lr: float | None, factor: float, fallback: str) -> str:
-    if lr:
-        return f"set learning_rate to about {lr * factor:.1e} (now {lr:.1e})"
-    return fallback
 
 
 def _divergence(train: list[tuple[int, float]], lr: float | None, already: bool) -> list[Finding]:

@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from tunejob.monitor.metrics import LineSink, rewards_text
+from tunejob.monitor.metrics import LineSink, curve_value, rewards_text
 
 CHART_WIDTH, CHART_HEIGHT = 60, 8
 
@@ -74,14 +74,15 @@ class LiveSink:
     def write(self, record: dict) -> None:
         kind, step = record["kind"], record["step"]
         if kind == "train":
-            self.train.append((step, record["train_loss"]))
+            self.train.append((step, curve_value(record)[0]))  # the loss, or a reinforcement run's mean reward
             self.step, self.last = step, record
             if self.first_step is None:
                 self.first_step, self.started = step - 1, time.time()
         elif kind == "eval":
-            self.valid.append((step, record["valid_loss"]))
-            if self.best is None or record["valid_loss"] < self.best[1]:
-                self.best = (step, record["valid_loss"])
+            value, higher = curve_value(record)
+            self.valid.append((step, value))
+            if self.best is None or (value > self.best[1] if higher else value < self.best[1]):
+                self.best = (step, value)
         elif record.get("message"):
             self.events = (self.events + [f"step {step}: {record['message']}"])[-4:]
         self.live.update(self._render())

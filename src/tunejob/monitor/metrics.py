@@ -43,10 +43,25 @@ class JsonlSink:
 
 
 def rewards_text(record: dict, prefix: str = "") -> str:
-    """A DPO record's reward margin and accuracy for a progress line ("" for supervised records)."""
+    """A DPO record's reward margin and accuracy, or a reinforcement record's reward, KL and answer
+    length, for a progress line ("" for supervised records)."""
+    if f"{prefix}reward_mean" in record:
+        kl = f"  kl {record['kl']:.4f}" if "kl" in record else ""
+        return (f"  reward {record[f'{prefix}reward_mean']:.3f} (std {record[f'{prefix}reward_std']:.3f}){kl}"
+                f"  answer {record.get(f'{prefix}completion_tokens_mean', 0):.1f} tokens")
     if f"{prefix}rewards_margin" not in record:
         return ""
     return f"  margin {record[f'{prefix}rewards_margin']:.3f}  reward acc {record[f'{prefix}rewards_accuracy']:.2f}"
+
+
+def curve_value(record: dict) -> tuple[float, bool] | None:
+    """(the number a progress view plots for a train or eval record, whether higher is better):
+    the loss, or for reinforcement the mean reward (its GRPO loss says little)."""
+    prefix = "train_" if record["kind"] == "train" else "valid_"
+    if f"{prefix}reward_mean" in record:
+        return record[f"{prefix}reward_mean"], True
+    value = record.get(f"{prefix}loss")
+    return (value, False) if value is not None else None
 
 
 class LineSink:
@@ -59,13 +74,14 @@ class LineSink:
     def write(self, record: dict) -> None:
         step = record["step"]
         if record["kind"] == "train":
+            acc = f"acc {record['train_mean_token_accuracy']:.3f}  " if "train_mean_token_accuracy" in record else ""
             line = (
                 f"step {step}/{self.total}  train_loss {record['train_loss']:.4f}  "
-                f"acc {record['train_mean_token_accuracy']:.3f}  lr {record['learning_rate']:.2e}  "
-                f"{record['tokens_per_second']:.0f} tok/s" + rewards_text(record)
+                f"{acc}lr {record['learning_rate']:.2e}  {record['tokens_per_second']:.0f} tok/s" + rewards_text(record)
             )
         elif record["kind"] == "eval":
-            line = f"step {step}/{self.total}  valid_loss {record['valid_loss']:.4f}  acc {record['valid_mean_token_accuracy']:.3f}" + rewards_text(record, "valid_")
+            loss = f"  valid_loss {record['valid_loss']:.4f}  acc {record['valid_mean_token_accuracy']:.3f}" if "valid_loss" in record else ""
+            line = f"step {step}/{self.total}{loss}" + rewards_text(record, "valid_")
         elif record["kind"] == "start":
             return  # the trainer has printed the same line already
         else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 
-from tunejob.monitor.diagnose import MIN_POINTS, Finding, _lr_advice, _series, smooth
+from tunejob.monitor.curves import MIN_POINTS, Finding, _lr_advice, _series, smooth
 
 FLAT_REWARD_CHANGE = 0.05  # of the reward's range seen (or absolute, for 0-1 rewards): under this is flat
 FLAT_GROUP_STD = 0.02  # mean within-step spread under this: the grader gives (nearly) every answer the same score
