@@ -1,5 +1,5 @@
 """tunejob serve's `method`: dpo trained from the official openai SDK over real HTTP, the job
-object echoing `method` against OpenAI's OpenAPI schema, and reinforcement refused with a 400."""
+object echoing `method` against OpenAI's OpenAPI schema, and files that do not fit a method refused with a 400."""
 
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ def test_method_errors_are_400s_in_openais_shape(server, tmp_path):
     chat = c.files.create(file=open(write_chat_data(tmp_path / "chat.jsonl", 12), "rb"), purpose="fine-tune")
     pairs = c.files.create(file=open(write_pairs(tmp_path / "pairs.jsonl", 12), "rb"), purpose="fine-tune")
     cases = [
-        (dict(training_file=chat.id, method={"type": "reinforcement", "reinforcement": {}}), "method", "'reinforcement' is not supported"),
+        (dict(training_file=chat.id, method={"type": "reinforcement", "reinforcement": {"grader": {
+            "type": "string_check", "name": "s", "input": "{{sample.output_text}}", "reference": "x", "operation": "eq"}}}),
+         "training_file", "method reinforcement trains on prompts"),
         (dict(training_file=chat.id, method={"type": "dpo", "dpo": {}}), "training_file", "method dpo trains on preference pairs"),
         (dict(training_file=pairs.id, method={"type": "supervised"}), "training_file", "method supervised trains on chat examples"),
         (dict(training_file=pairs.id), "training_file", "method supervised trains on chat examples"),

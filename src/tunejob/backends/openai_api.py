@@ -75,9 +75,14 @@ def request_body(spec: JobSpec, tag: str, train_file: str, val_file: str | None)
     kind = spec.method.type
     if kind == "dpo":  # beta unset: OpenAI's own choice, as for the others
         chosen["beta"] = spec.method.beta if spec.method.beta is not None else "auto"
+    section = {"hyperparameters": chosen}
+    if kind == "reinforcement":  # OpenAI's own hyperparameters and the grader, as the spec holds them
+        rl = spec.method.rl.model_dump()
+        chosen.update({k: v for k, v in rl.items() if k not in chosen or v != "auto"})
+        section["grader"] = spec.method.grader
     body = {"model": spec.model, "training_file": train_file, "seed": hp.seed,
             "metadata": {**(settings.metadata or {}), TAG_KEY: tag},
-            "method": {"type": kind, kind: {"hyperparameters": chosen}}}
+            "method": {"type": kind, kind: section}}
     if val_file:
         body["validation_file"] = val_file
     if settings.suffix:
@@ -102,8 +107,14 @@ class OpenAIBackend:
 
         from tunejob.data.validate import require_valid
 
+        fields = frozenset()
+        if spec.method.type == "reinforcement":  # the grader, and the fields it reads, before anything is uploaded
+            from tunejob.graders import check_grader, referenced_item_fields
+
+            check_grader(spec.method.grader)
+            fields = frozenset(referenced_item_fields(spec.method.grader))
         for path in filter(None, [spec.data.train, spec.data.validation]):
-            require_valid(path, model=spec.model, method=spec.method.type)
+            require_valid(path, model=spec.model, method=spec.method.type, item_fields=fields)
         settings = spec.openai
         client = make_client(settings)
         record = store.create("openai", spec.name, spec.to_yaml(), spec.run_dir)

@@ -86,7 +86,9 @@ def diagnose(records: list[dict], learning_rate: float | None = None, epochs: in
         if not findings:
             findings += rewards.reward_findings(records, lr)
         if not findings:
-            findings.append(Finding("healthy", "the reward moves and its answers differ", "keep training; the best checkpoint has the highest held-out reward"))
+            findings.append(Finding("healthy", "none of RL's failure shapes: the reward moved, the held-out reward did not fall from its best, "
+                                               "the KL stayed in range and the answers' lengths did not collapse",
+                                    "use the best checkpoint (the highest held-out reward); train on if it was still rising"))
         findings.sort(key=lambda f: PRIORITY.index(f.kind))
         return {"verdict": findings[0].kind, "findings": [asdict(f) for f in findings]}
     if len(train) >= MIN_POINTS:

@@ -45,9 +45,10 @@ class JsonlSink:
 def rewards_text(record: dict, prefix: str = "") -> str:
     """A DPO record's reward margin and accuracy, or a reinforcement record's reward, KL and answer
     length, for a progress line ("" for supervised records)."""
-    if f"{prefix}reward_mean" in record:
+    rl = prefix or "train_"  # a reinforcement train record's keys are train_reward_*
+    if f"{rl}reward_mean" in record:
         kl = f"  kl {record['kl']:.4f}" if "kl" in record else ""
-        return (f"  reward {record[f'{prefix}reward_mean']:.3f} (std {record[f'{prefix}reward_std']:.3f}){kl}"
+        return (f"  reward {record[f'{rl}reward_mean']:.3f} (std {record[f'{rl}reward_std']:.3f}){kl}"
                 f"  answer {record.get(f'{prefix}completion_tokens_mean', 0):.1f} tokens")
     if f"{prefix}rewards_margin" not in record:
         return ""

@@ -46,8 +46,10 @@ def loss_chart(run: dict, out_png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     records = run["records"]
-    train = [(r["step"], r["train_loss"]) for r in records if r.get("kind") == "train"]
-    valid = [(r["step"], r["valid_loss"]) for r in records if r.get("kind") == "eval"]
+    rl = any("train_reward_mean" in r for r in records)  # reinforcement: its curves are rewards (higher is better)
+    what, (key_t, key_v) = ("reward", ("train_reward_mean", "valid_reward_mean")) if rl else ("loss", ("train_loss", "valid_loss"))
+    train = [(r["step"], r[key_t]) for r in records if r.get("kind") == "train" and key_t in r]
+    valid = [(r["step"], r[key_v]) for r in records if r.get("kind") == "eval" and key_v in r]
     dpo = any("rewards_margin" in r for r in records)
     fig, axes = plt.subplots(2 if dpo else 1, 1, figsize=(9, 8 if dpo else 4.8), dpi=110, squeeze=False)
     ax = axes[0][0]
@@ -55,21 +57,22 @@ def loss_chart(run: dict, out_png: Path) -> Path:
         _reward_chart(axes[1][0], records)
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, color="#1f77b4", alpha=0.25, linewidth=1, label="training loss (per step)")
-        ax.plot(steps, smooth(list(losses), window=max(5, (len(losses) // 6) | 1)), color="#1f77b4", linewidth=2, label="training loss (smoothed)")
+        ax.plot(steps, losses, color="#1f77b4", alpha=0.25, linewidth=1, label=f"training {what} (per step)")
+        ax.plot(steps, smooth(list(losses), window=max(5, (len(losses) // 6) | 1)), color="#1f77b4", linewidth=2, label=f"training {what} (smoothed)")
     if valid:
         steps, losses = zip(*valid)
-        ax.plot(steps, losses, color="#d62728", marker="o", linewidth=2, label="validation loss")
+        ax.plot(steps, losses, color="#d62728", marker="o", linewidth=2, label=f"validation {what}")
     summary = run["summary"]
-    if summary.get("best_step") is not None and summary.get("best_valid_loss") is not None:
+    best = summary.get("best_valid_reward" if rl else "best_valid_loss")
+    if summary.get("best_step") is not None and best is not None:
         ax.axvline(summary["best_step"], color="#2ca02c", linestyle="--", linewidth=1)
-        ax.plot([summary["best_step"]], [summary["best_valid_loss"]], marker="*", markersize=16, color="#2ca02c",
-                label=f"best checkpoint (step {summary['best_step']}, {summary['best_valid_loss']:.4f})")
+        ax.plot([summary["best_step"]], [best], marker="*", markersize=16, color="#2ca02c",
+                label=f"best checkpoint (step {summary['best_step']}, {best:.4f})")
     if summary.get("stop_reason") == "early_stopping":
         ax.axvline(summary["steps"], color="#7f7f7f", linestyle=":", linewidth=1.5, label=f"early stop (step {summary['steps']})")
     ax.set_xlabel("step")
-    ax.set_ylabel("DPO loss (pairs)" if dpo else "loss (assistant tokens)")
-    ax.set_title(f"Training vs validation loss: {run['config'].get('name', run['dir'].name)}")
+    ax.set_ylabel("mean grader reward" if rl else "DPO loss (pairs)" if dpo else "loss (assistant tokens)")
+    ax.set_title(f"Training vs validation {what}: {run['config'].get('name', run['dir'].name)}")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -101,7 +104,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     verdict = diagnose_run(run)
     data = {
         "train": [{"step": r["step"], "train_loss": r["train_loss"]} for r in run["records"] if r.get("kind") == "train"],
-        "eval": [{"step": r["step"], "valid_loss": r["valid_loss"]} for r in run["records"] if r.get("kind") == "eval"],
+        "eval": [{"step": r["step"], **{k: r[k] for k in ("valid_loss", "valid_reward_mean") if k in r}} for r in run["records"] if r.get("kind") == "eval"],
         "summary": run["summary"], "diagnosis": verdict, "config": run["config"],
     }
     eval_path = run["dir"] / "eval.json"

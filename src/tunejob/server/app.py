@@ -95,13 +95,22 @@ def _executor(config: ServerConfig):
     return LocalExecutor(config.slots, max(1, budget(config.train_threads, config.chat_threads).train // config.slots))
 
 
+def _grader_env(config: ServerConfig, store: Store, owner: str | None) -> dict[str, str]:
+    """A reinforcement job's score_model graders ask this server's models, with the job owner's key
+    (in the run's environment only: keys never reach the database or the log)."""
+    key = next((k for k in config.api_keys if store.owner_of(k) == owner), None)
+    if not config.self_url or key is None:
+        return {}
+    return {"TUNEJOB_GRADER_BASE_URL": config.self_url, "TUNEJOB_GRADER_API_KEY": key}
+
+
 def create_app(config: ServerConfig) -> FastAPI:
     store = Store(config.data_dir)
     for key in config.api_keys:
         store.adopt_legacy_owner(key)
     base_models = {"default": config.default_model, "smollm2-135m-instruct": config.default_model, **config.models}
     worker = Worker(store, base_models, train_threads=config.train_threads, chat_threads=config.chat_threads,
-                    executor=_executor(config), node_retries=config.node_retries)
+                    executor=_executor(config), node_retries=config.node_retries, grader_env=lambda owner: _grader_env(config, store, owner))
     state = ServerState(config, store, worker, base_models)
 
     app = FastAPI(title="tunejob", docs_url=None, redoc_url=None, openapi_url=None)

@@ -74,6 +74,8 @@ class Launch:
     log_path: Path
     resources: Resources
     processes: int = 1
+    # variables the run needs beyond the executor's own (a reinforcement job's grader endpoint and key)
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ class LocalExecutor:
         if run_id in self._children:
             return f"run {run_id} is already running"
         slot = min(set(range(self.slots)) - {c.slot for c in self._children.values()})
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **child_env(self.threads), **self._gpu_env(slot)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **child_env(self.threads), **self._gpu_env(slot), **dict(launch.env)}
         with launch.log_path.open("ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(launch.spec_path)], stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env)

@@ -35,9 +35,11 @@ def series(records: list[dict], status: str, total_steps: int | None = None, bes
     out = {"status": status, "train": train, "valid": valid, "best_step": best_step if best_loss is not None else None,
            "best_valid_loss": best_loss, "early_stop_step": early, "steps_done": max((s for s, _ in train), default=0),
            "total_steps": total}
-    # DPO: the reward margin and accuracy, training per step and validation per eval (a second axis)
+    # DPO: the reward margin and accuracy, training per step and validation per eval (a second axis); RL: its rewards
     for name, kind, key in (("margin", "train", "rewards_margin"), ("reward_accuracy", "train", "rewards_accuracy"),
-                            ("valid_margin", "eval", "valid_rewards_margin"), ("valid_reward_accuracy", "eval", "valid_rewards_accuracy")):
+                            ("valid_margin", "eval", "valid_rewards_margin"), ("valid_reward_accuracy", "eval", "valid_rewards_accuracy"),
+                            # reinforcement: the mean grader reward, training per step and held-out per eval
+                            ("reward_mean", "train", "train_reward_mean"), ("valid_reward_mean", "eval", "valid_reward_mean")):
         points = [[r["step"], r[key]] for r in records if r.get("kind") == kind and r.get(key) is not None]
         if points:
             out.setdefault("rewards", {})[name] = points

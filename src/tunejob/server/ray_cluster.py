@@ -65,7 +65,7 @@ def run_env(launch: Launch, stop_grace_s: int = STOP_GRACE_S) -> dict[str, str]:
     from tunejob.train.threads import child_env
 
     threads = max(1, int(launch.resources.cpus // max(1, launch.processes)))
-    return {**child_env(threads), "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(stop_grace_s)}
+    return {**child_env(threads), "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(stop_grace_s), **dict(launch.env)}
 
 
 class RayExecutor:

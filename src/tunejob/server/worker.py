@@ -45,11 +45,13 @@ class _Run:
 
 class Worker:
     def __init__(self, store: Store, base_models: dict[str, str], log=print, train_threads: int | None = None,
-                 chat_threads: int | None = None, executor: Executor | None = None, node_retries: int = 2):
+                 chat_threads: int | None = None, executor: Executor | None = None, node_retries: int = 2, grader_env=None):
         from tunejob.train import threads
 
         self.store = store
         self.base_models = base_models
+        # owner -> the environment a reinforcement job's score_model graders need (app.py: this server and the owner's key)
+        self.grader_env = grader_env or (lambda owner: {})
         self.log = log
         self.train_threads = threads.budget(train_threads, chat_threads).train  # the cores minus chat's share
         self.executor = executor or LocalExecutor(1, self.train_threads)
@@ -144,7 +146,9 @@ class Worker:
     def _launch(self, job: dict) -> Launch:
         d = self.job_dir(job["id"])
         processes = int((job["_spec"].get("distributed") or {}).get("processes", 1))
-        return Launch(job["id"], d / "job.yaml", d / "train.log", Resources.from_dict(job.get("_resources")), processes)
+        rl = (job["_spec"].get("method") or {}).get("type") == "reinforcement"
+        env = tuple(sorted(self.grader_env(self.store.job_owner(job["id"])).items())) if rl else ()
+        return Launch(job["id"], d / "job.yaml", d / "train.log", Resources.from_dict(job.get("_resources")), processes, env)
 
     def _write_spec(self, job: dict) -> Path:
         d = self.job_dir(job["id"])
@@ -272,18 +276,20 @@ class Worker:
         if kind == "start":
             self.store.update_job(job_id, _total_steps=r.get("total_steps"))
         elif kind == "train" and step > seen["train"]:
-            last_train = {"step": step, "train_loss": r["train_loss"], "train_mean_token_accuracy": r["train_mean_token_accuracy"], **_rewards(r, "")}
-            self.store.add_event(job_id, f"Step {step}: training loss={r['train_loss']:.4f}", type="metrics", data={**last_train, "total_steps": job.get("_total_steps")})
+            last_train = {"step": step, "train_loss": r["train_loss"], **_pick(r, ("train_mean_token_accuracy",)), **_rewards(r, "")}
+            said = f"reward={r['train_reward_mean']:.4f}" if "train_reward_mean" in r else f"training loss={r['train_loss']:.4f}"
+            self.store.add_event(job_id, f"Step {step}: {said}", type="metrics", data={**last_train, "total_steps": job.get("_total_steps")})
             seen["train"] = step
             self.store.update_job(job_id, _seen=seen, _last_train=last_train)
         elif kind == "eval" and step > seen["eval"]:
-            data = {"step": step, "valid_loss": r["valid_loss"], "valid_mean_token_accuracy": r["valid_mean_token_accuracy"],
-                    "full_valid_loss": r["full_valid_loss"], "full_valid_mean_token_accuracy": r["full_valid_mean_token_accuracy"], **_rewards(r, "valid_")}
+            data = {"step": step, **_pick(r, ("valid_loss", "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy")),
+                    **_rewards(r, "valid_")}
             last = job.get("_last_train") or {}
             if last.get("step") == step:  # OpenAI's metrics event at an eval step carries both losses
                 data.update({k: v for k, v in last.items() if k != "step"})
             data["total_steps"] = job.get("_total_steps")
-            self.store.add_event(job_id, f"Step {step}: validation loss={r['valid_loss']:.4f}", type="metrics", data=data)
+            said = f"validation reward={r['valid_reward_mean']:.4f}" if "valid_reward_mean" in r else f"validation loss={r['valid_loss']:.4f}"
+            self.store.add_event(job_id, f"Step {step}: {said}", type="metrics", data=data)
             seen["eval"] = step
             self.store.update_job(job_id, _seen=seen, _last_eval={k: v for k, v in data.items() if k != "total_steps"})
         elif kind == "checkpoint":
@@ -319,8 +325,14 @@ class Worker:
 
 
 def _rewards(record: dict, prefix: str) -> dict:
-    """A DPO record's reward metrics (rewards_* / valid_rewards_*), for events and checkpoints."""
-    return {k: v for k, v in record.items() if k.startswith(f"{prefix}rewards_")}
+    """A DPO record's reward metrics (rewards_* / valid_rewards_*), or a reinforcement record's
+    (reward mean and std, each sub-grader's score_*, KL, answer lengths), for events and checkpoints."""
+    rl = ("kl", "clip_ratio", f"{prefix}completion_tokens_mean", f"{prefix}completion_tokens_std", f"{prefix}truncated_ratio")
+    return {k: v for k, v in record.items() if k.startswith((f"{prefix}rewards_", f"{prefix}reward_", f"{prefix}score_")) or k in rl}
+
+
+def _pick(record: dict, keys: tuple[str, ...]) -> dict:
+    return {k: record[k] for k in keys if k in record}
 
 
 class _Tail:
@@ -360,12 +372,16 @@ def _results_csv(metrics: Path) -> bytes:
     rows: dict[int, dict] = {}
     for r in read_metrics(metrics):  # a torn line is skipped there, as everywhere the stream is read
         if r.get("kind") == "train":
-            rows.setdefault(r["step"], {}).update(train_loss=r["train_loss"], train_accuracy=r["train_mean_token_accuracy"])
+            rows.setdefault(r["step"], {}).update(train_loss=r["train_loss"], train_accuracy=r.get("train_mean_token_accuracy"),
+                                                  train_reward_mean=r.get("train_reward_mean"))
         elif r.get("kind") == "eval":
-            rows.setdefault(r["step"], {}).update(valid_loss=r["valid_loss"], valid_mean_token_accuracy=r["valid_mean_token_accuracy"])
+            rows.setdefault(r["step"], {}).update(valid_loss=r.get("valid_loss"), valid_mean_token_accuracy=r.get("valid_mean_token_accuracy"),
+                                                  valid_reward_mean=r.get("valid_reward_mean"))
     out = io.StringIO()
     w = csv.writer(out)
     cols = ["train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    if any(v.get("train_reward_mean") is not None for v in rows.values()):  # reinforcement: its rewards too
+        cols += ["train_reward_mean", "valid_reward_mean"]
     w.writerow(["step", *cols])
     for step in sorted(rows):
         w.writerow([step, *[rows[step].get(c, "") for c in cols]])

@@ -94,23 +94,27 @@ class Grpo:
 
     # ------------------------------------------------------------------ the loss
 
-    def _batch(self, prompt: list[int], answer: list[int]) -> dict:
-        ids = torch.tensor([prompt + answer], device=self.device)
-        labels = torch.tensor([[IGNORE] * len(prompt) + answer], device=self.device)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    def _batch(self, prompt: list[int], answers: list[list[int]]) -> dict:
+        """A prompt's answers as one batch: the same prompt, answers right-padded. Causal attention
+        never looks ahead, so the padding changes no real position and needs no attention mask
+        (a mask would take attention off SDPA's causal fast path on CPU)."""
+        width, pad = max(len(a) for a in answers), self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([prompt + a + [pad] * (width - len(a)) for a in answers], device=self.device)
+        labels = torch.tensor([[IGNORE] * len(prompt) + a + [IGNORE] * (width - len(a)) for a in answers], device=self.device)
+        return {"input_ids": ids, "attention_mask": None, "labels": labels}
 
-    def _logps(self, model, batch: dict) -> torch.Tensor:
+    def _logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.bf16):
-            return token_logps(model, batch, self.loss_path.path_for(model, batch), self.s.draw.temperature)[0]
+            return token_logps(model, batch, self.loss_path.path_for(model, batch), self.s.draw.temperature)
 
-    def answer_loss(self, model, prompt: list[int], answer: list[int], advantage: float, n_tokens: int) -> dict:
-        """Backward of one answer's share of the step's loss; its sums for the metrics."""
-        batch = self._batch(prompt, answer)
+    def group_loss(self, model, prompt: list[int], answers: list[list[int]], advantages: list[float], n_tokens: int) -> dict:
+        """Backward of one prompt's answers' share of the step's loss; their sums for the metrics."""
+        batch = self._batch(prompt, answers)
         with torch.no_grad():
             with model.disable_adapter():
-                ref = self._logps(model, batch)
-        logps = self._logps(model, batch)
-        adv = torch.full_like(logps, advantage)
+                ref = self._logps(model, batch)[0]
+        logps, rows = self._logps(model, batch)
+        adv = torch.tensor(advantages, dtype=logps.dtype, device=logps.device)[rows]
         loss, kl, clipped = grpo_token_loss(logps, logps.detach(), ref, adv, self.s.beta)
         (loss.sum() / n_tokens).backward()
         return {"loss": float(loss.detach().sum()), "kl": float(kl.sum()), "clipped": float(clipped.sum())}
@@ -123,9 +127,11 @@ class Grpo:
         advantages = group_advantages(rewards).tolist()
         n_tokens = sum(len(a.tokens) for a in answers)
         sums = dict.fromkeys(("loss", "kl", "clipped"), 0.0)
-        for a, adv in zip(answers, advantages):
-            if a.tokens:
-                for k, v in self.answer_loss(model, prompts[a.prompt].input_ids, a.tokens, adv, max(n_tokens, 1)).items():
+        for i, prompt in enumerate(prompts):
+            group = [(a.tokens, adv) for a, adv in zip(answers, advantages) if a.prompt == i and a.tokens]
+            if group:
+                tokens, advs = zip(*group)
+                for k, v in self.group_loss(model, prompt.input_ids, list(tokens), list(advs), max(n_tokens, 1)).items():
                     sums[k] += v
         fields = {"train_loss": sums["loss"] / max(n_tokens, 1), **reward_fields(results, "train_"), "kl": sums["kl"] / max(n_tokens, 1),
                   "clip_ratio": sums["clipped"] / max(n_tokens, 1), **length_fields(answers, "")}

@@ -293,6 +293,8 @@ def _loop(run: Run, stream: Stream) -> str:
     step = state["step"]
     if run.stop and run.stop.agreed(run.world):  # asked while loading: the last checkpoint holds it all
         return "stopped"
+    if run.rl is not None and step == 0:  # the base's held-out reward, what training must beat (not a checkpoint)
+        stream.emit({"kind": "eval", "step": 0, "epoch": 0.0, **run.rl.evaluate(run.model, run.val_seqs, 0), "elapsed_s": 0.0})
     while step < run.total_steps:
         step += 1
         record = _train_step(run, step)

@@ -20,7 +20,9 @@ function tjTraces(series, label) {
   const rewards = series.rewards || {};
   for (const [key, name, color, mode] of [["margin", "reward margin", "#9467bd", "lines"], ["reward_accuracy", "reward accuracy", "#ff7f0e", "lines"],
                                           ["valid_margin", "validation reward margin", "#9467bd", "lines+markers"],
-                                          ["valid_reward_accuracy", "validation reward accuracy", "#ff7f0e", "lines+markers"]]) {
+                                          ["valid_reward_accuracy", "validation reward accuracy", "#ff7f0e", "lines+markers"],
+                                          ["reward_mean", "grader reward", "#2ca02c", "lines"],
+                                          ["valid_reward_mean", "held-out grader reward", "#2ca02c", "lines+markers"]]) {
     const pts = rewards[key];
     if (pts && pts.length) {
       t.push({x: pts.map(p => p[0]), y: pts.map(p => p[1]), mode: mode, name: pre + name, yaxis: "y2",
@@ -35,7 +37,7 @@ const TJ_LAYOUT = {margin: {t: 30, r: 20, b: 45, l: 55}, xaxis: {title: {text: "
 
 // The early stop as a dashed vertical line with a label.
 function tjLayout(series) {
-  const base = series.rewards ? {...TJ_LAYOUT, yaxis2: {title: {text: "reward margin / accuracy"}, overlaying: "y", side: "right"}} : TJ_LAYOUT;
+  const base = series.rewards ? {...TJ_LAYOUT, yaxis2: {title: {text: "reward"}, overlaying: "y", side: "right"}} : TJ_LAYOUT;
   if (series.early_stop_step === null || series.early_stop_step === undefined) return base;
   const x = series.early_stop_step;
   return {...base,
