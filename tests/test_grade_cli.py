@@ -63,7 +63,8 @@ def bad_inputs(tmp_path, grader, data, samples):
         ((grader, write(tmp_path / "l.jsonl", [DATA[0], [1, 2]]), "--samples", samples), f"{tmp_path / 'l.jsonl'}:2: a data line is a JSON object"),
         ((grader, data, "--samples", write(tmp_path / "s.jsonl", [SAMPLES[0]])), "1 samples for 2 data lines"),
         ((grader, data, "--samples", write(tmp_path / "n.jsonl", [SAMPLES[0], {"text": "x"}])), f"{tmp_path / 'n.jsonl'}:2: a sample line is a JSON string"),
-        ((grader, data), "grade: pass --samples FILE"),
+        ((grader, write(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}])),
+         f"{tmp_path / 'a.jsonl'}:1: the last message is the \"assistant\"'s"),  # no --samples: the model answers prompts only
     ]
 
 
@@ -74,3 +75,13 @@ def test_each_bad_input_is_one_line_and_exit_2(files):
         assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
         assert out.stderr.splitlines() == [out.stderr.strip()] and message in out.stderr, (args, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_without_samples_the_model_answers_each_prompt_greedily(files, tiny_model):
+    """The answers training starts from, graded: the same model twice gives the same answers."""
+    grader, data, _, _ = files
+    runs = [run_cli("grade", grader, data, "--model", str(tiny_model), "--max-tokens", "6", "--json") for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    first, second = (json.loads(r.stdout) for r in runs)
+    assert first["count"] == len(DATA) and first == second
+    assert all(0.0 <= row["score"] <= 1.0 for row in first["rows"])

@@ -104,3 +104,51 @@ def test_held_out_reward_rises_above_the_bases(tmp_path):
     trains = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "train"]
     assert all({"train_reward_mean", "train_reward_std", "train_score_correct", "train_score_shout", "kl", "completion_tokens_mean"} <= set(r)
                for r in trains)
+
+
+def _rl_spec(path: Path, model: Path, out: Path, data: Path) -> Path:
+    grader = {"type": "multi", "name": "echo", "calculate_output": "0.5 * said + 0.5 * near",
+              "graders": {"said": {"type": "string_check", "name": "said", "input": "{{sample.output_text}}", "reference": "{{item.word}}", "operation": "ilike"},
+                          "near": {"type": "text_similarity", "name": "near", "input": "{{sample.output_text}}", "reference": "{{item.word}}",
+                                   "evaluation_metric": "fuzzy_match"}}}
+    path.write_text(f"model: {model}\ndata: {{train: {data}, val_fraction: 0.25}}\noutput_dir: {out}\n"
+                    f"method: {{type: reinforcement, grader: {json.dumps(grader)}, completion_tokens: 4,\n"
+                    "         hyperparameters: {compute_multiplier: 0.5, eval_samples: 2}}\n"
+                    "hyperparameters: {epochs: 6, batch_size: 2, learning_rate: 0.01, max_seq_len: 64, mixed_precision: 'no'}\n"
+                    "lora: {r: 8, dropout: 0.1}\ncheckpointing: {eval_steps: 3, save_steps: 3, early_stopping_patience: null}\n")
+    return path
+
+
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_model):
+    """Every answer's seed is a function of (seed, step, prompt, answer) and the checkpoint holds
+    the optimizer: a run killed mid-way and resumed samples, grades and steps as the one that was not."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_train import _wait_for
+    from tunejob.monitor.metrics import read_metrics
+    from tunejob.train.checkpoint import list_checkpoints
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."}], "word": w}) + "\n" for w in WORDS[:16]))
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    assert run_cli("run", str(_rl_spec(tmp_path / "ref.yaml", tiny_model, ref_out, data))).returncode == 0
+    spec = _rl_spec(tmp_path / "job.yaml", tiny_model, out, data)
+    proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(spec)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    assert _wait_for(lambda: any(s >= 9 for s, _ in list_checkpoints(out)), 300), "no checkpoint appeared"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(s for s, _ in list_checkpoints(out)) < 36, "the run finished before it could be killed; make it longer"
+    res = run_cli("run", str(spec))
+    assert res.returncode == 0 and "resuming from" in res.stderr, res.stderr
+    got = {(r["kind"], r["step"]): r for r in read_metrics(out / "metrics.jsonl") if r["kind"] in ("train", "eval")}
+    want = {(r["kind"], r["step"]): r for r in read_metrics(ref_out / "metrics.jsonl") if r["kind"] in ("train", "eval")}
+    assert sorted(got) == sorted(want)
+    for key, r in want.items():
+        for field in ("train_loss", "train_reward_mean", "kl", "completion_tokens_mean", "valid_reward_mean"):
+            if field in r:
+                assert abs(got[key][field] - r[field]) < 1e-4, (key, field, got[key][field], r[field])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] == json.loads((ref_out / "summary.json").read_text())["best_step"]

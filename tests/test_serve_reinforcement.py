@@ -14,11 +14,10 @@ from conftest import WORDS
 from test_serve import Server, client, wait_status
 from test_serve_conformance import _validators
 
-GRADER = {"type": "multi", "name": "echo", "calculate_output": "0.5 * said + 0.5 * near",
-          "graders": {"said": {"type": "string_check", "name": "said", "input": "{{sample.output_text}}", "reference": "{{item.word}}",
-                               "operation": "ilike"},
-                      "near": {"type": "text_similarity", "name": "near", "input": "{{sample.output_text}}", "reference": "{{item.word}}",
-                               "evaluation_metric": "fuzzy_match"}}}
+# one grader, not a multi: OpenAI's published schema types multi's `graders` as one grader where its
+# guide (and tunejob) take a map, so a map-form multi would fail the FineTuningJob schema check below
+GRADER = {"type": "text_similarity", "name": "near", "input": "{{sample.output_text}}", "reference": "{{item.word}}",
+          "evaluation_metric": "fuzzy_match"}
 METHOD = {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {
     "n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5, "eval_interval": 3, "eval_samples": 2}}}
 SMALL = {"tunejob": {"method": {"completion_tokens": 4}, "hyperparameters": {"max_seq_len": 64}}}
@@ -43,13 +42,13 @@ def test_sdk_reinforcement_job_trains_and_reports_rewards(server, tmp_path):
     f = c.files.create(file=open(write_prompts(tmp_path / "p.jsonl", 12), "rb"), purpose="fine-tune")
     assert f.status == "processed"  # prompts without answers are a valid fine-tune file
     job = c.fine_tuning.jobs.create(training_file=f.id, model="gpt-4o-mini-2024-07-18", method=METHOD, seed=3, extra_body=SMALL)
-    assert job.method.type == "reinforcement" and job.method.reinforcement.grader.type == "multi"
+    assert job.method.type == "reinforcement" and job.method.reinforcement.grader.type == "text_similarity"
     assert job.method.reinforcement.hyperparameters.compute_multiplier == 0.5
     done = wait_status(c, job.id, ("succeeded",), timeout=300)
     _validators()("FineTuningJob", done.model_dump(exclude_unset=True))
     metrics = [e.data for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"]
     train = [d for d in metrics if "train_reward_mean" in d]
-    assert train and all({"kl", "completion_tokens_mean", "train_score_said", "train_score_near"} <= set(d) for d in train)
+    assert train and all({"kl", "completion_tokens_mean", "train_score_near"} <= set(d) for d in train)
     assert all(0 <= d["train_reward_mean"] <= 1 for d in train)
     assert any("valid_reward_mean" in d for d in metrics)
     checkpoint = c.fine_tuning.jobs.checkpoints.list(job.id).data[0]
@@ -80,11 +79,11 @@ def test_bad_graders_and_data_are_400s(server, tmp_path):
     c = client(server)
     good = c.files.create(file=open(write_prompts(tmp_path / "p.jsonl", 6), "rb"), purpose="fine-tune")
     other = c.files.create(file=open(write_prompts(tmp_path / "q.jsonl", 6, field="name"), "rb"), purpose="fine-tune")
-    bad_formula = {**GRADER, "calculate_output": "said.__class__"}
+    bad_formula = {"type": "multi", "name": "m", "calculate_output": "near.__class__", "graders": {"near": GRADER}}
     cases = [
         (good.id, {"type": "reinforcement", "reinforcement": {"grader": bad_formula}}, "method.reinforcement.grader", "calculate_output"),
         (good.id, {"type": "reinforcement", "reinforcement": {"grader": {**GRADER, "type": "nope"}}}, "method.reinforcement.grader", "nope"),
-        (other.id, METHOD, "training_file", "line 1"),  # the grader reads item.word, the lines have name
+        (other.id, METHOD, "training_file", f"{other.id}:1: no 'word'"),  # the grader reads item.word, the lines have name
         (good.id, {"type": "reinforcement"}, "method", "grader"),
         (good.id, {"type": "reinforcement", "reinforcement": {"grader": GRADER, "hyperparameters": {"compute_multiplier": 11}}},
          "method.reinforcement.hyperparameters.compute_multiplier", "compute_multiplier"),

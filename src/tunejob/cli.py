@@ -53,21 +53,29 @@ _add_grade()
 Executor = Enum("Executor", {"local": "local", "ray": "ray"}, type=str)
 ChatDtype = Enum("ChatDtype", {"float32": "float32", "bfloat16": "bfloat16", "auto": "auto"}, type=str)
 ChatEngine = Enum("ChatEngine", {"local": "local", "vllm": "vllm"}, type=str)
-DataFormat = Enum("DataFormat", {"openai": "openai", "bedrock": "bedrock", "preference": "preference"}, type=str)
+DataFormat = Enum("DataFormat", {"openai": "openai", "bedrock": "bedrock", "preference": "preference", "reinforcement": "reinforcement"}, type=str)
 
 
 @app.command()
 def validate(
     path: Annotated[Path, typer.Argument(help="JSONL dataset (chat messages or prompt/completion).")],
-    format: Annotated[DataFormat, typer.Option("--format", help="Rules to check: openai (chat, prompt/completion or preference pairs, recognised), bedrock's stricter ones, or preference pairs only.")] = DataFormat.openai,
+    format: Annotated[DataFormat, typer.Option("--format", help="Rules to check: openai (chat, prompt/completion or preference pairs, recognised), bedrock's stricter ones, preference pairs only, or reinforcement's prompts.")] = DataFormat.openai,
     model: Annotated[Optional[str], typer.Option(help="Model whose tokenizer and context limit apply (default: gpt-4o family's o200k_base).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     min_examples: Annotated[int, typer.Option(help="Fewer valid examples than this is an error.")] = 10,
+    grader: Annotated[Optional[Path], typer.Option(help="Reinforcement: an OpenAI grader (JSON) whose {{item.x}} fields every line must have.")] = None,
 ) -> None:
     """Check every line of a dataset; list problems with line numbers. Exit 0 clean, 2 on errors."""
     from tunejob.data.validate import render_text, validate_file
 
-    report = validate_file(path, format=format.value, model=model, min_examples=min_examples)
+    fields = frozenset()
+    if grader is not None:
+        from tunejob.graders import referenced_item_fields
+        from tunejob.graders.batch import load_grader
+
+        fields = frozenset(referenced_item_fields(load_grader(grader)))
+        format = DataFormat.reinforcement
+    report = validate_file(path, format=format.value, model=model, min_examples=min_examples, item_fields=fields)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

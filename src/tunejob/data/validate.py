@@ -165,6 +165,7 @@ def require_valid(path: str | Path, format: Format = "openai", model: str | None
         first = next(p for ps in report.problems.values() for p in ps if p.severity == "error")
         kinds = ", ".join(f"{k} x{n}" for k, n in report.counts.items() if n and KINDS[k][0] == "error")
         flags = (f" --format {format}" if format != "openai" else "") + (f" --model {model}" if model else "")
+        flags += " --grader GRADER.json" if item_fields else ""
         where = f"{path}:{first.line}" if first.line else str(path)
         # The command is named when there is more to see, or when plain `tunejob validate` would not
         # reproduce the check (Bedrock's rules, a model's context limit).

@@ -126,7 +126,8 @@ def _check_prompts(path, grader: dict, key: str, fid: str) -> None:
     try:
         require_valid(path, method="reinforcement", item_fields=frozenset(referenced_item_fields(grader)))
     except DataError as exc:
-        raise ApiError(400, f"invalid {key}: {str(exc).replace(str(path), fid)}", param=key, code="invalid_file") from None
+        said = str(exc).replace(str(path), fid).split("; run `tunejob validate")[0]  # the CLI hint means nothing to an API client
+        raise ApiError(400, f"invalid {key}: {said}", param=key, code="invalid_file") from None
 
 
 def create_job(state: ServerState, who: str, body: object) -> dict:

@@ -328,7 +328,8 @@ def _rewards(record: dict, prefix: str) -> dict:
     """A DPO record's reward metrics (rewards_* / valid_rewards_*), or a reinforcement record's
     (reward mean and std, each sub-grader's score_*, KL, answer lengths), for events and checkpoints."""
     rl = ("kl", "clip_ratio", f"{prefix}completion_tokens_mean", f"{prefix}completion_tokens_std", f"{prefix}truncated_ratio")
-    return {k: v for k, v in record.items() if k.startswith((f"{prefix}rewards_", f"{prefix}reward_", f"{prefix}score_")) or k in rl}
+    own = prefix or "train_"  # a reinforcement train record's rewards are train_reward_* / train_score_*
+    return {k: v for k, v in record.items() if k.startswith((f"{prefix}rewards_", f"{own}reward_", f"{own}score_")) or k in rl}
 
 
 def _pick(record: dict, keys: tuple[str, ...]) -> dict:
