@@ -11,7 +11,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from tunejob.errors import TunejobError
 
 
 def grade(

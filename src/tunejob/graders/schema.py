@@ -156,7 +156,7 @@ def _is_number(value) -> bool:
 def _strings(grader: dict, path: str, keys: tuple[str, ...], problems: list) -> None:
     for key in keys:
         if key in grader and not isinstance(grader[key], str):
-            problems.append((f"{path}.{key}", f"must be a string (it may use {{{{item.FIELD}}}} and {{{{sample.output_text}}}})"))
+            problems.append((f"{path}.{key}", "must be a string (it may use {{{{item.FIELD}}}} and {{{{sample.output_text}}}})"))
 
 
 def _check_string_check(grader: dict, path: str, context: GraderContext, problems: list) -> None:
