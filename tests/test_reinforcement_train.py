@@ -152,3 +152,18 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_mod
                 assert abs(got[key][field] - r[field]) < 1e-4, (key, field, got[key][field], r[field])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_step"] == json.loads((ref_out / "summary.json").read_text())["best_step"]
+
+
+def test_python_api_runs_a_reinforcement_job(tmp_path, tiny_model):
+    """The README's Python lines: load the spec, run it, read the summary; grade one answer."""
+    from tunejob.graders import grade, make_sample
+    from tunejob.runner import run_job
+    from tunejob.spec import load_spec
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."}], "word": w}) + "\n" for w in WORDS[:8]))
+    spec = load_spec(_rl_spec(tmp_path / "rl.yaml", tiny_model, tmp_path / "run", data), overrides=["hyperparameters.max_steps=2"])
+    summary = run_job(spec)
+    assert summary["steps"] == 2 and summary["best_valid_reward"] is not None and "best_valid_loss" not in summary
+    result = grade(spec.method.grader, make_sample("alpha"), {"word": "alpha"})
+    assert result.score == 1.0 and result.sub_scores == {"said": 1.0, "near": 1.0}

@@ -213,7 +213,8 @@ def _optimizer_step(run: Run, step: int, seqs: list, fields: dict, n_trained: in
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    state, tokens = run.state, sum(_length(s) for s in seqs)
+    # reinforcement: the prompts and the answers sampled for them went through the model, not the prompts once
+    state, tokens = run.state, processed if run.rl else sum(_length(s) for s in seqs)
     state["tokens_processed"] = state.get("tokens_processed", 0) + int(processed)
     state["tokens_seen"] += tokens
     state["trained_tokens"] += n_trained
