@@ -409,3 +409,16 @@ def test_epochs_of_a_billion_through_the_extras_are_refused(api):
     for field, value in (("temperature", "1"), ("top_p", "0.5"), ("temperature", 2.5), ("top_p", 1.5)):
         res = api.post("/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "hi"}], field: value})
         assert res.status_code == 400 and res.json()["error"]["param"] == field, res.text
+
+
+# Issue 31, finding 7: an assistant tool call without `function` reached the prompt renderer and
+# answered a 500 (KeyError: 'function'); each malformed call is now a 400 naming the field.
+@pytest.mark.parametrize("call", [{"id": "x"}, {"id": "x", "type": "function"}, {"id": "x", "type": "function", "function": {"name": "f"}},
+                                  {"id": "x", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}},
+                                  {"type": "function", "function": {"name": "f", "arguments": "{}"}}, "call"])
+def test_malformed_tool_calls_are_400s(api, call):
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                                             {"role": "tool", "tool_call_id": "x", "content": "42"}]}
+    res = post_json(api, "/v1/chat/completions", body, CHAT_KEY)
+    assert res.status_code == 400, res.text
+    assert res.json()["error"]["param"].startswith("messages.1.tool_calls.0"), res.json()

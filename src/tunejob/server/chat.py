@@ -37,7 +37,8 @@ def parse_request(body: object) -> tuple[str, inference.ChatRequest, bool, bool]
     messages = []
     for m in req.messages:
         msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text() if m.content is not None else None}
-        msg.update({k: v for k, v in (("name", m.name), ("tool_calls", m.tool_calls), ("tool_call_id", m.tool_call_id)) if v is not None})
+        calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls else None
+        msg.update({k: v for k, v in (("name", m.name), ("tool_calls", calls), ("tool_call_id", m.tool_call_id)) if v is not None})
         messages.append(msg)
     if req.tool_choice not in (None, "auto", "none"):
         raise ApiError(400, "tool_choice: this server supports 'auto' and 'none'", param="tool_choice")

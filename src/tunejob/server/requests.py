@@ -196,12 +196,28 @@ class ContentPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """OpenAI's ChatCompletionMessageToolCall in an assistant turn: checked here, since a call
+    without `function` reached the prompt renderer and failed there with a 500 (issue 31)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
