@@ -103,3 +103,41 @@ def test_a_run_that_waited_too_long_is_submitted_again_without_using_a_retry(tmp
     job = run_until(Worker(store, {}, log=lambda *a: None, executor=ex, node_retries=1), store, job_id, lambda j: len(ex.submitted) >= 4)
     assert job["status"] in ("queued", "running") and not job.get("_retries") and job.get("error") is None
     assert sum(e["message"].startswith("Still waiting for resources") for e in store.list_events(job_id)) >= 3
+
+
+def test_training_here_is_safe_while_the_worker_changes_children():
+    """Issue 31, finding 4: chat asks training_here() while the worker thread starts and reaps
+    children; iterating the live dict raised 'dictionary changed size during iteration'."""
+    import threading
+    import time as _time
+
+    from tunejob.server.executor import LocalExecutor, _Child
+
+    class Proc:
+        def poll(self):
+            _time.sleep(0)  # lets the other thread run mid-iteration, as a real poll() syscall does
+            return 0  # exited: training_here() must look at every child
+
+    ex, errors, stop = LocalExecutor(slots=64), [], threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            ex._children[f"r{i}"] = _Child(Proc(), 0, "j")
+            ex._children.pop(f"r{i - 8}", None)
+            i += 1
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        deadline = _time.time() + 3  # before the fix it failed within a fraction of a second
+        while _time.time() < deadline:
+            try:
+                ex.training_here()
+            except RuntimeError as exc:
+                errors.append(str(exc))
+                break
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors

@@ -204,7 +204,10 @@ class LocalExecutor:
         return False  # children die with the server (PR_SET_PDEATHSIG)
 
     def training_here(self) -> bool:
-        return any(c.proc.poll() is None for c in self._children.values())
+        # Asked from the chat thread while the worker thread adds and drops children: iterate a
+        # snapshot (tuple() copies under the GIL), or a change mid-loop raises "dictionary changed
+        # size during iteration" into every chat row (issue 31, finding 4).
+        return any(c.proc.poll() is None for c in tuple(self._children.values()))
 
     def shutdown(self) -> None:
         for child in self._children.values():
