@@ -125,3 +125,23 @@ def test_plan_follows_the_chosen_precision(tmp_path, tiny_model):
     # the frozen base at 2 bytes a parameter instead of 4; the time estimate against bf16's own GEMM peak
     assert plans["bf16"]["memory"]["weights_gb"] == pytest.approx(plans["no"]["memory"]["weights_gb"] / 2, rel=0.05)
     assert plans["no"]["time"]["precision"] == "fp32" and plans["bf16"]["time"]["precision"] == "bf16"
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_started_in(tmp_path, tiny_model, monkeypatch):
+    """Issue 31, finding 11: `auto` is measured per thread count, which differs between a serve
+    child, the CLI and a Ray node, so a resume could resolve it the other way and switch precision
+    half-way. Started where bf16 is fast, resumed where it is not: the run stays in bf16."""
+    from tunejob.train.trainer import train
+
+    data = write_chat_data(tmp_path / "d.jsonl", 16)
+    text = (f"model: {tiny_model}\ndata: {{train: {data}, val_fraction: 0.25}}\noutput_dir: {tmp_path / 'run'}\n"
+            "hyperparameters: {epochs: 2, batch_size: 4, learning_rate: 0.01, max_seq_len: 64, warmup: 0, max_steps: MAX}\n"
+            "lora: {r: 4}\ncheckpointing: {eval_steps: 2, save_steps: 2, early_stopping_patience: null}\n")
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: True)
+    first = train(parse_spec(text.replace("MAX", "2")), say=lambda m: None)
+    assert first["mixed_precision"] == "bf16"
+    monkeypatch.setattr(precision, "bf16_is_fast", lambda device: False)  # the resuming process measures otherwise
+    resumed = train(parse_spec(text.replace("MAX", "4")), say=lambda m: None)
+    assert resumed["steps"] == 4 and resumed["mixed_precision"] == "bf16"
+    starts = [r["mixed_precision"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "start"]
+    assert starts == ["bf16", "bf16"]

@@ -72,6 +72,18 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -
     return ckpt.read_state(path)
 
 
+def started_precision(run_dir: Path) -> str | None:
+    """The precision the run started in ("no" or "bf16", from its first start record): a resumed
+    run keeps it. `auto` is measured per thread count, which differs between a serve child, the CLI
+    and a Ray node, so resolving it again could switch a run's precision half-way (issue 31, finding 11)."""
+    from tunejob.monitor.metrics import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    return next((r.get("mixed_precision") for r in read_metrics(path) if r.get("kind") == "start"), None)
+
+
 def changed_keys(old_yaml: str, new_yaml: str) -> list[str]:
     import yaml
 

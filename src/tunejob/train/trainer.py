@@ -114,7 +114,7 @@ def _encode(spec: JobSpec, tokenizer, say) -> tuple[list, list]:
     return train_seqs, val_seqs
 
 
-def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, config_yaml: str, say) -> Run:
+def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, config_yaml: str, say, pinned: str | None = None) -> Run:
     from transformers import get_cosine_schedule_with_warmup
 
     hp = spec.hyperparameters
@@ -130,7 +130,7 @@ def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, co
         total_steps = min(total_steps, hp.max_steps)
     warmup = int(hp.warmup * total_steps) if hp.warmup < 1 else int(hp.warmup)
 
-    mixed = precision.resolve(hp.mixed_precision, world.device, spec.quantization)
+    mixed = pinned if pinned and hp.mixed_precision == "auto" else precision.resolve(hp.mixed_precision, world.device, spec.quantization)
     # bf16: the frozen base is stored in bf16; peft keeps the LoRA weights fp32 (autocast_adapter_dtype),
     # so the optimizer state and the loss reduction (loss.forward_loss upcasts the logits) stay fp32.
     model = add_lora(spec, load_model(spec, model_path, world.device, mixed))
@@ -365,7 +365,8 @@ def train(spec: JobSpec, resume: bool | None = None, model_path: str | None = No
 
 
 def _train(spec: JobSpec, world, run_dir, config_yaml: str, resuming: bool, existing, model_path, say, stop: StopRequest) -> dict:
-    run = _prepare(spec, world, model_path, config_yaml, say)  # data and model first: a job that cannot start writes nothing
+    pinned = saved.started_precision(run_dir) if resuming else None  # a resumed `auto` run keeps the precision it started in
+    run = _prepare(spec, world, model_path, config_yaml, say, pinned)  # data and model first: a job that cannot start writes nothing
     run.stop = stop
     run_dir.mkdir(parents=True, exist_ok=True)
     if world.is_main:
