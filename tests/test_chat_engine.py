@@ -146,3 +146,40 @@ def test_streamed_text_is_the_answers_text(tiny_model):
         streamed = "".join(gen.new_text(tok, tokens[:k], final=k == len(tokens)) for k in range(1, len(tokens) + 1))
         plain = to_result(tok, ChatRequest(messages=[], max_tokens=len(tokens)), 0, tokens, set(), False).content
         assert streamed.strip() == plain, tokens
+
+
+def test_a_failure_making_an_answer_reaches_its_client_and_frees_its_slot(tiny_model, monkeypatch):
+    """Issue 31, finding 5: an exception while a finished row's answer was made (in _progress)
+    reached no one: the client waited forever and its queue slot leaked (8 leaks: every chat a 429).
+    Now that client gets the error, the others their answers, and the engine's count goes back to 0."""
+    from tunejob.server import generation
+
+    real, calls = generation.to_result, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("answer could not be made")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(generation, "to_result", flaky)
+    asks = [(None, ChatRequest(messages=[{"role": "user", "content": w}], max_tokens=5, temperature=0)) for w in ("alpha", "beta", "gamma")]
+    counts = []
+
+    class Spy(Engine):
+        def stop(self):
+            import time
+
+            deadline = time.time() + 5  # a row is released just after its client is answered, on the engine's thread
+            while self._pending and time.time() < deadline:
+                time.sleep(0.01)
+            counts.append(self._pending)
+            super().stop()
+
+    monkeypatch.setattr(generation, "Engine", Spy)
+    monkeypatch.setattr(__import__(__name__), "Engine", Spy)
+    results, _ = _run(tiny_model, asks)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(errors) == 1 and "answer could not be made" in str(errors[0])
+    assert sum(not isinstance(r, Exception) for r in results) == 2
+    assert counts == [0]

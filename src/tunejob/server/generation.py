@@ -234,22 +234,36 @@ class Engine:
             row.owner._emit("error", exc)
 
     def _progress(self, batch: Batch, done: list[Row]) -> None:
-        """Stream each row's new text; answer the rows that finished."""
+        """Stream each row's new text; answer the rows that finished. Every finished row is
+        answered (with its error if making the answer fails) and released: `done` rows have left
+        the batch, so an error past this point would reach no one, and the client would wait
+        forever while its queue slot leaked (issue 31, finding 5)."""
         for row in batch.rows + done:
             gen: Generation = row.owner
             if gen.stream and not gen.request.parses_calls and row.finish != "error":
-                delta = gen.new_text(row.target.tokenizer, row.tokens, final=bool(row.finish))
+                try:
+                    delta = gen.new_text(row.target.tokenizer, row.tokens, final=bool(row.finish))
+                except Exception as exc:  # this row's error: a row still in the batch leaves it at the next step
+                    self._fail([row], exc)
+                    continue
                 if delta:
                     gen._emit("text", delta)
         for row in done:
-            self.weights.release(row.target)
-            if row.finish != "error":
-                result = to_result(row.target.tokenizer, row.request, len(row.prompt), row.tokens, row.eos, row.finish == "cancelled")
-                if result.finish_reason == "cancelled":
-                    self.log(f"chat: the client went away; generation stopped after {result.completion_tokens} of "
-                             f"{row.request.max_tokens} tokens")
-                row.owner._emit("done", result)
-            self._done(row.owner)
+            try:
+                self.weights.release(row.target)
+                if row.finish != "error":
+                    self._answer(row)
+            except Exception as exc:
+                row.owner._emit("error", exc)
+            finally:
+                self._done(row.owner)
+
+    def _answer(self, row: Row) -> None:
+        result = to_result(row.target.tokenizer, row.request, len(row.prompt), row.tokens, row.eos, row.finish == "cancelled")
+        if result.finish_reason == "cancelled":
+            self.log(f"chat: the client went away; generation stopped after {result.completion_tokens} of "
+                     f"{row.request.max_tokens} tokens")
+        row.owner._emit("done", result)
 
     def _done(self, gen: Generation) -> None:
         with self._lock:
