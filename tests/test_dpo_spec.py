@@ -30,8 +30,9 @@ def test_dpo_with_beta_and_the_shorthand():
 @pytest.mark.parametrize("text, expected", [
     ("method: {type: dpo, beta: 0}\n", "job.yaml:2: method.beta: 0 is invalid: input should be greater than 0"),
     ("method: {type: dpo}\nhyperparameters: {train_on: all}\n", "hyperparameters.train_on: 'all' with method dpo"),
-    ("method: {type: supervised, beta: 0.1}\n", "beta: applies to method type dpo only; remove it or set method.type: dpo"),
-    ("method: {type: reinforcement}\n", "method.type: 'reinforcement' is invalid"),
+    ("method: {type: supervised, beta: 0.1}\n", "beta: applies to method types dpo and reinforcement; remove it or set method.type: dpo"),
+    ("method: {type: reinforcement}\n", "grader: method reinforcement needs a grader"),
+    ("method: {type: rlhf}\n", "method.type: 'rlhf' is invalid"),
 ])
 def test_bad_method_is_one_line_naming_key_and_fix(text, expected):
     msg = errors_of("data: {train: t.jsonl}\n" + text)

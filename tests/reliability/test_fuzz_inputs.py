@@ -402,7 +402,7 @@ def test_epochs_of_a_billion_through_the_extras_are_refused(api):
                          ({"hyperparameters": {"max_seq_len": 10**6}}, "tunejob.hyperparameters.max_seq_len")):
         res = api.post("/v1/fine_tuning/jobs", json={"training_file": FILE_IDS["good"], "model": "default", "tunejob": extra})
         assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text
-    for extra, param in (({"method": {"type": "reinforcement", "reinforcement": {}}}, "method"), ({"suffix": "x" * 65}, "suffix"), ({"seed": 2**31}, "seed"),
+    for extra, param in (({"method": {"type": "reinforcement", "reinforcement": {}}}, "method.reinforcement.grader"), ({"suffix": "x" * 65}, "suffix"), ({"seed": 2**31}, "seed"),
                          ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"), ({"hyperparameters": {"batch_size": 257}}, "hyperparameters.batch_size")):
         res = api.post("/v1/fine_tuning/jobs", json={"training_file": FILE_IDS["good"], "model": "default", **extra})
         assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text

@@ -253,6 +253,18 @@ def build() -> None:
     put("bedrock_not_alternating_two_assistants.jsonl", [bedrock(0), br(("user", "Brief me on Initech."), ("assistant", "Logistics firm."), ("assistant", "Evaluating two rivals.")), bedrock(2)], "bedrock_not_alternating", 2, BEDROCK)
     put("bedrock_system_misplaced.jsonl", [bedrock(0), bedrock(1), {"messages": [{"role": "user", "content": "Brief me."}, {"role": "system", "content": SYSTEM}, {"role": "assistant", "content": "Globex wants a pilot."}]}], "bedrock_system_misplaced", 3, BEDROCK)
 
+    # -- reinforcement prompts (--format reinforcement; --grader names the fields each line needs) --
+    RFT = ("--format", "reinforcement", "--min-examples", "1")
+
+    def prompt(i: int, **fields) -> dict:
+        return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Which rep owns account {i}?"}], **fields}
+
+    put("rft_prompt_ends_with_answer.jsonl", [prompt(0), prompt(1), msgs(("user", "Who owns Globex?"), ("assistant", "Dana."))],
+        "prompt_ends_with_answer", 3, RFT)
+    # the grader (tests/data/rft_grader.json) reads {{item.owner}}; line 2 calls it rep
+    put("rft_missing_item_field.jsonl", [prompt(0, owner="Dana"), prompt(1, rep="Sam"), prompt(2, owner="Lee")], "missing_item_field", 2,
+        ("--grader", "tests/data/rft_grader.json", "--min-examples", "1"))
+
     (HERE / "EXPECTED.json").write_text(json.dumps(dict(sorted(EXPECTED.items())), indent=2) + "\n", encoding="utf-8")
 
 
