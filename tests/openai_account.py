@@ -39,13 +39,18 @@ def job_object(i: int, model: str = "gpt-4o-mini-2024-07-18", status: str = "suc
     hp = {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8}
     if method == "dpo":
         hp["beta"] = 0.1
+    section = {"hyperparameters": hp}
+    if method == "reinforcement":  # o4-mini's RFT: a grader, and its own hyperparameters
+        hp.update(compute_multiplier=2.0, eval_interval=5, eval_samples=3, reasoning_effort="medium")
+        section["grader"] = {"type": "string_check", "name": "city", "input": "{{sample.output_text}}", "reference": "{{item.city}}",
+                             "operation": "eq"}
     return {"object": "fine_tuning.job", "id": f"ftjob-{i:05d}", "model": model, "created_at": 1_750_000_000 + i,
             "finished_at": 1_750_000_500 + i if status == "succeeded" else None,
             "fine_tuned_model": f"ft:{model}:acme::m{i:05d}" if status == "succeeded" else None,
             "organization_id": "org-acme", "result_files": [f"file-result-{i}"] if status == "succeeded" else [],
             "status": status, "validation_file": validation_file, "training_file": training_file or f"file-train-{i}",
             "hyperparameters": hp, "trained_tokens": 12345 if status == "succeeded" else None, "error": None, "seed": 42,
-            "method": {"type": method, method: {"hyperparameters": hp}}, "metadata": None, "suffix": None}
+            "method": {"type": method, method: section}, "metadata": None, "suffix": None}
 
 
 @dataclass

@@ -175,3 +175,30 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         done = run_cli(*args, "--api-key-env", "NO_SUCH_KEY_VAR") if args[1] == "inventory" else run_cli(*args)
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_rft_job_is_recorded_and_retrained_with_its_grader(tmp_path):
+    """o4-mini's RFT is gone: its jobs carry their grader out. record keeps it in spec.yaml (checked
+    against OpenAI's schema by the account), and retrain writes a local reinforcement spec with the
+    same grader and the RL-only hyperparameters."""
+    import yaml
+
+    from openai_schema import errors
+    from tunejob.backends.openai_api import request_body
+    from tunejob.migrate.record import record_model
+    from tunejob.migrate.retrain import write_retrain_spec
+    from tunejob.spec import JobSpec
+
+    line = {"messages": [{"role": "user", "content": "Capital of Peru?"}], "city": "Lima"}
+    rft = job_object(5, model="o4-mini-2025-04-16", method="reinforcement")
+    account = Account(jobs=[rft], files={"file-train-5": (json.dumps(line) + "\n").encode()})
+    record_model(account.client(), rft["id"], tmp_path / "rft")
+    source = yaml.safe_load((tmp_path / "rft" / "spec.yaml").read_text())
+    assert source["method"]["grader"] == rft["method"]["reinforcement"]["grader"]
+    body = request_body(JobSpec.model_validate({**source, "data": {"train": "x.jsonl"}}), "t", "file-1", None)
+    assert errors("CreateFineTuningJobRequest", body) == []  # the recorded spec would submit the same job again
+    path, mapping = write_retrain_spec(tmp_path / "rft", base="default")
+    spec = yaml.safe_load(path.read_text())
+    assert spec["method"] == {"type": "reinforcement", "grader": rft["method"]["reinforcement"]["grader"],
+                              "hyperparameters": {"compute_multiplier": 2.0, "eval_samples": 3, "reasoning_effort": "medium"}}
+    assert mapping["tunejob"]["epochs"] == 3 and account.problems == []

@@ -89,7 +89,19 @@ def source_spec(job, name: str) -> dict:
         spec["data"]["validation"] = "data/validation.jsonl"
     if method == "dpo" and hp.get("beta") not in (None, "auto"):
         spec["method"]["beta"] = hp["beta"]
+    if method == "reinforcement":  # the grader travels with the job: it is what an RFT model was trained against
+        spec["method"].update(reinforcement_method(job.model_dump(mode="json", exclude_none=True)))
     return spec
+
+
+RL_ONLY = ("compute_multiplier", "eval_samples", "reasoning_effort")  # the rest map onto the spec's own hyperparameters
+
+
+def reinforcement_method(job: dict) -> dict:
+    """An RFT job's grader and its RL-only hyperparameters, as a spec's method section takes them."""
+    section = (job.get("method") or {}).get("reinforcement") or {}
+    hp = section.get("hyperparameters") or {}
+    return {"grader": section.get("grader"), "hyperparameters": {k: hp[k] for k in RL_ONLY if k in hp}}
 
 
 def folder_name(model: str) -> str:

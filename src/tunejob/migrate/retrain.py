@@ -14,7 +14,7 @@ How OpenAI's settings map onto LoRA (each choice is written into retrain.json wi
   Unresolved `auto` is 1.
 - LoRA's own settings (rank, targets, dropout) are tunejob's defaults: OpenAI does not say what
   it trains. `--set lora.r=32` (any spec field) changes them in retrain.yaml.
-- method (supervised | dpo, beta), seed: as recorded. Checkpoints, evaluation and early stopping
+- method (supervised | dpo with beta | reinforcement with its grader), seed: as recorded. Checkpoints, evaluation and early stopping
   are tunejob's (evaluation once per epoch, as OpenAI's checkpoints are), the best kept.
 
 --distill adds the golden answers to prompts the training file does not hold (validation
@@ -34,7 +34,7 @@ import yaml
 
 from tunejob.data.dataset import write_jsonl
 from tunejob.migrate.prompts import item_of, training_ids
-from tunejob.migrate.record import MigrateError, read_rows
+from tunejob.migrate.record import MigrateError, read_rows, reinforcement_method
 from tunejob.train.checkpoint import write_json_atomic
 
 def resolve_openai(hp: dict, n_examples: int) -> dict:
@@ -109,7 +109,8 @@ def write_retrain_spec(folder: Path, base: str, distill: bool = False, holdout: 
     folder = Path(folder).resolve()
     job, method, train, validation, golden = _recorded(folder)
     if distill and method != "supervised":
-        raise MigrateError(f"--distill adds answers as chat examples; this job trained {method} on preference pairs, so retrain it without --distill")
+        data_kind = "preference pairs" if method == "dpo" else "prompts and a grader"
+        raise MigrateError(f"--distill adds answers as chat examples; this job trained {method} on {data_kind}, so retrain it without --distill")
     hp_job = ((job.get("method") or {}).get(method) or {}).get("hyperparameters") or job.get("hyperparameters") or {}
     used, held = distill_split(golden, training_ids(train), holdout, seed) if distill else ([], [])
     if not train and not used:
@@ -133,6 +134,8 @@ def write_retrain_spec(folder: Path, base: str, distill: bool = False, holdout: 
             "output_dir": str(folder / "retrained")}
     if method == "dpo" and hp_job.get("beta") not in (None, "auto"):
         spec["method"]["beta"] = hp_job["beta"]
+    if method == "reinforcement":  # the same grader, now scoring GRPO's answers on the open base (train/reinforcement.py)
+        spec["method"].update(reinforcement_method(job))
     for item in overrides or []:
         apply_override(spec, item)
     JobSpec.model_validate({**spec, "data": {k: str(folder / v) for k, v in data.items()}})  # fails here, not at run time
