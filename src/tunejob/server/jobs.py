@@ -7,6 +7,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from tunejob.server.api import DEFAULT_LR, ApiError, ServerState, json_body, owner, page, public
@@ -184,7 +185,8 @@ def router(state: ServerState) -> APIRouter:
 
     @api.post("/v1/fine_tuning/jobs")
     async def create(request: Request):
-        return create_job(state, owner(request), await json_body(request))
+        # off the event loop: a reinforcement job's check reads its whole file and compiles python graders
+        return await run_in_threadpool(create_job, state, owner(request), await json_body(request))
 
     @api.get("/v1/fine_tuning/jobs")
     def list_jobs(request: Request, q: Annotated[ListQuery, Query()]):
