@@ -107,14 +107,8 @@ class OpenAIBackend:
 
         from tunejob.data.validate import require_valid
 
-        fields = frozenset()
-        if spec.method.type == "reinforcement":  # the grader, and the fields it reads, before anything is uploaded
-            from tunejob.graders import check_grader, referenced_item_fields
-
-            check_grader(spec.method.grader)
-            fields = frozenset(referenced_item_fields(spec.method.grader))
-        for path in filter(None, [spec.data.train, spec.data.validation]):
-            require_valid(path, model=spec.model, method=spec.method.type, item_fields=fields)
+        for path in filter(None, [spec.data.train, spec.data.validation]):  # reinforcement: its grader too, before anything is uploaded
+            require_valid(path, model=spec.model, method=spec.method.type, grader=spec.method.grader)
         settings = spec.openai
         client = make_client(settings)
         record = store.create("openai", spec.name, spec.to_yaml(), spec.run_dir)

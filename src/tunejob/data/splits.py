@@ -10,14 +10,9 @@ def load_splits(spec: JobSpec) -> tuple[list[dict], list[dict]]:
     """Validated train and validation examples (validation split off train when not given)."""
     from tunejob.data.validate import require_valid
 
-    fields, whole = frozenset(), spec.method.type == "reinforcement"
-    if whole:  # the grader reads each line's other fields as item.*: check it, and that every line has them
-        from tunejob.graders import check_grader, referenced_item_fields
-
-        check_grader(spec.method.grader)
-        fields = frozenset(referenced_item_fields(spec.method.grader))
+    whole = spec.method.type == "reinforcement"  # the grader reads each line's other fields as item.*
     for path in filter(None, [spec.data.train, spec.data.validation]):
-        require_valid(path, min_examples=1 if path == spec.data.validation else 2, method=spec.method.type, item_fields=fields)
+        require_valid(path, min_examples=1 if path == spec.data.validation else 2, method=spec.method.type, grader=spec.method.grader)
     train = load_examples(spec.data.train, whole_lines=whole)
     if spec.data.validation is not None:
         return train, load_examples(spec.data.validation, whole_lines=whole)

@@ -145,12 +145,20 @@ def has_field(obj: dict, dotted: str) -> bool:
 
 
 def require_valid(path: str | Path, format: Format = "openai", model: str | None = None, min_examples: int = 1,
-                  method: str | None = None, item_fields: frozenset[str] = frozenset()) -> Report:
+                  method: str | None = None, grader: dict | None = None) -> Report:
     """Validate before work starts; a file with errors becomes one DataError naming the first
     problem (file:line), the count by kind, and the command that lists them all. With `method`
-    (the spec's "supervised" or "dpo"), a file of the other kind is one DataError too."""
+    (the spec's "supervised" or "dpo"), a file of the other kind is one DataError too. With a
+    reinforcement `grader`, the grader is checked first (GraderError) and every line must have the
+    fields it reads as {{item.x}}."""
     from tunejob.errors import DataError
 
+    item_fields: frozenset[str] = frozenset()
+    if grader is not None:
+        from tunejob.graders import check_grader, referenced_item_fields
+
+        check_grader(grader)
+        item_fields = frozenset(referenced_item_fields(grader))
     if method == "reinforcement":
         format = "reinforcement"
     report = validate_file(path, format=format, model=model, min_examples=min_examples, item_fields=item_fields)

@@ -118,14 +118,12 @@ def _check_prompts(path, grader: dict, key: str, fid: str) -> None:
     """The grader, then every line against it (the fields it reads), before the job is queued."""
     from tunejob.data.validate import require_valid
     from tunejob.errors import DataError
-    from tunejob.graders import GraderError, check_grader, referenced_item_fields
+    from tunejob.graders import GraderError
 
     try:
-        check_grader(grader)
+        require_valid(path, method="reinforcement", grader=grader)
     except GraderError as exc:
         raise ApiError(400, f"Invalid method.reinforcement.grader: {exc}", param="method.reinforcement.grader", code="invalid_grader") from None
-    try:
-        require_valid(path, method="reinforcement", item_fields=frozenset(referenced_item_fields(grader)))
     except DataError as exc:
         said = str(exc).replace(str(path), fid).split("; run `tunejob validate")[0]  # the CLI hint means nothing to an API client
         raise ApiError(400, f"invalid {key}: {said}", param=key, code="invalid_file") from None

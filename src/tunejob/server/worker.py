@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -146,9 +146,7 @@ class Worker:
     def _launch(self, job: dict) -> Launch:
         d = self.job_dir(job["id"])
         processes = int((job["_spec"].get("distributed") or {}).get("processes", 1))
-        rl = (job["_spec"].get("method") or {}).get("type") == "reinforcement"
-        env = tuple(sorted(self.grader_env(self.store.job_owner(job["id"])).items())) if rl else ()
-        return Launch(job["id"], d / "job.yaml", d / "train.log", Resources.from_dict(job.get("_resources")), processes, env)
+        return Launch(job["id"], d / "job.yaml", d / "train.log", Resources.from_dict(job.get("_resources")), processes)
 
     def _write_spec(self, job: dict) -> Path:
         d = self.job_dir(job["id"])
@@ -183,6 +181,8 @@ class Worker:
         attempt = int(job.get("_attempt", 0)) + 1
         run_id = f"tunejob-{job_id}-{attempt}"
         self._write_spec(job)
+        if (job["_spec"].get("method") or {}).get("type") == "reinforcement":  # asked once, at submit, not at every queue check
+            launch = replace(launch, env=tuple(sorted(self.grader_env(self.store.job_owner(job_id)).items())))
         # recorded before the submit: a server killed in between finds the id, or sees it missing
         self.store.update_job(job_id, _run={"executor": self.executor.name, "id": run_id}, _attempt=attempt, _waiting=None)
         self._runs[job_id] = _Run(run_id, _Tail(self.job_dir(job_id) / "run" / "metrics.jsonl"))
