@@ -10,11 +10,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
+from tunejob.server import lifecycle
 from tunejob.server.api import DEFAULT_LR, ApiError, ServerState, json_body, owner, page, public
 from tunejob.server.executor import resources_for
 from tunejob.server.requests import CheckpointQuery, CreateFineTuningJob, ListQuery, TunejobOptions, parse
 from tunejob.server.store import new_id
-from tunejob.server.worker import ACTIVE
 
 
 def _reinforcement_method(hp: dict, grader: dict | None, spec: dict) -> dict:
@@ -167,17 +167,6 @@ def metadata_filter(request: Request) -> dict[str, str] | None:
     return pairs or None
 
 
-def _stop(state: ServerState, job: dict, control: str, status: str) -> dict:
-    """Cancel or pause: OpenAI answers with the new status at once; for a running job the worker
-    then stops the child (its last checkpoint stays) and clears `control`."""
-    store, job_id = state.store, job["id"]
-    done = {"finished_at": int(time.time())} if status == "cancelled" else {}
-    if job["status"] == "running":
-        return public(store.update_job(job_id, status=status, control=control, **done))
-    store.add_event(job_id, f"Fine-tuning job {status}")
-    return public(store.update_job(job_id, status=status, **done))
-
-
 def router(state: ServerState) -> APIRouter:
     api, store = APIRouter(), state.store
 
@@ -198,28 +187,24 @@ def router(state: ServerState) -> APIRouter:
     def get_job(request: Request, job_id: str):
         return public(state.job_or_404(owner(request), job_id))
 
+    def move(request: Request, job_id: str, how) -> dict:
+        state.job_or_404(owner(request), job_id)
+        try:
+            return public(how(store, job_id))  # one conditional update (server/lifecycle.py)
+        except lifecycle.InvalidState as exc:
+            raise ApiError(400, str(exc), code="invalid_state") from None
+
     @api.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(request: Request, job_id: str):
-        job = state.job_or_404(owner(request), job_id)
-        if job["status"] not in (*ACTIVE, "paused"):
-            raise ApiError(400, f"Job {job_id} is {job['status']} and cannot be cancelled", code="invalid_state")
-        return _stop(state, job, "cancel", "cancelled")
+        return move(request, job_id, lifecycle.cancel)
 
     @api.post("/v1/fine_tuning/jobs/{job_id}/pause")
     def pause_job(request: Request, job_id: str):
-        job = state.job_or_404(owner(request), job_id)
-        if job["status"] not in ("running", "queued"):
-            raise ApiError(400, f"Job {job_id} is {job['status']} and cannot be paused", code="invalid_state")
-        return _stop(state, job, "pause", "paused")
+        return move(request, job_id, lifecycle.pause)
 
     @api.post("/v1/fine_tuning/jobs/{job_id}/resume")
     def resume_job(request: Request, job_id: str):
-        job = state.job_or_404(owner(request), job_id)
-        if job["status"] != "paused":
-            raise ApiError(400, f"Job {job_id} is {job['status']}; only a paused job can be resumed", code="invalid_state")
-        store.add_event(job_id, "Fine-tuning job resumed")
-        # A pending `control` stays: the worker is still stopping the child and clears it then.
-        return public(store.update_job(job_id, status="queued", _queued_at=time.time()))
+        return move(request, job_id, lifecycle.resume)
 
     @api.get("/v1/fine_tuning/jobs/{job_id}/events")
     def job_events(request: Request, job_id: str, q: Annotated[ListQuery, Query()]):

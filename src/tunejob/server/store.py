@@ -118,11 +118,39 @@ class Store:
         return rows[0][0] if rows else None
 
     def update_job(self, job_id: str, **fields) -> dict:
+        """Fields beside a job's state; `status` and `control` change only through transition()."""
+        if {"status", "control"} & fields.keys():
+            raise ValueError("status and control change through Store.transition (server/lifecycle.py)")
         with self._lock:
             job = self.get_job(None, job_id)
             job.update(fields)
             self._q("UPDATE jobs SET data=? WHERE id=?", (json.dumps(job), job_id))
             return job
+
+    def transition(self, job_id: str, decide) -> dict | None:
+        """One conditional update: `decide` sees the job as it is now and returns the fields to
+        write (None: no change); the UPDATE applies only if the row is still what was decided on
+        (its status included), so a concurrent move is never overwritten. Returns the new job, or
+        None when decide declined. Moves are checked against lifecycle.MOVES."""
+        from tunejob.server.lifecycle import check_move
+
+        with self._lock:
+            while True:
+                rows = self._q("SELECT data FROM jobs WHERE id=?", (job_id,))
+                if not rows:
+                    return None
+                old = rows[0][0]
+                job = json.loads(old)
+                fields = decide(job)
+                if fields is None:
+                    return None
+                if fields.get("status", job["status"]) != job["status"]:
+                    check_move(job["status"], fields["status"])
+                new = json.dumps({**job, **fields})
+                cur = self._db.execute("UPDATE jobs SET data=? WHERE id=? AND json_extract(data, '$.status')=? AND data=?",
+                                       (new, job_id, job["status"], old))
+                if cur.rowcount == 1:  # else another process moved it in between: read again, decide again
+                    return json.loads(new)
 
     def list_jobs(self, owner: str | None = None, status: str | None = None) -> list[dict]:
         rows = self._q("SELECT data FROM jobs" + (" WHERE owner=?" if owner else "") + " ORDER BY created_at DESC, id DESC", (owner,) if owner else ())

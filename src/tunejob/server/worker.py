@@ -11,10 +11,7 @@ with its node, from its last checkpoint, at most `node_retries` times before fai
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import os
 import threading
 import time
 import traceback
@@ -23,24 +20,33 @@ from pathlib import Path
 
 import yaml
 
-from tunejob.monitor.metrics import read_metrics
 from tunejob.server.executor import Executor, Launch, LocalExecutor, Resources, RunState
+from tunejob.server.lifecycle import ACTIVE, TERMINAL  # noqa: F401  (re-exported: the dashboard and older imports)
+from tunejob.server.outcome import events_for, fields_for, outcome_of
+from tunejob.server.run_records import Tail, last_error, on_record, results_csv
 from tunejob.server.store import Store, new_id
 
 POLL_S = 0.25
-ACTIVE = ("validating_files", "queued", "running")
-TERMINAL = ("succeeded", "failed", "cancelled")
 STOPPING = ("cancelled", "paused")
+# Following a run that fails this many rounds in a row, and for this long (the store's disk full,
+# a bug of ours), is given up: the run is stopped, and once it has ended the job fails. Until it
+# has ended, it stays followed, so its slot is freed and nothing trains unseen (issue 31, finding 3).
+FOLLOW_FAILURES = 5
+GIVE_UP_S = 60.0
 
 
 @dataclass
 class _Run:
     id: str
-    tail: "_Tail"
+    tail: Tail
     started: bool = False
-    stopping: bool = False
+    stopping: bool = False  # the worker asked the executor to stop it
     next_poll: float = 0.0
-    errors: int = field(default=0)
+    errors: int = field(default=0)  # polls in a row the executor could not answer
+    failures: int = 0  # exceptions in a row while following it
+    failing_since: float = 0.0
+    broken: str | None = None  # why following it was given up (the job fails once it has ended)
+    ended: RunState | None = None  # how it ended, once the executor said so (kept until the job is updated)
 
 
 class Worker:
@@ -56,6 +62,7 @@ class Worker:
         self.train_threads = threads.budget(train_threads, chat_threads).train  # the cores minus chat's share
         self.executor = executor or LocalExecutor(1, self.train_threads)
         self.node_retries = node_retries
+        self.give_up_s = GIVE_UP_S
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tunejob-worker", daemon=True)
         self._runs: dict[str, _Run] = {}  # job id -> its run in flight
@@ -65,19 +72,22 @@ class Worker:
         self.on_succeeded: list = []
 
     def start(self) -> None:
-        for job in self.store.list_jobs():
-            self._recover(job)
+        self.recover()
         self._thread.start()
 
+    def recover(self) -> None:
+        """After a (re)start: each job the last server left with a run is followed again if the
+        run still exists (a Ray job), else queued again; it resumes from its last checkpoint."""
+        for job in self.store.list_jobs():
+            self._recover(job)
+
     def _recover(self, job: dict) -> None:
-        """A job the last server left with a run: follow the run if it still exists (a Ray job),
-        else put the job back in the queue; it resumes from its last checkpoint."""
         job_id, run = job["id"], job.get("_run")
         if job["status"] == "validating_files":
-            self.store.update_job(job_id, status="queued")
+            self.store.transition(job_id, lambda j: {"status": "queued"} if j["status"] == "validating_files" else None)
         if not run:
-            if job["status"] == "running":  # written by a server before the executor seam
-                self.store.update_job(job_id, status="queued")
+            # written by a server before the executor seam
+            if self.store.transition(job_id, lambda j: {"status": "queued"} if j["status"] == "running" and not j.get("_run") else None):
                 self.store.add_event(job_id, "Server restarted; the job resumes from its last checkpoint")
             return
         if run["executor"] != self.executor.name and run["executor"] != "local":
@@ -86,16 +96,26 @@ class Worker:
                      f"--executor {run['executor']} to follow it")
             return
         if run["executor"] == self.executor.name and self._still_there(run["id"]):
-            self._runs[job_id] = _Run(run["id"], _Tail(self.job_dir(job_id) / "run" / "metrics.jsonl"), started=job["status"] == "running")
+            self._runs[job_id] = _Run(run["id"], Tail(self.job_dir(job_id) / "run" / "metrics.jsonl"), started=job["status"] == "running")
             self.store.add_event(job_id, f"Server restarted; following run {run['id']} again")
             return
-        self.store.update_job(job_id, _run=None, control=None)
-        if job["status"] == "running":
-            self.store.update_job(job_id, status="queued")
+        # The run died with the last server (a local child): the job starts again from its last
+        # checkpoint, and no retry is used (the server went, not the node).
+        before = {}
+
+        def decide(j: dict) -> dict | None:
+            before.update(j)
+            if (j.get("_run") or {}).get("id") != run["id"]:
+                return None
+            return {"_run": None, "control": None, **({"status": "queued"} if j["status"] == "running" else {})}
+
+        if self.store.transition(job_id, decide) is None:
+            return
+        if before["status"] == "running":
             self.store.add_event(job_id, "Server restarted; the job resumes from its last checkpoint")
-        elif job["status"] == "paused":
+        elif before["status"] == "paused":
             self.store.add_event(job_id, "Fine-tuning job paused; resume continues from the last checkpoint")
-        elif job["status"] == "cancelled" and not self.store.has_event(job_id, "Fine-tuning job cancelled"):
+        elif before["status"] == "cancelled" and not self.store.has_event(job_id, "Fine-tuning job cancelled"):
             self.store.add_event(job_id, "Fine-tuning job cancelled")
 
     def _still_there(self, run_id: str) -> bool:
@@ -119,24 +139,39 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._guarded(None, self._start_queued)
-            for job_id in list(self._runs):
-                if self._stop.is_set():
-                    break
-                self._guarded(job_id, lambda: self._follow(job_id))
+            self.tick()
             time.sleep(POLL_S)
 
-    def _guarded(self, job_id: str | None, step) -> None:
+    def tick(self) -> None:
+        """One round: start what the executor has room for, then follow every run once."""
+        self._start_queued()
+        for job_id in list(self._runs):
+            if self._stop.is_set():
+                break
+            self._guarded_follow(job_id)
+
+    def _guarded_follow(self, job_id: str) -> None:
+        """Follow a run, never letting a failure drop it: a run dropped while alive would train
+        unseen and hold its slot for good (issue 31, finding 3). After FOLLOW_FAILURES failures in
+        a row over GIVE_UP_S, the run is stopped; the job fails once the run has ended."""
+        run = self._runs[job_id]
         try:
-            step()
+            self._follow(job_id, run)
+            run.failures = 0
+            return
         except Exception as exc:  # never let one job kill the queue
-            # The server's log keeps the traceback (the job's error keeps one line): a bug here
-            # is ours, not the job's, and needs the place it happened.
-            self.log(f"worker: job {job_id} failed in the server\n{traceback.format_exc()}")
-            if job_id is not None:
-                self._runs.pop(job_id, None)
-                self.store.update_job(job_id, status="failed", finished_at=int(time.time()), _run=None,
-                                      error={"code": "server_error", "message": f"{exc.__class__.__name__}: {exc}", "param": None})
+            # The server's log keeps the traceback: a bug here is ours, not the job's.
+            self.log(f"worker: following run {run.id} of job {job_id} failed\n{traceback.format_exc()}")
+            run.failures += 1
+            run.failing_since = run.failing_since if run.failures > 1 else time.time()
+            if run.failures >= FOLLOW_FAILURES and time.time() - run.failing_since >= self.give_up_s and run.broken is None:
+                run.broken = f"{exc.__class__.__name__}: {exc}"
+        if run.broken and not run.stopping and run.ended is None:
+            try:
+                self.executor.stop(run.id)
+                run.stopping = True
+            except Exception as exc:
+                self.log(f"worker: cannot stop run {run.id} of job {job_id} ({exc}); trying again")
 
     # ------------------------------------------------------------ starting runs
 
@@ -162,30 +197,59 @@ class Worker:
         return path
 
     def _start_queued(self) -> None:
-        queued = [j for j in self.store.list_jobs(status="queued") if j["id"] not in self._runs and j["id"] not in self._foreign]
+        try:
+            queued = [j for j in self.store.list_jobs(status="queued") if j["id"] not in self._runs and j["id"] not in self._foreign]
+        except Exception:
+            self.log(f"worker: cannot read the queue\n{traceback.format_exc()}")
+            return
         for job in sorted(queued, key=lambda j: (j.get("_queued_at", j["created_at"]), j["id"])):
             if self._stop.is_set():
                 return
-            launch = self._launch(job)
-            why = self.executor.waiting_for(launch)
-            if why:
-                message = f"Queued: waiting for {why}"
-                if job.get("_waiting") != message:
-                    self.store.update_job(job["id"], _waiting=message)
-                    self.store.add_event(job["id"], message)
-                continue
-            self._guarded(job["id"], lambda: self._submit(job, launch))
+            try:
+                self._start(job)
+            except Exception as exc:
+                self.log(f"worker: starting job {job['id']} failed\n{traceback.format_exc()}")
+                if job["id"] not in self._runs:  # never submitted: the job fails; a submitted run stays followed
+                    self._fail_unstarted(job["id"], exc)
+
+    def _start(self, job: dict) -> None:
+        launch = self._launch(job)
+        why = self.executor.waiting_for(launch)
+        if not why:
+            self._submit(job, launch)
+            return
+        message = f"Queued: waiting for {why}"
+        if job.get("_waiting") != message:
+            self.store.update_job(job["id"], _waiting=message)
+            self.store.add_event(job["id"], message)
+
+    def _fail_unstarted(self, job_id: str, exc: Exception) -> None:
+        error = {"code": "server_error", "message": f"{exc.__class__.__name__}: {exc}", "param": None}
+        try:
+            self.store.transition(job_id, lambda j: {"status": "failed", "finished_at": int(time.time()), "error": error}
+                                  if j["status"] == "queued" and not j.get("_run") else None)
+        except Exception:
+            self.log(f"worker: cannot fail job {job_id}\n{traceback.format_exc()}")
 
     def _submit(self, job: dict, launch: Launch) -> None:
         job_id = job["id"]
-        attempt = int(job.get("_attempt", 0)) + 1
-        run_id = f"tunejob-{job_id}-{attempt}"
         self._write_spec(job)
         if (job["_spec"].get("method") or {}).get("type") == "reinforcement":  # asked once, at submit, not at every queue check
             launch = replace(launch, env=tuple(sorted(self.grader_env(self.store.job_owner(job_id)).items())))
+        run_id = ""
+
+        def claim(j: dict) -> dict | None:  # only a job still queued, with no run: a pause or cancel since the queue was read wins
+            nonlocal run_id
+            if j["status"] != "queued" or j.get("_run") or j.get("control"):
+                return None
+            attempt = int(j.get("_attempt", 0)) + 1
+            run_id = f"tunejob-{job_id}-{attempt}"
+            return {"_run": {"executor": self.executor.name, "id": run_id}, "_attempt": attempt, "_waiting": None}
+
         # recorded before the submit: a server killed in between finds the id, or sees it missing
-        self.store.update_job(job_id, _run={"executor": self.executor.name, "id": run_id}, _attempt=attempt, _waiting=None)
-        self._runs[job_id] = _Run(run_id, _Tail(self.job_dir(job_id) / "run" / "metrics.jsonl"))
+        if self.store.transition(job_id, claim) is None:
+            return
+        self._runs[job_id] = _Run(run_id, Tail(self.job_dir(job_id) / "run" / "metrics.jsonl"))
         try:
             line = self.executor.submit(run_id, launch)
         except Exception as exc:
@@ -198,12 +262,19 @@ class Worker:
 
     # ------------------------------------------------------------ following runs
 
-    def _follow(self, job_id: str) -> None:
-        run = self._runs[job_id]
+    def _follow(self, job_id: str, run: _Run) -> None:
+        if run.ended is None:
+            self._watch(job_id, run)
+        if run.ended is not None:  # kept until the job is updated: a failure here is retried on the next round
+            for record in run.tail.read():
+                on_record(self.store, job_id, record)
+            self._finish(job_id, run)
+
+    def _watch(self, job_id: str, run: _Run) -> None:
         for record in run.tail.read():
-            self._on_record(job_id, record)
+            on_record(self.store, job_id, record)
         job = self.store.get_job(None, job_id)
-        if (job.get("control") in ("cancel", "pause") or job["status"] in STOPPING) and not run.stopping:
+        if (job.get("control") or job["status"] in STOPPING) and not run.stopping:
             self.executor.stop(run.id)  # the trainer checkpoints the step in flight, then exits (143)
             run.stopping = True
         if time.time() < run.next_poll:
@@ -221,180 +292,55 @@ class Worker:
         run.errors = 0
         if state.state == "running" and not run.started:
             run.started = True
-            if job["status"] == "queued" and not run.stopping:
-                self.store.update_job(job_id, status="running")
+            # decided on the row as it is now: a cancel or pause since `job` was read is kept (finding 1)
+            if self.store.transition(job_id, lambda j: {"status": "running"} if j["status"] == "queued" and not j.get("control") else None):
                 self.store.add_event(job_id, "Fine-tuning job started" + (f" on {state.where}" if state.where else ""))
         elif state.state not in ("pending", "running"):
-            for record in run.tail.read():
-                self._on_record(job_id, record)
-            del self._runs[job_id]
-            self._finish(job_id, state)
+            run.ended = state
 
-    def _finish(self, job_id: str, state: RunState) -> None:
-        job = self.store.get_job(None, job_id)
-        control, status = job.get("control"), job["status"]
-        self.store.update_job(job_id, _run=None, control=None)
-        # The API already answered cancelled / paused (as OpenAI does) and set the status; a resume
-        # that came while the run was stopping set 'queued', which must stay.
-        if control == "cancel" or (control is None and status == "cancelled"):
-            if not self.store.has_event(job_id, "Fine-tuning job cancelled"):
-                self.store.add_event(job_id, "Fine-tuning job cancelled")
-        elif control == "pause" or (control is None and status == "paused"):
-            self.store.add_event(job_id, "Fine-tuning job paused; resume continues from the last checkpoint")
-        elif state.state == "succeeded":
-            self._succeed(job_id, self.job_dir(job_id) / "run")
-        elif state.state == "failed":
-            self._fail(job_id, "training_failed", _last_error(self.job_dir(job_id) / "train.log") or state.detail)
-        elif state.state == "expired":  # Ray's pending limit (RAY_JOB_START_TIMEOUT_SECONDS, 900 s): still waiting, so queue it again
-            self.store.update_job(job_id, status="queued")
-            self.store.add_event(job_id, f"Still waiting for resources ({state.detail}); submitted again")
-        else:
-            self._lost(job, state)
+    def _finish(self, job_id: str, run: _Run) -> None:
+        """The run has ended: one conditional update moves the job (server/outcome.py), decided
+        again whenever a client moved the job in between."""
+        state = run.ended
+        while True:
+            job = self.store.get_job(None, job_id)
+            outcome = outcome_of(job, state, run.stopping, run.broken)
+            if outcome == "succeeded":
+                fields = self._success_fields(job)
+            else:
+                error = run.broken or (last_error(self.job_dir(job_id) / "train.log") if outcome == "failed" else None)
+                fields = fields_for(outcome, job, state, self.node_retries, error)
+            same = (job["status"], job.get("control"), job.get("_retries"))
+            after = self.store.transition(job_id, lambda j: fields if (j["status"], j.get("control"), j.get("_retries")) == same else None)
+            if after is not None:
+                break
+            for file_id in fields.get("result_files") or ():  # a cancel came first: the result file goes
+                self.store.delete_file(self.store.job_owner(job_id), file_id)
+        del self._runs[job_id]  # the job has moved: from here on, a failure must not move it twice
+        lines = events_for(outcome, job, after, state, self.node_retries)
+        if outcome == "succeeded":
+            lines = [("info", f"New fine-tuned model created: {job['_ft_name']} (best checkpoint: step {after['_best_step']})"),
+                     ("info", "The job has successfully completed")]
+        try:
+            for level, message in lines:
+                if outcome != "cancelled" or not self.store.has_event(job_id, message):
+                    self.store.add_event(job_id, message, level=level)
+        except Exception:  # the disk full: the status is written, its events are what is lost
+            self.log(f"worker: cannot write the events of job {job_id}\n{traceback.format_exc()}")
 
-    def _fail(self, job_id: str, code: str, message: str) -> None:
-        self.store.update_job(job_id, status="failed", finished_at=int(time.time()), error={"code": code, "message": message, "param": None})
-        self.store.add_event(job_id, f"Fine-tuning job failed: {message}", level="error")
-
-    def _lost(self, job: dict, state: RunState) -> None:
-        """The run ended under the job (its node died, Ray stopped it): resume from the last
-        checkpoint, at most node_retries times, then fail; never 'running' forever."""
-        job_id, retries = job["id"], int(job.get("_retries", 0))
-        why = state.detail or {"missing": "the executor has no such run: its submission failed",
-                               "stopped": "it was stopped outside tunejob"}.get(state.state, f"the run is {state.state}")
-        if retries < self.node_retries:
-            self.store.update_job(job_id, status="queued", _retries=retries + 1)
-            self.store.add_event(job_id, f"The run was lost ({why}); resuming from the last checkpoint "
-                                         f"(retry {retries + 1} of {self.node_retries})", level="warn")
-        else:
-            self._fail(job_id, "run_lost", f"the run was lost {retries + 1} time(s), the last: {why}; its checkpoints are kept "
-                                           f"(the server's --node-retries allows {self.node_retries} resumes)")
-
-    def _on_record(self, job_id: str, r: dict) -> None:
-        job = self.store.get_job(None, job_id)
-        kind, step = r.get("kind"), r.get("step", 0)
-        seen = job.get("_seen", {"train": 0, "eval": 0})
-        if kind == "start":
-            self.store.update_job(job_id, _total_steps=r.get("total_steps"))
-        elif kind == "train" and step > seen["train"]:
-            last_train = {"step": step, "train_loss": r["train_loss"], **_pick(r, ("train_mean_token_accuracy",)), **_rewards(r, "")}
-            said = f"reward={r['train_reward_mean']:.4f}" if "train_reward_mean" in r else f"training loss={r['train_loss']:.4f}"
-            self.store.add_event(job_id, f"Step {step}: {said}", type="metrics", data={**last_train, "total_steps": job.get("_total_steps")})
-            seen["train"] = step
-            self.store.update_job(job_id, _seen=seen, _last_train=last_train)
-        elif kind == "eval" and step > seen["eval"]:
-            data = {"step": step, **_pick(r, ("valid_loss", "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy")),
-                    **_rewards(r, "valid_")}
-            last = job.get("_last_train") or {}
-            if last.get("step") == step:  # OpenAI's metrics event at an eval step carries both losses
-                data.update({k: v for k, v in last.items() if k != "step"})
-            data["total_steps"] = job.get("_total_steps")
-            said = f"validation reward={r['valid_reward_mean']:.4f}" if "valid_reward_mean" in r else f"validation loss={r['valid_loss']:.4f}"
-            self.store.add_event(job_id, f"Step {step}: {said}", type="metrics", data=data)
-            seen["eval"] = step
-            self.store.update_job(job_id, _seen=seen, _last_eval={k: v for k, v in data.items() if k != "total_steps"})
-        elif kind == "checkpoint":
-            metrics = {**(job.get("_last_train") or {})}
-            if (job.get("_last_eval") or {}).get("step") == step:
-                metrics.update({k: v for k, v in job["_last_eval"].items() if k != "step"})
-            metrics["step"] = step
-            self.store.add_checkpoint(job_id, step, {"fine_tuned_model_checkpoint": f"{job['_ft_name']}:ckpt-step-{step}", "metrics": metrics,
-                                                     "_path": f"checkpoints/step-{step:06d}"})
-            msg = f"Checkpoint created at step {step}"
-            if not self.store.has_event(job_id, msg):
-                self.store.add_event(job_id, msg)
-        elif kind == "event" and r.get("message") and not self.store.has_event(job_id, r["message"]):
-            self.store.add_event(job_id, r["message"], level="warn" if "NaN" in r["message"] else "info")
-
-    def _succeed(self, job_id: str, run_dir: Path) -> None:
-        job = self.store.get_job(None, job_id)
+    def _success_fields(self, job: dict) -> dict:
+        """A finished run's result file and model: written before the job says succeeded, so a
+        client that sees succeeded can read both (and chat: the vLLM hand-over runs here too)."""
+        job_id, run_dir = job["id"], self.job_dir(job["id"]) / "run"
         summary = json.loads((run_dir / "summary.json").read_text())
         result_id = new_id("file")
-        csv_bytes = _results_csv(run_dir / "metrics.jsonl")
+        csv_bytes = results_csv(run_dir / "metrics.jsonl")
         self.store.file_path(result_id).write_bytes(csv_bytes)
         self.store.add_file(self.store.job_owner(job_id), "step_metrics.csv", "fine-tune-results", len(csv_bytes), "processed", None, result_id)
-        best = summary.get("best_step")
         for hook in self.on_succeeded:
             try:
                 hook(job_id, run_dir / "best")
             except Exception as exc:  # the model still answers: chat retries the hand-over
                 self.log(f"job {job_id}: {exc}")
-        self.store.update_job(job_id, status="succeeded", finished_at=int(time.time()), fine_tuned_model=job["_ft_name"],
-                              trained_tokens=summary.get("trained_tokens"), result_files=[result_id], _best_step=best)
-        self.store.add_event(job_id, f"New fine-tuned model created: {job['_ft_name']} (best checkpoint: step {best})")
-        self.store.add_event(job_id, "The job has successfully completed")
-
-
-def _rewards(record: dict, prefix: str) -> dict:
-    """A DPO record's reward metrics (rewards_* / valid_rewards_*), or a reinforcement record's
-    (reward mean and std, each sub-grader's score_*, KL, answer lengths), for events and checkpoints."""
-    rl = ("kl", "clip_ratio", f"{prefix}completion_tokens_mean", f"{prefix}completion_tokens_std", f"{prefix}truncated_ratio")
-    own = prefix or "train_"  # a reinforcement train record's rewards are train_reward_* / train_score_*
-    return {k: v for k, v in record.items() if k.startswith((f"{prefix}rewards_", f"{own}reward_", f"{own}score_")) or k in rl}
-
-
-def _pick(record: dict, keys: tuple[str, ...]) -> dict:
-    return {k: record[k] for k in keys if k in record}
-
-
-class _Tail:
-    """New complete lines of a JSONL file.
-
-    A resumed run replaces its metrics file (truncated to the checkpoint) with a rename, so the
-    file is followed by inode as well as size: an offset into the old file, used on a new one that
-    has grown past it, would land mid-line. A line that still does not parse (a writer killed
-    mid-line) is skipped rather than failing the job that is being watched."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.inode = path, 0, None
-
-    def read(self) -> list[dict]:
-        try:
-            with self.path.open("rb") as f:
-                st = os.fstat(f.fileno())
-                if st.st_ino != self.inode or st.st_size < self.offset:
-                    self.inode, self.offset = st.st_ino, 0
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        out = []
-        for line in complete.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return [r for r in out if isinstance(r, dict)]
-
-
-def _results_csv(metrics: Path) -> bytes:
-    """OpenAI's result file: step, train_loss, train_accuracy, valid_loss, valid_mean_token_accuracy."""
-    rows: dict[int, dict] = {}
-    for r in read_metrics(metrics):  # a torn line is skipped there, as everywhere the stream is read
-        if r.get("kind") == "train":
-            rows.setdefault(r["step"], {}).update(train_loss=r["train_loss"], train_accuracy=r.get("train_mean_token_accuracy"),
-                                                  train_reward_mean=r.get("train_reward_mean"))
-        elif r.get("kind") == "eval":
-            rows.setdefault(r["step"], {}).update(valid_loss=r.get("valid_loss"), valid_mean_token_accuracy=r.get("valid_mean_token_accuracy"),
-                                                  valid_reward_mean=r.get("valid_reward_mean"))
-    out = io.StringIO()
-    w = csv.writer(out)
-    cols = ["train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
-    if any(v.get("train_reward_mean") is not None for v in rows.values()):  # reinforcement: its rewards too
-        cols += ["train_reward_mean", "valid_reward_mean"]
-    w.writerow(["step", *cols])
-    for step in sorted(rows):
-        w.writerow([step, *[rows[step].get(c, "") for c in cols]])
-    return out.getvalue().encode()
-
-
-def _last_error(log_path: Path) -> str | None:
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        if line.startswith(("error: ", "internal error: ")):
-            return line.split(": ", 1)[1][:1000]
-    return None
+        return {"_run": None, "control": None, "status": "succeeded", "finished_at": int(time.time()), "fine_tuned_model": job["_ft_name"],
+                "trained_tokens": summary.get("trained_tokens"), "result_files": [result_id], "_best_step": summary.get("best_step")}
