@@ -11,7 +11,9 @@ batching (`generate_batch`): it runs on CPU and matched generate() on a tiny Lla
 model per manager, not peft's per-row adapters. Each row's tokens are those generate() would pick
 alone: greedy is argmax of the same last-position logits (left padding is masked, positions count
 real tokens only); sampling is temperature then top-p, as generate() orders them, with the row's
-own torch.Generator, so a seed gives the same answer whatever else runs in the batch.
+own torch.Generator, so a seed gives the same answer whatever else runs in the batch. How a row
+turns logits into a token (penalties, a response_format's grammar, logprobs) is logits.py's; where
+its text ends (stop strings) is text.py's.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ from typing import Callable, Protocol
 
 import torch
 
+from tunejob.engine import text
+from tunejob.engine.logits import Decoding
+
 
 class Sampling(Protocol):
-    """How a row decodes (serve's ChatRequest; reinforcement fine-tuning's rollout settings)."""
+    """How a row decodes (serve's ChatRequest; reinforcement fine-tuning's rollout settings). A
+    request may also carry OpenAI's `stop`, `presence_penalty`, `frequency_penalty`, `logprobs`
+    (None, or how many top_logprobs) and `response_format`; without them a row has none."""
 
     max_tokens: int
     temperature: float
@@ -54,17 +61,20 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None  # "stop", "length" or "cancelled" once done
     generator: torch.Generator | None = None
-    owner: object = None  # the engine's handle for this row (its Generation)
+    owner: object = None  # the engine's handle for this row (its Generation and choice index)
+    decoding: Decoding = field(init=False)
 
     def __post_init__(self) -> None:
         if self.request.temperature > 0 and self.request.seed is not None:
             self.generator = torch.Generator().manual_seed(self.request.seed)
+        self.stops = tuple(getattr(self.request, "stop", ()) or ())
+        self.decoding = Decoding(self.request, self.target.tokenizer, self.eos, self.generator)
 
     def add(self, token: int) -> None:
         self.tokens.append(token)
         if self.cancelled():
             self.finish = "cancelled"
-        elif token in self.eos:
+        elif token in self.eos or text.stopped(self.target.tokenizer, self.tokens, self.stops):
             self.finish = "stop"
         elif len(self.tokens) >= self.request.max_tokens:
             self.finish = "length"
@@ -75,20 +85,6 @@ def eos_ids(model, tokenizer) -> set[int]:
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = ids if isinstance(ids, (list, tuple)) else [ids]
     return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
-
-
-def pick(logits: torch.Tensor, row: Row) -> int:
-    """The row's next token from its last-position logits (fp32)."""
-    req = row.request
-    if req.temperature <= 0:
-        return int(logits.argmax())
-    scores = logits / req.temperature
-    if req.top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        ordered, index = scores.sort(descending=True)
-        outside = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1) >= req.top_p
-        outside[0] = False  # the most likely token always stays (top_p 0 would leave none: NaN, a 500)
-        scores = scores.index_fill(0, index[outside], float("-inf"))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator))
 
 
 def _joinable(cache) -> bool:
@@ -138,7 +134,7 @@ class Batch:
         mask = torch.tensor([[0] * (length - len(r.prompt)) + [1] * len(r.prompt) for r in rows])
         logits, cache = self._forward(rows, ids, mask, None)
         for i, row in enumerate(rows):
-            row.add(pick(logits[i], row))
+            row.add(row.decoding.pick(logits[i]))
         if not self.rows:
             self.rows, self.cache, self.mask = list(rows), cache, mask
             return
@@ -155,7 +151,7 @@ class Batch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         logits, self.cache = self._forward(self.rows, ids, self.mask, self.cache)
         for i, row in enumerate(self.rows):
-            row.add(pick(logits[i], row))
+            row.add(row.decoding.pick(logits[i]))
 
     def finished(self) -> list[Row]:
         """Drop and return the rows that are done; trim padding no remaining row needs."""

@@ -42,11 +42,17 @@ def parse_request(body: object) -> tuple[str, inference.ChatRequest, bool, bool]
         messages.append(msg)
     if req.tool_choice not in (None, "auto", "none"):
         raise ApiError(400, "tool_choice: this server supports 'auto' and 'none'", param="tool_choice")
+    if req.top_logprobs is not None and not req.logprobs:  # as OpenAI (and vLLM) refuse it
+        raise ApiError(400, "Invalid value for 'top_logprobs': it needs logprobs: true", param="top_logprobs")
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     sampling = req.sampling()  # a temperature under 1e-4 is taken as 0 (greedy): 1e-300 overflowed the logits
-    chat = inference.ChatRequest(messages=messages, tools=tools, tool_choice=req.tool_choice or "auto", max_tokens=sampling["max_tokens"],
-                                 seed=sampling["seed"], temperature=1.0 if sampling["temperature"] is None else sampling["temperature"],
-                                 top_p=1.0 if sampling["top_p"] is None else sampling["top_p"])
+    chat = inference.ChatRequest(
+        messages=messages, tools=tools, tool_choice=req.tool_choice or "auto", max_tokens=sampling["max_tokens"],
+        seed=sampling["seed"], temperature=1.0 if sampling["temperature"] is None else sampling["temperature"],
+        top_p=1.0 if sampling["top_p"] is None else sampling["top_p"], n=req.n or 1, stop=req.stops(),
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        response_format=req.response_format.plain() if req.response_format else None)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return req.model, chat, bool(req.stream), include_usage
 
@@ -58,8 +64,9 @@ def busy_response(exc: Busy) -> JSONResponse:
     return response
 
 
-async def _result(gen: Generation, request: Request) -> inference.ChatResult:
-    """The finished result; cancels the generation if the client leaves (or this task is cancelled)."""
+async def _results(gen: Generation, request: Request) -> list[inference.ChatResult]:
+    """The finished choices, by index; cancels the generation if the client leaves (or this task is cancelled)."""
+    results: list[inference.ChatResult] = []
     try:
         while True:
             event = await gen.next_event(POLL_S)
@@ -71,7 +78,9 @@ async def _result(gen: Generation, request: Request) -> inference.ChatResult:
             if kind == "error":
                 raise value
             if kind == "done":
-                return value
+                results.append(value)
+                if len(results) == gen.request.n:
+                    return sorted(results, key=lambda r: r.index)
     finally:
         gen.cancel()  # no-op once done
 
@@ -79,16 +88,19 @@ async def _result(gen: Generation, request: Request) -> inference.ChatResult:
 def _chunks(gen: Generation, request: Request, name: str, include_usage: bool):
     cid, created = new_id("chatcmpl"), int(time.time())
 
-    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
-        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-               "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None, index: int = 0, logprobs=None) -> str:
+        choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish,
+                                             "logprobs": inference.logprobs_field(logprobs)}]
+        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices}
         if include_usage:
             out["usage"] = usage  # null on every chunk but the last, as OpenAI sends it
         return f"data: {json.dumps(out)}\n\n"
 
     async def events():
+        results: list[inference.ChatResult] = []
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            for index in range(gen.request.n):
+                yield chunk({"role": "assistant", "content": ""}, index=index)
             while True:
                 event = await gen.next_event(POLL_S)
                 if event is None:
@@ -97,30 +109,43 @@ def _chunks(gen: Generation, request: Request, name: str, include_usage: bool):
                     continue
                 kind, value = event
                 if kind == "text":
-                    yield chunk({"content": value})
+                    yield chunk({"content": value.text}, index=value.index, logprobs=value.logprobs)
                     continue
                 if kind == "error":
                     err = {"message": str(value) or value.__class__.__name__, "type": getattr(value, "type", "server_error"),
                            "param": None, "code": getattr(value, "code", None)}
                     yield f"data: {json.dumps({'error': err})}\n\n"
                     return
-                result: inference.ChatResult = value
-                if result.tool_calls:
-                    if result.content:
-                        yield chunk({"content": result.content})
-                    for i, call in enumerate(result.tool_calls):
-                        yield chunk({"tool_calls": [{"index": i, **call}]})
-                elif gen.request.parses_calls and result.content:  # buffered text that held no call
-                    yield chunk({"content": result.content})
-                yield chunk({}, result.finish_reason)
+                results.append(value)
+                for piece in _ending(gen, value, chunk):
+                    yield piece
+                if len(results) < gen.request.n:
+                    continue
                 if include_usage:
-                    yield chunk(None, usage=inference.usage(result))
+                    yield chunk(None, usage=inference.usage(results))
                 yield "data: [DONE]\n\n"
                 return
         finally:
             gen.cancel()  # the client closed the stream (or it ended): stop within one token
 
     return events()
+
+
+def _ending(gen: Generation, result: inference.ChatResult, chunk) -> list[str]:
+    """A finished choice's last chunks: with tools, its buffered content and each call (the first
+    carrying the logprobs, which were held with the text); then its finish reason."""
+    out, i, logprobs = [], result.index, result.logprobs
+    if result.tool_calls:
+        if result.content:
+            out.append(chunk({"content": result.content}, index=i, logprobs=logprobs))
+            logprobs = None
+        for k, call in enumerate(result.tool_calls):
+            out.append(chunk({"tool_calls": [{"index": k, **call}]}, index=i, logprobs=logprobs))
+            logprobs = None
+    elif gen.request.parses_calls and (result.content or logprobs):  # buffered text that held no call
+        out.append(chunk({"content": result.content or ""}, index=i, logprobs=logprobs))
+    out.append(chunk({}, result.finish_reason, index=i))
+    return out
 
 
 def router(state: ServerState) -> APIRouter:
@@ -153,7 +178,7 @@ def router(state: ServerState) -> APIRouter:
             return busy_response(exc)
         if stream:
             return StreamingResponse(_chunks(gen, request, name, include_usage), media_type="text/event-stream")
-        return inference.completion(await _result(gen, request), name)
+        return inference.completion(await _results(gen, request), name)
 
     api.chat_completions = chat_completions  # the dashboard's chat box calls it in-process
     api.engine = engine

@@ -29,7 +29,8 @@ import torch
 
 from tunejob.errors import TunejobError
 from tunejob.engine.batch import Batch, Row, eos_ids
-from tunejob.server.inference import ChatRequest, prompt_inputs, to_result
+from tunejob.engine.text import TextStream
+from tunejob.server.inference import ChatRequest, ChatResult, openai_logprobs, prompt_inputs, to_result
 from tunejob.server.weights import Weights
 from tunejob.train import threads
 
@@ -46,8 +47,18 @@ class Busy(Exception):
 
 
 @dataclass
+class Piece:
+    """Streamed text of one choice, with the logprobs of the tokens it completes (when asked)."""
+
+    index: int
+    text: str
+    logprobs: list[dict] | None = None
+
+
+@dataclass
 class Generation:
-    """One request's life on the engine; its events arrive on the caller's event loop."""
+    """One request's life on the engine (its n choices, each a row of its own); its events arrive
+    on the caller's event loop."""
 
     base_path: str
     adapter: Path | None
@@ -57,24 +68,38 @@ class Generation:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     started: float = field(default_factory=time.time)
-    sent: str = ""  # the text of the tokens from `sent_from` on that was streamed
-    sent_from: int = 0  # the token the streamed text restarts from (after a newline, as TextStreamer does)
+    failed: bool = False  # an error was sent: no choice is answered after it
+    rows_left: int = 0  # choices still on the engine
+
+    def __post_init__(self) -> None:
+        self.streams = [TextStream(self.request.stop) for _ in range(self.request.n)]
+        self.logprobs_sent = [0] * self.request.n
 
     def cancel(self) -> None:
         self.cancel_flag.set()
 
-    def new_text(self, tokenizer, tokens: list[int], final: bool) -> str:
-        """The streamed text `tokens` add to what was sent. Decoding from the last newline, not from
-        the start, keeps a long answer's cost per token flat. Half a character is held back until its
-        next token, except at the end: the streamed text must be the non-streamed content, which
-        keeps a last, cut-off character as U+FFFD."""
-        text = tokenizer.decode(tokens[self.sent_from:], skip_special_tokens=True)
-        if len(text) <= len(self.sent) or (text.endswith("\ufffd") and not final):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        if text.endswith("\n"):
-            self.sent, self.sent_from = "", len(tokens)
-        return delta
+    def fail(self, exc: Exception) -> None:
+        """Answer the request with `exc` (once), and stop its other choices within a token."""
+        if not self.failed:
+            self.failed = True
+            self._emit("error", exc)
+        self.cancel()
+
+    def new_text(self, tokenizer, tokens: list[int], final: bool, index: int = 0) -> str:
+        """The streamed text that choice `index`'s `tokens` add to what was sent (text.TextStream)."""
+        return self.streams[index].new_text(tokenizer, tokens, final)
+
+    def piece(self, row: Row, index: int, result: ChatResult | None = None) -> Piece | None:
+        """What a stream sends for a row now; `result` once it finished, whose logprobs the stream's
+        add up to (the ones not sent yet go with the last piece)."""
+        tokenizer, stream = row.target.tokenizer, self.streams[index]
+        delta = stream.new_text(tokenizer, row.tokens, final=result is not None)
+        entries = None
+        if self.request.logprobs is not None:
+            sent = self.logprobs_sent[index]
+            entries = result.logprobs[sent:] if result else openai_logprobs(tokenizer, row.decoding.logprobs[sent:stream.clear])
+            self.logprobs_sent[index] += len(entries)
+        return Piece(index, delta, entries) if delta or entries else None
 
     def _emit(self, kind: str, value: object) -> None:
         try:
@@ -83,7 +108,8 @@ class Generation:
             self.cancel_flag.set()
 
     async def next_event(self, timeout: float) -> tuple[str, object] | None:
-        """("text", str), ("done", ChatResult) or ("error", exception); None after `timeout` s."""
+        """("text", Piece), ("done", ChatResult) once per choice, or ("error", exception); None after
+        `timeout` s."""
         try:
             return await asyncio.wait_for(self.events.get(), timeout)
         except asyncio.TimeoutError:
@@ -175,8 +201,7 @@ class Engine:
                 for batch in batches.values():
                     self._fail(batch.rows, exc)
                     for row in batch.rows:
-                        self.weights.release(row.target)
-                        self._done(row.owner)
+                        self._leave(row)
                 batches.clear()
 
     def _take(self, block: bool, waiting: deque) -> bool:
@@ -193,20 +218,24 @@ class Engine:
                 self._done(gen)
                 continue
             try:
-                waiting.append(self._row(gen))
+                waiting.extend(self._rows(gen))
             except Exception as exc:  # the request's error (a model that will not load, a bad prompt): keep serving
                 gen._emit("error", exc)
                 self._done(gen)
 
-    def _row(self, gen: Generation) -> Row:
+    def _rows(self, gen: Generation) -> list[Row]:
+        """The request's n choices as rows on one target (released once, by the last to leave)."""
         target = self.weights.target(gen.base_path, gen.adapter)
         try:
             model, _ = self.weights.forward_model(target, [])
             prompt = prompt_inputs(target.tokenizer, gen.request, "cpu")["input_ids"][0].tolist()
+            eos = eos_ids(model, target.tokenizer)
+            rows = [Row(prompt, gen.request.choice(i), target, eos, gen.cancel_flag.is_set, owner=(gen, i)) for i in range(gen.request.n)]
         except Exception:
             self.weights.release(target)
             raise
-        return Row(prompt, gen.request, target, eos_ids(model, target.tokenizer), gen.cancel_flag.is_set, owner=gen)
+        gen.rows_left = len(rows)
+        return rows
 
     def _join(self, batches: dict[tuple, Batch], waiting: deque) -> None:
         """Waiting rows into their model's batch, oldest first, while it has room."""
@@ -231,39 +260,54 @@ class Engine:
     def _fail(self, rows: list[Row], exc: Exception) -> None:
         for row in rows:
             row.finish = "error"
-            row.owner._emit("error", exc)
+            row.owner[0].fail(exc)
 
     def _progress(self, batch: Batch, done: list[Row]) -> None:
         """Stream each row's new text; answer the rows that finished. Every finished row is
         answered (with its error if making the answer fails) and released: `done` rows have left
         the batch, so an error past this point would reach no one, and the client would wait
         forever while its queue slot leaked (issue 31, finding 5)."""
-        for row in batch.rows + done:
-            gen: Generation = row.owner
+        for row in batch.rows:
+            gen, index = row.owner
             if gen.stream and not gen.request.parses_calls and row.finish != "error":
                 try:
-                    delta = gen.new_text(row.target.tokenizer, row.tokens, final=bool(row.finish))
-                except Exception as exc:  # this row's error: a row still in the batch leaves it at the next step
+                    piece = gen.piece(row, index)
+                except Exception as exc:  # this row's error: it leaves the batch at the next step
                     self._fail([row], exc)
                     continue
-                if delta:
-                    gen._emit("text", delta)
+                if piece:
+                    gen._emit("text", piece)
         for row in done:
+            gen = row.owner[0]
             try:
-                self.weights.release(row.target)
-                if row.finish != "error":
+                if row.finish != "error" and not gen.failed:
                     self._answer(row)
             except Exception as exc:
-                row.owner._emit("error", exc)
+                gen.fail(exc)
             finally:
-                self._done(row.owner)
+                self._leave(row)
 
     def _answer(self, row: Row) -> None:
-        result = to_result(row.target.tokenizer, row.request, len(row.prompt), row.tokens, row.eos, row.finish == "cancelled")
+        gen, index = row.owner
+        result = to_result(row.target.tokenizer, row.request, len(row.prompt), row.tokens, row.eos, row.finish == "cancelled",
+                           row.decoding.logprobs if row.request.logprobs is not None else None)
+        result.index = index
         if result.finish_reason == "cancelled":
             self.log(f"chat: the client went away; generation stopped after {result.completion_tokens} of "
                      f"{row.request.max_tokens} tokens")
-        row.owner._emit("done", result)
+        if gen.stream and not gen.request.parses_calls:  # the last text, and the logprobs not sent yet
+            piece = gen.piece(row, index, result)
+            if piece:
+                gen._emit("text", piece)
+        gen._emit("done", result)
+
+    def _leave(self, row: Row) -> None:
+        """A row left the engine: the last of its request's rows releases the model and the queue slot."""
+        gen = row.owner[0]
+        gen.rows_left -= 1
+        if gen.rows_left <= 0:
+            self.weights.release(row.target)
+            self._done(gen)
 
     def _done(self, gen: Generation) -> None:
         with self._lock:

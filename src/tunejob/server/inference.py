@@ -12,13 +12,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from tunejob.data import tool_calls
+from tunejob.engine import text
 from tunejob.engine.batch import eos_ids
 from tunejob.server.store import new_id
 
@@ -58,7 +59,8 @@ class ModelCache:
 @dataclass
 class ChatRequest:
     """What one completion needs. Sampling defaults are OpenAI's (temperature 1, top_p 1);
-    temperature 0 asks for greedy decoding."""
+    temperature 0 asks for greedy decoding. The engine (engine/batch.py) reads the rest: stop
+    strings, penalties, logprobs (None, or how many top_logprobs), response_format."""
 
     messages: list[dict]
     tools: list[dict] = field(default_factory=list)
@@ -67,6 +69,18 @@ class ChatRequest:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    response_format: dict | None = None
+
+    def choice(self, index: int) -> "ChatRequest":
+        """The request for choice `index` of n: its own seed stream (seed + index), so choices differ
+        and each is reproducible alone."""
+        seed = None if self.seed is None else (self.seed + index + 2**63) % 2**64 - 2**63
+        return replace(self, seed=seed, n=1)
 
     @property
     def parses_calls(self) -> bool:
@@ -80,6 +94,8 @@ class ChatResult:
     finish_reason: str  # "stop" (the model ended), "length" (max_tokens), "tool_calls", "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[dict] | None = None  # OpenAI's choices[].logprobs.content, when asked
+    index: int = 0
 
 
 def prompt_inputs(tokenizer, request: ChatRequest, device):
@@ -138,16 +154,34 @@ def generate(model, tokenizer, request: ChatRequest, on_text: Callable[[str], No
     return to_result(tokenizer, request, int(inputs["input_ids"].shape[1]), [int(t) for t in new], eos, cancelled())
 
 
-def to_result(tokenizer, request: ChatRequest, prompt_tokens: int, new: list[int], eos: set[int], cancelled: bool) -> ChatResult:
-    """The generated tokens as OpenAI's content or tool calls, finish reason and usage."""
-    text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    ended = len(new) > 0 and new[-1] in eos
+def to_result(tokenizer, request: ChatRequest, prompt_tokens: int, new: list[int], eos: set[int], cancelled: bool,
+              logprobs: list | None = None) -> ChatResult:
+    """The generated tokens as OpenAI's content or tool calls, finish reason, logprobs and usage.
+    A stop string ends the content where it begins (finish "stop", even at max_tokens)."""
+    answer = tokenizer.decode(new, skip_special_tokens=True)
+    cut = text.first_stop(answer, request.stop)
+    ended = (len(new) > 0 and new[-1] in eos) or cut is not None
     finish = "cancelled" if cancelled else "length" if len(new) >= request.max_tokens and not ended else "stop"
-    content, calls = tool_calls.parse_tool_calls(text) if request.parses_calls else (text, [])
+    answer = answer if cut is None else answer[:cut]
+    content, calls = tool_calls.parse_tool_calls(answer.strip()) if request.parses_calls else (answer.strip(), [])
     if calls and finish != "cancelled":
         finish = "tool_calls"
+    shown = None
+    if logprobs is not None:  # the tokens that carry the content: not the end-of-text token, none past a stop string
+        count = text.visible_tokens(tokenizer, new, cut) if cut is not None else len(new) - (1 if ended else 0)
+        shown = openai_logprobs(tokenizer, logprobs[:count])
     return ChatResult(content=content or (None if calls else ""), tool_calls=calls, finish_reason=finish,
-                      prompt_tokens=prompt_tokens, completion_tokens=len(new))
+                      prompt_tokens=prompt_tokens, completion_tokens=len(new), logprobs=shown)
+
+
+def openai_logprobs(tokenizer, entries: list) -> list[dict]:
+    """engine.logits.TokenLogprob entries as OpenAI's ChatCompletionTokenLogprob: the token's text
+    (U+FFFD for part of a character, as vLLM writes it), its logprob, its bytes, and the top ones."""
+    def one(token: int, logprob: float) -> dict:
+        raw = text.token_bytes(tokenizer, token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
 
 
 def message(result: ChatResult) -> dict:
@@ -157,16 +191,24 @@ def message(result: ChatResult) -> dict:
     return msg
 
 
-def usage(result: ChatResult) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def usage(results: ChatResult | list[ChatResult]) -> dict:
+    """One request's usage: its prompt once, the tokens of all its choices (as OpenAI counts n > 1)."""
+    results = results if isinstance(results, list) else [results]
+    done = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": done, "total_tokens": results[0].prompt_tokens + done}
 
 
-def completion(result: ChatResult, model_name: str) -> dict:
-    """OpenAI's chat.completion object."""
+def logprobs_field(entries: list[dict] | None) -> dict | None:
+    return None if entries is None else {"content": entries, "refusal": None}
+
+
+def completion(results: ChatResult | list[ChatResult], model_name: str) -> dict:
+    """OpenAI's chat.completion object, one choice per result."""
+    results = results if isinstance(results, list) else [results]
+    choices = [{"index": r.index, "message": message(r), "finish_reason": r.finish_reason, "logprobs": logprobs_field(r.logprobs)}
+               for r in results]
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": 0, "message": message(result), "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": usage(result)}
+            "choices": choices, "usage": usage(results)}
 
 
 def complete(model, tokenizer, messages: list[dict], model_name: str, max_tokens: int = 256,

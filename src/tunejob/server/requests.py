@@ -260,6 +260,50 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ResponseFormatJsonSchema.json_schema. The schema must be one constrained decoding
+    can enforce (engine/grammar.py): a schema it cannot compile is this field's 400, not a 500 later."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: Annotated[dict | None, Field(alias="schema")] = None
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _enforceable(cls, v):
+        from tunejob.engine.grammar import problem
+
+        why = problem(v) if v is not None else None
+        if why:
+            raise ValueError(f"this JSON schema cannot be enforced: {why}")
+        return v
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, json_object or json_schema (each enforced, engine/grammar.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+    def plain(self) -> dict | None:
+        """None for text; else {"type", "json_schema": {"schema", ...}} as engine/grammar.py reads it."""
+        if self.type == "text":
+            return None
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+MAX_CHOICES = 8  # n: each choice is a row of its own in the engine's batches (engine/batch.py holds 8 rows a pass)
+
+
 class ChatCompletionRequest(BaseModel):
     """OpenAI's CreateChatCompletionRequest, the fields a tunejob server can honour or must refuse."""
 
@@ -270,7 +314,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Annotated[int, Field(ge=1, le=4096)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = None  # one choice per request here
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -282,7 +326,7 @@ class ChatCompletionRequest(BaseModel):
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
     store: bool | None = None
     metadata: Annotated[dict[MetaKey, MetaValue], Field(max_length=16)] | None = None
@@ -293,6 +337,9 @@ class ChatCompletionRequest(BaseModel):
         if v is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
         return v
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     def limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256

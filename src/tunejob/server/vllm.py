@@ -10,6 +10,9 @@ runtime LoRA endpoints), on the same machine or one that sees the same data dire
   engine. vLLM sees an opaque adapter name (a digest of the adapter's path), never the
   fine-tuned model id; answers carry the id the client asked for.
 - vLLM serves one base model: the `default` base should be the model vLLM was started with.
+- The body is checked by tunejob first (chat.parse_request, the local engine's own check), then
+  forwarded whole: a request one engine refuses, the other refuses too, and vLLM does `stop`, `n`,
+  `logprobs`, the penalties and `response_format` (with xgrammar, as engine/grammar.py) itself.
 
 Why forward rather than send clients to vLLM: vLLM has no notion of tunejob's keys and owners.
 Keep vLLM's port private (127.0.0.1 or an internal network): anyone reaching it can chat with
