@@ -42,7 +42,11 @@ class Store:
         self._db = sqlite3.connect(self.dir / "tunejob.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # writes (and reads that decide a write) go one at a time
+        # Reads take a connection of their own thread, outside the lock: WAL lets readers run beside
+        # the writer, and 32 clients listing jobs no longer queue behind one connection (issue 31, 12).
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
         self._secret = _server_secret(self.dir / "server.secret")
         self._sweep_files()
 
@@ -71,6 +75,17 @@ class Store:
             cur = self._db.execute(sql, args)
             return cur.fetchall()
 
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        """A SELECT on this thread's own connection. Every write is committed when its statement
+        ends (autocommit), so a read sees all writes that came before it."""
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.dir / "tunejob.sqlite3", check_same_thread=False, isolation_level=None)
+            self._readers.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        return conn.execute(sql, args).fetchall()
+
     # ------------------------------------------------------------ files
 
     def file_path(self, file_id: str) -> Path:
@@ -83,7 +98,7 @@ class Store:
         return self.get_file(owner, file_id)
 
     def get_file(self, owner: str, file_id: str) -> dict | None:
-        rows = self._q("SELECT id, filename, purpose, bytes, created_at, status, status_details FROM files WHERE id=? AND owner=?", (file_id, owner))
+        rows = self._read("SELECT id, filename, purpose, bytes, created_at, status, status_details FROM files WHERE id=? AND owner=?", (file_id, owner))
         return _file_obj(rows[0]) if rows else None
 
     def list_files(self, owner: str, purpose: str | None = None) -> list[dict]:
@@ -91,7 +106,7 @@ class Store:
         args: tuple = (owner,)
         if purpose:
             sql, args = sql + " AND purpose=?", (owner, purpose)
-        return [_file_obj(r) for r in self._q(sql + " ORDER BY created_at DESC, id", args)]
+        return [_file_obj(r) for r in self._read(sql + " ORDER BY created_at DESC, id", args)]
 
     def delete_file(self, owner: str, file_id: str) -> bool:
         if not self.get_file(owner, file_id):
@@ -108,13 +123,13 @@ class Store:
 
     def get_job(self, owner: str | None, job_id: str) -> dict | None:
         if owner is None:
-            rows = self._q("SELECT data FROM jobs WHERE id=?", (job_id,))
+            rows = self._read("SELECT data FROM jobs WHERE id=?", (job_id,))
         else:
-            rows = self._q("SELECT data FROM jobs WHERE id=? AND owner=?", (job_id, owner))
+            rows = self._read("SELECT data FROM jobs WHERE id=? AND owner=?", (job_id, owner))
         return json.loads(rows[0][0]) if rows else None
 
     def job_owner(self, job_id: str) -> str | None:
-        rows = self._q("SELECT owner FROM jobs WHERE id=?", (job_id,))
+        rows = self._read("SELECT owner FROM jobs WHERE id=?", (job_id,))
         return rows[0][0] if rows else None
 
     def update_job(self, job_id: str, **fields) -> dict:
@@ -153,7 +168,7 @@ class Store:
                     return json.loads(new)
 
     def list_jobs(self, owner: str | None = None, status: str | None = None) -> list[dict]:
-        rows = self._q("SELECT data FROM jobs" + (" WHERE owner=?" if owner else "") + " ORDER BY created_at DESC, id DESC", (owner,) if owner else ())
+        rows = self._read("SELECT data FROM jobs" + (" WHERE owner=?" if owner else "") + " ORDER BY created_at DESC, id DESC", (owner,) if owner else ())
         jobs = [json.loads(r[0]) for r in rows]
         return [j for j in jobs if status is None or j["status"] == status]
 
@@ -174,12 +189,12 @@ class Store:
 
     def list_events(self, job_id: str) -> list[dict]:
         """Newest first, as OpenAI returns them."""
-        rows = self._q("SELECT id, created_at, level, message, type, data FROM events WHERE job_id=? ORDER BY seq DESC", (job_id,))
+        rows = self._read("SELECT id, created_at, level, message, type, data FROM events WHERE job_id=? ORDER BY seq DESC", (job_id,))
         return [{"id": r[0], "object": "fine_tuning.job.event", "created_at": r[1], "level": r[2], "message": r[3], "type": r[4],
                  "data": json.loads(r[5]) if r[5] else {}} for r in rows]  # OpenAI's schema: an object, {} for a message
 
     def has_event(self, job_id: str, message: str) -> bool:
-        return bool(self._q("SELECT 1 FROM events WHERE job_id=? AND message=? LIMIT 1", (job_id, message)))
+        return bool(self._read("SELECT 1 FROM events WHERE job_id=? AND message=? LIMIT 1", (job_id, message)))
 
     def add_checkpoint(self, job_id: str, step: int, data: dict) -> None:
         if self._q("SELECT 1 FROM checkpoints WHERE job_id=? AND step=?", (job_id, step)):
@@ -189,10 +204,12 @@ class Store:
         self._q("INSERT INTO checkpoints VALUES (?,?,?,?,?)", (ckpt_id, job_id, data["created_at"], step, json.dumps(data)))
 
     def list_checkpoints(self, job_id: str) -> list[dict]:
-        return [json.loads(r[0]) for r in self._q("SELECT data FROM checkpoints WHERE job_id=? ORDER BY step DESC", (job_id,))]
+        return [json.loads(r[0]) for r in self._read("SELECT data FROM checkpoints WHERE job_id=? ORDER BY step DESC", (job_id,))]
 
     def close(self) -> None:
         with self._lock:
+            for conn in self._reader_conns:
+                conn.close()
             self._db.close()
 
 
