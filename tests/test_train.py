@@ -273,3 +273,24 @@ def test_qlora_run_end_to_end(tmp_path, tiny_model):
     assert len(trains) == 4 and all(0 < r["train_loss"] < 100 for r in trains)
     weights = load_file(str(out / "best" / "adapter_model.safetensors"))
     assert all(float(v.abs().sum()) > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_evaluate_leaves_the_model_in_the_mode_it_found(tmp_path, tiny_model):
+    """loss.evaluate used to end with model.train(), so a caller in eval mode (the evaluation's
+    two sides) had dropout on afterwards unless it knew to switch back."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunejob.data.sequences import encode_examples
+    from tunejob.train.batches import make_collator
+    from tunejob.train.loss import evaluate
+    from tunejob.train.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    data = write_chat_data(tmp_path / "d.jsonl", 4)
+    seqs, _ = encode_examples(tok, [json.loads(line) for line in data.read_text().splitlines()], 64)
+    for mode in (False, True):
+        model.train(mode)
+        loss, _ = evaluate(model, seqs, make_collator(tok.pad_token_id), 2, torch.device("cpu"))
+        assert loss > 0 and model.training is mode and all(m.training is mode for m in model.modules())

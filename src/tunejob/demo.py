@@ -61,8 +61,7 @@ def run_demo(output_dir: Path, question: str | None, overrides: list[str]) -> di
     import torch
 
     from tunejob.evaluate.chat import answer, run_checkpoint
-    from tunejob.evaluate.evaluation import load_tuned, trained_precision
-    from tunejob.train.batches import autocast
+    from tunejob.evaluate.tuned import loaded_as_trained
     from tunejob.evaluate.facts import load_facts, recall, verdict
     from tunejob.monitor.report import write_report
     from tunejob.train.trainer import train
@@ -77,10 +76,8 @@ def run_demo(output_dir: Path, question: str | None, overrides: list[str]) -> di
 
     # One model, loaded as training ran it and as `tunejob eval` loads it (so both report the same
     # fact score): the adapter is switched off for the base's answers.
-    precision = trained_precision(run_dir)
-    model, tokenizer = load_tuned(spec, run_checkpoint(run_dir), torch.device("cpu"), precision)
     facts = load_facts(demo_facts_path())
-    with autocast(torch.device("cpu"), precision == "bf16"):
+    with loaded_as_trained(spec, run_dir, run_checkpoint(run_dir), torch.device("cpu")) as (model, tokenizer, _):
         result = recall(model, tokenizer, facts)
         _show_recall(result)
         extra = None

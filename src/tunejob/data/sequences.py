@@ -47,7 +47,7 @@ class EncodeStats:
     trained_tokens: int = 0
 
 
-def _plain(messages: list[dict]) -> list[dict]:
+def plain_messages(messages: list[dict]) -> list[dict]:
     """Messages as role and text only (kept for callers that render tool-free prompts)."""
     return [{"role": m["role"], "content": text_of(m.get("content"))} for m in messages]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tunejob.train import checkpoint as ckpt
 from tunejob.errors import DataError, ModelError
-from tunejob.data.sequences import _plain
+from tunejob.data.sequences import plain_messages
 
 SIDES = ("base", "finetuned")
 
@@ -83,7 +83,7 @@ def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str] | None:
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
     if last is None:
         return None
-    plain = _plain(messages)
+    plain = plain_messages(messages)
     return plain[:last], plain[last]["content"]
 
 
@@ -144,39 +144,6 @@ def held_out_examples(spec, data: Path | None) -> list[dict]:
 # ---------------------------------------------------------------- models
 
 
-def trained_precision(run_dir: Path) -> str:
-    """'bf16' or 'no': what the run trained (and validated) in, from its summary; 'no' for runs
-    from before mixed_precision was recorded or still running."""
-    import json
-
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text()).get("mixed_precision") or "no"
-    except (OSError, ValueError):
-        return "no"
-
-
-def load_tuned(spec, checkpoint: Path, device, precision: str = "no"):
-    """(PEFT model, tokenizer), loaded the way training evaluated it, so the losses agree: fp32,
-    the base stored in bf16 for a bf16 run (used under autocast), or the 4-bit base for a QLoRA run
-    (a fp32 base would shift the loss by the quantisation error)."""
-    from tunejob.evaluate.chat import load_for_chat
-
-    if spec.quantization != "4bit" and precision != "bf16":
-        model, tokenizer = load_for_chat(checkpoint)
-        return model.to(device), tokenizer
-    from peft import PeftModel
-
-    from tunejob.evaluate.chat import base_model_of
-    from tunejob.train.models import load_tokenizer
-    from tunejob.train.adapter import disable_bnb_avx512bf16, load_model
-
-    base_path = base_model_of(checkpoint)
-    model = PeftModel.from_pretrained(load_model(spec, base_path, device, precision), str(checkpoint))
-    disable_bnb_avx512bf16(model)
-    model.eval()
-    return model, load_tokenizer(base_path)
-
-
 def _side(model, side: str):
     """A context in which `model` is the base (adapter off) or the fine-tuned model."""
     import contextlib
@@ -202,7 +169,6 @@ def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
             loss, accuracy = evaluate(model, seqs, collate, micro, device)
         # exp() overflows a float past 709; a loss that high means "no idea" either way
         out[side] = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "mean_token_accuracy": accuracy}
-    model.eval()  # loss.evaluate leaves the model in train mode (dropout on)
     return out
 
 
@@ -266,7 +232,7 @@ def evaluate_run(
     import torch
 
     from tunejob.evaluate.chat import run_checkpoint
-    from tunejob.train.batches import autocast
+    from tunejob.evaluate.tuned import loaded_as_trained
 
     run_dir = Path(run_dir)
     if limit is not None and limit < 1:
@@ -284,9 +250,7 @@ def evaluate_run(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     say(f"evaluating {checkpoint} against its base on {len(examples)} held-out example(s), on {device}")
     torch.manual_seed(spec.hyperparameters.seed)
-    precision = trained_precision(run_dir)
-    model, tokenizer = load_tuned(spec, checkpoint, device, precision)
-    with autocast(device, precision == "bf16"):  # the arithmetic training validated with
+    with loaded_as_trained(spec, run_dir, checkpoint, device) as (model, tokenizer, precision):
         if examples and "preferred_output" in examples[0]:  # preference pairs: ranking share instead of the chat loss
             from tunejob.evaluate.preference import answer_items, preference_scores
 

@@ -269,15 +269,18 @@ def evaluate(model, sequences, collate, micro_batch: int, device, world: distrib
     takes every world.size-th example and the sums are all-reduced, so every rank gets the total."""
     world = world or distributed.World(device=device)
     loss_path = loss_path or LossPath()
+    was_training = model.training  # restored on the way out: callers need not know eval() ran
     model.eval()
     total_loss, total_tokens, total_correct = 0.0, 0, 0
     mine = sequences[world.rank :: world.size]
-    with torch.no_grad(), autocast(device, bf16 or stored_bf16(model)):
-        for i in range(0, len(mine), micro_batch):
-            loss, tokens, correct = loss_path(model, as_batch(collate, mine[i : i + micro_batch], device))
-            total_loss += loss.item()
-            total_tokens += tokens
-            total_correct += correct
-    model.train()
+    try:
+        with torch.no_grad(), autocast(device, bf16 or stored_bf16(model)):
+            for i in range(0, len(mine), micro_batch):
+                loss, tokens, correct = loss_path(model, as_batch(collate, mine[i : i + micro_batch], device))
+                total_loss += loss.item()
+                total_tokens += tokens
+                total_correct += correct
+    finally:
+        model.train(was_training)
     total_loss, total_tokens, total_correct = distributed.sum_(world, [total_loss, total_tokens, total_correct])
     return total_loss / max(total_tokens, 1), total_correct / max(total_tokens, 1)
