@@ -202,21 +202,6 @@ def child(args) -> None:
 # ------------------------------------------------------------------ the run
 
 
-def gemm_peak(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n matmul on this CPU (best of `repeats`), torch's default threads."""
-    import torch
-
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 def model_parameters(model_path: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -274,9 +259,11 @@ def main() -> None:
 
 
 def run_all(args) -> dict:
-    bf16_small = gemm_peak("bfloat16", n=512, repeats=2)  # without bf16 units a 2048 bf16 matmul takes a minute
-    peak = {"fp32": gemm_peak("float32")}
-    peak["bf16"] = gemm_peak("bfloat16") if bf16_small > peak["fp32"] / 4 else bf16_small
+    from tunejob.train.precision import measure_cpu
+
+    # tunejob's own probe (train/precision.py), measured fresh in this run at the bench's size
+    probe = measure_cpu(n=2048, repeats=5)
+    peak = {"fp32": probe["fp32_gflops"] * 1e9, "bf16": probe["bf16_gflops"] * 1e9}
     n_params = model_parameters(args.model)
     print(f"GEMM peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s; model {n_params:,} parameters", flush=True)
     configs, skipped = [], {}

@@ -145,3 +145,22 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_in(tmp_path, tiny_mod
     assert resumed["steps"] == 4 and resumed["mixed_precision"] == "bf16"
     starts = [r["mixed_precision"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "start"]
     assert starts == ["bf16", "bf16"]
+
+
+def test_plan_and_auto_read_one_probe(tmp_path, monkeypatch):
+    """Issue 32: plan's time estimate measured its own GEMM (0.5 s loop, current threads) while
+    `auto` measured another (best of 3, keyed by thread count), so they could disagree on one
+    machine. Both now read one probe, cached per machine: a second read measures nothing."""
+    from tunejob.plan.memory import measure_cpu_peak_flops
+
+    monkeypatch.setenv("TUNEJOB_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(precision, "measure_cpu", lambda: calls.append(1) or {"fp32_gflops": 90.0, "bf16_gflops": 360.0, "bf16_fast": True})
+    assert measure_cpu_peak_flops("fp32") == 90.0e9 and measure_cpu_peak_flops("bf16") == 360.0e9
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # another thread count: the same probe, not a new one
+    try:
+        assert precision.cached_cpu_probe()["bf16_gflops"] == 360.0
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [1]

@@ -135,18 +135,9 @@ def estimate_seconds(shape: ModelShape, tokens: int, peak_flops: float, efficien
     return tokens * training_flops_per_token(shape) / (peak_flops * efficiency)
 
 
-def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = 0.5) -> float:
-    """This machine's measured matrix-multiply rate (FLOP/s), for time estimates on CPU."""
-    import time
+def measure_cpu_peak_flops(dtype: str = "fp32") -> float:
+    """This machine's matrix-multiply rate (FLOP/s), for time estimates on CPU: the one probe that
+    `mixed_precision: auto` reads too (train/precision.py), measured once per machine."""
+    from tunejob.train.precision import cached_cpu_probe
 
-    import torch
-
-    n = 1024
-    dt = torch.float32 if dtype == "fp32" else torch.bfloat16
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-    a @ b  # warm-up
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start)
+    return cached_cpu_probe()[f"{dtype}_gflops"] * 1e9

@@ -6,13 +6,14 @@ another CPU without bf16 units ran bf16 at 1.3 GFLOP/s (emulated, 160x slower th
 `auto` means: CUDA devices that support bf16 -> bf16; CPUs whose flags name AMX-BF16 or AVX512-BF16
 *and* whose measured bf16 matmul beats fp32 by BF16_MIN_RATIO -> bf16; everything else -> fp32.
 
-The CPU measurement takes about a second, so its verdict is cached per machine (CPU model, its
-bf16 flags, torch version, thread count) in the cache folder, in `precision.json`.
+The CPU measurement takes about a second, so it is cached per machine (CPU model, its bf16 flags,
+torch version) in the cache folder, in `precision.json`; `tunejob plan` reads its GFLOP/s too.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -67,23 +68,34 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def cached_cpu_probe(flags: list[str], cache: Path | None = None) -> dict:
-    """The CPU verdict, measured once per (CPU, flags, torch, threads) and kept in `cache`."""
+def cached_cpu_probe(flags: list[str] | None = None, cache: Path | None = None) -> dict:
+    """This machine's matmul speed in fp32 and bf16 and the bf16 verdict: THE probe, which
+    `mixed_precision: auto`, `tunejob plan`'s time estimate and the benchmarks' MFU all read, so
+    they cannot disagree on one machine. Measured once per machine (CPU, its bf16 flags, torch)
+    on all its cores, and kept in `cache`; the thread count a process happens to run with (a serve
+    child, the CLI, a Ray node) no longer gives it a probe, and a verdict, of its own."""
     from tunejob.train.models import cache_dir
+    from tunejob.train.threads import available_cores
 
+    flags = cpu_bf16_flags() if flags is None else flags
     cache = cache or cache_dir() / CACHE_NAME
-    key = f"{cpu_model()}|{','.join(flags)}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    key = f"{cpu_model()}|{','.join(flags)}|torch {torch.__version__}"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
     if key in known:
         return known[key]
-    result = measure_cpu()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(available_cores())
+    try:
+        result = {**measure_cpu(), "threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(threads)
     known[key] = result
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known, indent=1))
         tmp.replace(cache)
     except OSError:  # a read-only cache costs a second per run, nothing more
@@ -92,16 +104,22 @@ def cached_cpu_probe(flags: list[str], cache: Path | None = None) -> dict:
 
 
 def measure_cpu(n: int = 1024, repeats: int = 3) -> dict:
-    """GFLOP/s of an n x n matmul in fp32 and bf16 (best of `repeats`) and the verdict."""
-    gflops = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.matmul(a, b)  # warm-up: first call allocates and picks kernels
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.matmul(a, b)
-            best = min(best, time.perf_counter() - t)
-        gflops[name] = round(2 * n**3 / best / 1e9, 1)
-    return {"fp32_gflops": gflops["fp32"], "bf16_gflops": gflops["bf16"],
-            "bf16_fast": gflops["bf16"] >= BF16_MIN_RATIO * gflops["fp32"]}
+    """GFLOP/s of an n x n matmul in fp32 and bf16 (best of `repeats`) and the verdict. Without
+    bf16 units a bf16 matmul is emulated (~1 GFLOP/s: a 1024 one takes seconds), so bf16 is first
+    timed at n/4, and only measured at n when that is within 4x of fp32."""
+    fp32 = gemm_gflops(torch.float32, n, repeats)
+    bf16 = gemm_gflops(torch.bfloat16, n // 4, 2)
+    if bf16 > fp32 / 4:
+        bf16 = gemm_gflops(torch.bfloat16, n, repeats)
+    return {"fp32_gflops": fp32, "bf16_gflops": bf16, "bf16_fast": bf16 >= BF16_MIN_RATIO * fp32}
+
+
+def gemm_gflops(dtype: torch.dtype, n: int, repeats: int) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)  # warm-up: first call allocates and picks kernels
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return round(2 * n**3 / best / 1e9, 1)
