@@ -103,7 +103,6 @@ class ServerState:
     store: Store
     worker: Worker
     base_models: dict[str, str]
-    model_cache: object | None = None  # inference.ModelCache, created on the first chat
 
     def base_for(self, model: str) -> str | None:
         """The base model a plain name or OpenAI model id trains and chats with. Never an `ft:`

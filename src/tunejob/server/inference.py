@@ -14,7 +14,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -115,43 +114,15 @@ def _gen_kwargs(tokenizer, request: ChatRequest, eos: set[int]) -> dict:
     return kwargs
 
 
-def _stopping(cancelled: Callable[[], bool], counter: list[int]):
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Cancel(StoppingCriteria):
-        """Checked after every generated token: a client that went away stops the generation
-        within one token instead of holding the one generation slot for max_tokens."""
-
-        def __call__(self, input_ids, scores, **kwargs):
-            counter[0] += 1
-            return torch.full((input_ids.shape[0],), bool(cancelled()), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([Cancel()])
-
-
-def _streamer(tokenizer, on_text: Callable[[str], None]):
-    from transformers import TextStreamer
-
-    class Pieces(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text:
-                on_text(text)
-
-    return Pieces(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-
-def generate(model, tokenizer, request: ChatRequest, on_text: Callable[[str], None] | None = None,
-             cancelled: Callable[[], bool] = lambda: False) -> ChatResult:
-    """One completion. `on_text` gets the text as it is decoded (not when calls are parsed: those
-    are known only at the end); `cancelled` is polled after every token."""
+def generate(model, tokenizer, request: ChatRequest) -> ChatResult:
+    """One completion with transformers' generate(), one request at a time (the in-process paths:
+    the dashboard's chat form, migrate's comparison; serve answers through engine/batch.py)."""
     inputs = prompt_inputs(tokenizer, request, model.device)
-    eos, counter = eos_ids(model, tokenizer), [0]
-    streamer = _streamer(tokenizer, on_text) if on_text is not None and not request.parses_calls else None
+    eos = eos_ids(model, tokenizer)
     with torch.no_grad():
-        out = model.generate(**inputs, **_gen_kwargs(tokenizer, request, eos), streamer=streamer,
-                             stopping_criteria=_stopping(cancelled, counter))
+        out = model.generate(**inputs, **_gen_kwargs(tokenizer, request, eos))
     new = out[0, inputs["input_ids"].shape[1]:]
-    return to_result(tokenizer, request, int(inputs["input_ids"].shape[1]), [int(t) for t in new], eos, cancelled())
+    return to_result(tokenizer, request, int(inputs["input_ids"].shape[1]), [int(t) for t in new], eos, False)
 
 
 def to_result(tokenizer, request: ChatRequest, prompt_tokens: int, new: list[int], eos: set[int], cancelled: bool,

@@ -349,7 +349,3 @@ class ChatCompletionRequest(BaseModel):
         logits divided by 1e-300 overflow to inf and the sampler fails on NaN (found by fuzzing)."""
         temperature = self.temperature if self.temperature is None or self.temperature >= 1e-4 else 0.0
         return {"max_tokens": self.limit(), "temperature": temperature, "top_p": self.top_p, "seed": self.seed}
-
-    def plain_messages(self) -> list[dict]:
-        """{role, content} with `developer` as `system` (open models' templates know no developer)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]

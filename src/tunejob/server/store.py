@@ -172,12 +172,6 @@ class Store:
         jobs = [json.loads(r[0]) for r in rows]
         return [j for j in jobs if status is None or j["status"] == status]
 
-    def find_job_by_model(self, owner: str, model: str) -> dict | None:
-        for job in self.list_jobs(owner):
-            if job.get("fine_tuned_model") == model:
-                return job
-        return None
-
     # ------------------------------------------------------------ events and checkpoints
 
     def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message", data: dict | None = None) -> dict:
