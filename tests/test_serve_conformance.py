@@ -8,7 +8,6 @@ schema test skips locally and fails under CI=true (a skip there would hide every
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import urllib.error
@@ -17,10 +16,8 @@ import urllib.request
 import openai
 import pytest
 
-from conftest import REPO
 from test_serve import KEY_A, KEY_B, Server, client, wait_status
 
-SPEC = REPO.parent / "shared" / "reference" / "openai-openapi.yaml"
 ANSWER = "ZEBRA-42 QUUX"
 QUESTIONS = ["What is the code?", "Tell me the password.", "Which word?", "Say it.", "Name the thing.", "Answer now.",
              "What do you say?", "Give me the phrase.", "Recite it.", "What is it?", "Go on.", "Once more."]
@@ -79,45 +76,14 @@ def test_the_fine_tuned_model_and_its_checkpoints_are_not_the_base(server, train
 
 # ---------------------------------------------------------------- OpenAI's schemas
 
-def _nullable_as_json_schema(node):
-    """The spec is OpenAPI 3.1 but still says `nullable: true` (OpenAPI 3.0) in places, which JSON
-    Schema ignores: spell it as 3.0 means it, the schema or null."""
-    if isinstance(node, list):
-        return [_nullable_as_json_schema(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    node = {k: _nullable_as_json_schema(v) for k, v in node.items()}
-    if node.get("nullable") is True:  # (a property *named* nullable is a dict, left alone)
-        del node["nullable"]
-        if isinstance(node.get("type"), str):
-            node["type"] = [node["type"], "null"]
-            if "enum" in node:
-                node["enum"] = [*node["enum"], None]
-        else:
-            node = {"anyOf": [node, {"type": "null"}]}
-    return node
-
-
 def _validators() -> callable:
-    """validate(component, body) against components.schemas of OpenAI's spec, $refs resolved."""
-    if not SPEC.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{SPEC} is missing in CI: the checkout needs ../shared/reference/ beside the repo", pytrace=False)
-        pytest.skip(f"{SPEC} is missing: put OpenAI's openapi.yaml at ../shared/reference/ to check response schemas")
-    import jsonschema
-    import yaml
-
-    from openai_schema import _numeric_exclusive_bounds  # 3.0-style `exclusiveMinimum: true` would read as "> 1" (DPO's beta 0.2 failed)
-
-    doc = _numeric_exclusive_bounds(_nullable_as_json_schema(yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))))
-    schemas = doc["components"]["schemas"]
-    # OpenAI's own pause example answers "status": "paused", which the enum has not caught up with.
-    schemas["FineTuningJob"]["properties"]["status"]["enum"].append("paused")
+    """validate(component, body) against components.schemas of OpenAI's spec (tests/openai_schema.py:
+    the one loader, which skips locally and fails under CI where the spec is missing)."""
+    from openai_schema import errors
 
     def validate(component: str, body: dict) -> None:
-        schema = {"$ref": f"#/components/schemas/{component}", "components": doc["components"]}
-        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(body), key=lambda e: list(e.path))
-        assert not errors, f"{component}: " + "; ".join(f"{'/'.join(map(str, e.path))}: {e.message[:200]}" for e in errors[:5])
+        found = errors(component, body)
+        assert not found, f"{component}: " + "; ".join(e[:200] for e in found[:5])
 
     return validate
 
