@@ -202,6 +202,7 @@ def serve(
     default_model: Annotated[str, typer.Option(help="Base model for 'default' and for OpenAI model ids.")] = "default",
     model: Annotated[Optional[list[str]], typer.Option("--model", help="Another base model: NAME=PATH (repeatable).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest JSON request body (chat, job creation); over it: 413.")] = 16,
     max_epochs: Annotated[int, typer.Option(help="Most epochs one job may ask for.")] = 50,
     max_steps: Annotated[int, typer.Option(help="Most optimizer steps one job may run.")] = 10_000,
     max_seq_len: Annotated[int, typer.Option(help="Longest max_seq_len one job may ask for (tokens).")] = 4096,
@@ -223,7 +224,8 @@ def serve(
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
 
-    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "chat_batch": chat_batch,
+    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len,
+            "max_body_bytes": int(max_body_mb * 2**20), "chat_batch": chat_batch,
             "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue,

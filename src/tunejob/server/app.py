@@ -115,6 +115,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="tunejob", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.worker = store, worker
+    app.state.max_body_bytes = config.max_body_bytes  # read by api.json_body, for every JSON body
     app.router.on_startup.append(worker.start)
     app.router.on_shutdown.append(worker.stop)
     _add_error_handlers(app)

@@ -1,0 +1,67 @@
+"""tunejob serve's limits (issue 31, finding 8): a byte cap on every JSON body and OpenAI's
+context_length_exceeded, against one real `tunejob serve` on 127.0.0.1 with the official SDK. A
+chunked body's cap is tested beside the upload's, in test_server_security.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import openai
+import pytest
+
+from test_serve import Server, client
+
+ONE_TOKEN_WORD = " alpha"  # one token of the embedded tokenizer, whatever comes before it
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    """One server with the defaults for every limit here."""
+    s = Server(tmp_path_factory.mktemp("limits") / "data", tiny_model).start()
+    yield s
+    s.stop()
+
+
+# ---------------------------------------------------------------- finding 8: body cap, context
+
+
+def test_a_json_body_over_16_mb_is_413_before_it_is_parsed(served):
+    """A 17 MB job body: parsed, it was a 400 on its unknown field; now the cap answers first."""
+    with pytest.raises(openai.APIStatusError) as exc:
+        client(served).fine_tuning.jobs.create(training_file="file-x", model="default", extra_body={"padding": "x" * (17 << 20)})
+    assert exc.value.status_code == 413
+    assert exc.value.body == {"message": exc.value.body["message"], "type": "invalid_request_error", "param": None, "code": "request_too_large"}
+    assert "16,777,216 bytes" in exc.value.body["message"]
+
+
+def _prompt_tokens(tiny_model: Path, messages: list[dict]) -> int:
+    """The prompt's length as transformers renders it: the expected value, not the server's count."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    return len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_a_prompt_past_the_context_is_openais_context_length_exceeded(served, tiny_model):
+    context = json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]  # 2048
+    messages = [{"role": "user", "content": "Say hi." + ONE_TOKEN_WORD * (context - 100)}]
+    prompt = _prompt_tokens(tiny_model, messages)
+    assert context - 100 < prompt < context - 20
+    c = client(served)
+    for stream in (False, True):  # a stream gets the 400 too, not an error event after its first chunk
+        with pytest.raises(openai.BadRequestError) as exc:
+            c.chat.completions.create(model="default", messages=messages, max_tokens=100, stream=stream)
+        assert exc.value.code == "context_length_exceeded" and exc.value.param == "messages"
+        assert exc.value.body["message"] == (f"This model's maximum context length is {context} tokens. However, you requested "
+                                             f"{prompt + 100} tokens ({prompt} in the messages, 100 in the completion). "
+                                             "Please reduce the length of the messages or completion.")
+    # without max_tokens the prompt alone must fit, and the answer is cut to the room left
+    longer = [{"role": "user", "content": messages[0]["content"] + ONE_TOKEN_WORD * 200}]
+    with pytest.raises(openai.BadRequestError) as exc:
+        c.chat.completions.create(model="default", messages=longer)
+    assert re.fullmatch(rf"This model's maximum context length is {context} tokens\. However, your messages resulted in "
+                        rf"{_prompt_tokens(tiny_model, longer)} tokens\. Please reduce the length of the messages\.", exc.value.body["message"])
+    answer = c.chat.completions.create(model="default", messages=messages, temperature=0)
+    assert answer.usage.prompt_tokens == prompt and answer.usage.completion_tokens <= context - prompt
