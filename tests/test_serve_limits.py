@@ -1,6 +1,7 @@
-"""tunejob serve's limits (issue 31, finding 8): a byte cap on every JSON body and OpenAI's
-context_length_exceeded, against one real `tunejob serve` on 127.0.0.1 with the official SDK. A
-chunked body's cap is tested beside the upload's, in test_server_security.py."""
+"""tunejob serve's limits (issue 31, findings 8 and 10): a byte cap on every JSON body, OpenAI's
+context_length_exceeded, a failed-key throttle on /v1 and a minimum key length, against one real
+`tunejob serve` on 127.0.0.1 with the official SDK. A chunked body's cap is tested beside the
+upload's, in test_server_security.py."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 import re
 from pathlib import Path
 
+import httpx2 as httpx  # the HTTP library openai 3.x is built on
 import openai
 import pytest
 
-from test_serve import Server, client
+from conftest import run_cli
+from test_serve import KEY_A, Server, client
+from tunejob.server.run import free_port
 
 ONE_TOKEN_WORD = " alpha"  # one token of the embedded tokenizer, whatever comes before it
 
@@ -65,3 +69,36 @@ def test_a_prompt_past_the_context_is_openais_context_length_exceeded(served, ti
                         rf"{_prompt_tokens(tiny_model, longer)} tokens\. Please reduce the length of the messages\.", exc.value.body["message"])
     answer = c.chat.completions.create(model="default", messages=messages, temperature=0)
     assert answer.usage.prompt_tokens == prompt and answer.usage.completion_tokens <= context - prompt
+
+
+# ---------------------------------------------------------------- finding 10: keys
+
+
+def test_wrong_keys_from_one_address_are_throttled_with_openais_429(served):
+    """Five wrong keys from 127.0.0.2: the next request from there waits, the right key included
+    (else a 200 among 429s would tell a guesser it found one); 127.0.0.1 is still served."""
+    def from_address(key: str) -> openai.OpenAI:
+        http = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
+        return openai.OpenAI(base_url=served.url, api_key=key, max_retries=0, http_client=http)
+
+    for i in range(5):
+        with pytest.raises(openai.AuthenticationError):
+            from_address(f"sk-guess-{i:016d}").models.list()
+    with pytest.raises(openai.RateLimitError) as exc:
+        from_address(KEY_A).models.list()
+    assert exc.value.code == "rate_limit_exceeded" and set(exc.value.body) == {"message", "type", "param", "code"}
+    assert 0 < int(exc.value.response.headers["retry-after"]) <= 60
+    assert client(served).models.list().data  # another address, the same key: served
+
+
+def test_the_server_refuses_to_start_with_a_short_key(tmp_path):
+    try:
+        out = run_cli("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "d"), "--api-key", "sk-short-key",
+                      "--max-body-mb", "4", timeout=30)
+    except Exception as exc:  # the old server started, and served until the timeout
+        pytest.fail(f"the server did not refuse the key: {exc}")
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if not line.startswith("warning: --api-key")]
+    assert lines == ["error: 1 API key(s) shorter than 16 characters (12): a short key can be guessed; make one with: "
+                     "python -c \"import secrets; print('sk-' + secrets.token_urlsafe(24))\""], out.stderr
+    assert "sk-short-key" not in out.stderr

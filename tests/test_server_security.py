@@ -149,10 +149,11 @@ def test_keys_come_from_the_environment_or_a_file_and_api_key_warns(tmp_path, ca
     from tunejob.server.run import load_keys
 
     keys_file = tmp_path / "keys"
-    keys_file.write_text("# team keys\nsk-file-1 alice\n\n")
-    assert load_keys([], keys_file, {"TUNEJOB_API_KEYS": "sk-env-1, sk-env-2"}) == {"sk-env-1", "sk-env-2", "sk-file-1"}
+    keys_file.write_text("# team keys\nsk-file-1-0123456789 alice\n\n")
+    assert load_keys([], keys_file, {"TUNEJOB_API_KEYS": "sk-env-1-0123456789, sk-env-2-0123456789"}) == {
+        "sk-env-1-0123456789", "sk-env-2-0123456789", "sk-file-1-0123456789"}
     assert "warning" not in capsys.readouterr().err
-    assert load_keys(["sk-flag"], None, {}) == {"sk-flag"}
+    assert load_keys(["sk-flag-0123456789"], None, {}) == {"sk-flag-0123456789"}
     assert "shows the key to anyone who can run `ps`" in capsys.readouterr().err
 
 
