@@ -1,11 +1,13 @@
 """tunejob serve's limits (issue 31, findings 8 and 10): a byte cap on every JSON body, OpenAI's
-context_length_exceeded, a failed-key throttle on /v1 and a minimum key length, against one real
-`tunejob serve` on 127.0.0.1 with the official SDK. A chunked body's cap is tested beside the
-upload's, in test_server_security.py."""
+context_length_exceeded, caps on what one job may ask, the local executor holding each job's
+resources, a failed-key throttle on /v1 and a minimum key length. Against one real `tunejob serve`
+on 127.0.0.1 with the official SDK, where there is a server; the executor on its own. A chunked
+body's cap is tested beside the upload's, in test_server_security.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import httpx2 as httpx  # the HTTP library openai 3.x is built on
 import openai
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, write_chat_data
 from test_serve import KEY_A, Server, client
 from tunejob.server.run import free_port
 
@@ -26,6 +28,12 @@ def served(tmp_path_factory, tiny_model):
     s = Server(tmp_path_factory.mktemp("limits") / "data", tiny_model).start()
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def training_file(served, tmp_path_factory):
+    path = write_chat_data(tmp_path_factory.mktemp("files") / "t.jsonl", 8)
+    return client(served).files.create(file=open(path, "rb"), purpose="fine-tune").id
 
 
 # ---------------------------------------------------------------- finding 8: body cap, context
@@ -71,6 +79,58 @@ def test_a_prompt_past_the_context_is_openais_context_length_exceeded(served, ti
     assert answer.usage.prompt_tokens == prompt and answer.usage.completion_tokens <= context - prompt
 
 
+# ---------------------------------------------------------------- finding 10: caps, resources
+
+
+def test_a_job_over_the_servers_caps_is_a_400_naming_the_param_and_the_cap(served, training_file):
+    cores = len(os.sched_getaffinity(0))  # --max-processes defaults to the cores on a host without a GPU
+    c = client(served)
+    too_many = {"distributed": {"processes": cores + 1}, "hyperparameters": {"batch_size": cores + 1}}  # a batch they can split
+    for extra, param, cap in ((too_many, "tunejob.distributed.processes", cores),
+                              ({"hyperparameters": {"batch_size": 512}}, "tunejob.hyperparameters.batch_size", 256),
+                              ({"resources": {"gpus": 1}}, "tunejob.resources.gpus", 0)):
+        with pytest.raises(openai.BadRequestError) as exc:
+            c.fine_tuning.jobs.create(training_file=training_file, model="default", extra_body={"tunejob": extra})
+        assert exc.value.param == param, exc.value.body
+        assert f"over this server's limit of {cap}" in exc.value.body["message"]
+
+
+class _Proc:
+    """A child that runs until told otherwise; records its environment."""
+
+    pid = 4242
+
+    def __init__(self, argv, env, **kwargs):
+        self.env, self.rc = env, None
+
+    def poll(self):
+        return self.rc
+
+
+def _launch(tmp_path: Path, job: str, processes: int = 1, **resources):
+    from tunejob.server.executor import Launch, Resources
+
+    return Launch(job, tmp_path / "job.yaml", tmp_path / f"{job}.log", Resources(**resources), processes)
+
+
+def test_the_local_executor_gives_each_job_its_cpus_and_queues_what_does_not_fit(tmp_path, monkeypatch):
+    """4 training threads, 3 slots: a job asking 3 CPUs trains on 3 threads, the next asking 2
+    waits for them (not 4 threads each, whatever they asked); 2 processes split their CPUs."""
+    from tunejob.server import executor
+
+    monkeypatch.setattr(executor.subprocess, "Popen", _Proc)
+    ex = executor.LocalExecutor(slots=3, threads=4)
+    ex.submit("r-a", _launch(tmp_path, "ftjob-a", cpus=3))
+    assert ex._children["r-a"].proc.env["TUNEJOB_THREADS"] == "3"
+    assert ex.waiting_for(_launch(tmp_path, "ftjob-b", cpus=2)) == "2 free CPU(s) (1 of the 4 training threads free; in use by ftjob-a)"
+    ex._children["r-a"].proc.rc = 0
+    assert ex.poll("r-a").state == "succeeded" and ex.waiting_for(_launch(tmp_path, "ftjob-b", cpus=2)) is None
+    ex.submit("r-c", _launch(tmp_path, "ftjob-c", processes=2, cpus=4))
+    assert ex._children["r-c"].proc.env["TUNEJOB_THREADS"] == "2"  # 2 each, 4 in all
+    assert ex.waiting_for(_launch(tmp_path, "ftjob-d", cpus=1)).startswith("1 free CPU(s) (0 of the 4")
+    assert ex.default_cpus == 1  # a job asking none gets a slot's share: 4 threads // 3 slots
+
+
 # ---------------------------------------------------------------- finding 10: keys
 
 
@@ -94,7 +154,7 @@ def test_wrong_keys_from_one_address_are_throttled_with_openais_429(served):
 def test_the_server_refuses_to_start_with_a_short_key(tmp_path):
     try:
         out = run_cli("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "d"), "--api-key", "sk-short-key",
-                      "--max-body-mb", "4", timeout=30)
+                      "--max-processes", "2", "--max-batch-size", "64", "--max-body-mb", "4", timeout=30)
     except Exception as exc:  # the old server started, and served until the timeout
         pytest.fail(f"the server did not refuse the key: {exc}")
     assert out.returncode == 2, out.stderr

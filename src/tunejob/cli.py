@@ -206,6 +206,8 @@ def serve(
     max_epochs: Annotated[int, typer.Option(help="Most epochs one job may ask for.")] = 50,
     max_steps: Annotated[int, typer.Option(help="Most optimizer steps one job may run.")] = 10_000,
     max_seq_len: Annotated[int, typer.Option(help="Longest max_seq_len one job may ask for (tokens).")] = 4096,
+    max_processes: Annotated[Optional[int], typer.Option(min=1, help="Most processes (and GPUs, one per process) one job may ask for (default: this machine's GPUs, or its cores without one).")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Largest batch_size one job may ask for (256: OpenAI's own limit).")] = 256,
     train_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of a training job (default: the cores minus chat's share).")] = None,
     chat_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of chat generation (default: a quarter of the cores, at least 1, while a job trains; all when none does).")] = None,
     chat_queue: Annotated[int, typer.Option(min=1, help="Chat requests waiting or generating before new ones get 429.")] = 8,
@@ -224,8 +226,8 @@ def serve(
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
 
-    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len,
-            "max_body_bytes": int(max_body_mb * 2**20), "chat_batch": chat_batch,
+    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "max_processes": max_processes,
+            "max_batch_size": max_batch_size, "max_body_bytes": int(max_body_mb * 2**20), "chat_batch": chat_batch,
             "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue,

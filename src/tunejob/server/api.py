@@ -39,6 +39,11 @@ class ServerConfig:
     max_epochs: int = 50
     max_steps: int = 10_000
     max_seq_len: int = 4096
+    # Processes one job may start (distributed.processes; GPUs, one per process). None: this
+    # machine's GPUs, or its cores on a host without one (server/quota.py). 256 examples a step is
+    # OpenAI's own batch_size limit; tunejob.hyperparameters.batch_size had none.
+    max_processes: int | None = None
+    max_batch_size: int = 256
     train_threads: int | None = None  # torch threads of a training child (None: train.threads.budget)
     chat_threads: int | None = None  # torch threads of chat generation while a job trains (None: the budget's)
     chat_queue: int = 8  # chat requests waiting or generating before 429 (server/generation.py)

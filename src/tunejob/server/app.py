@@ -93,19 +93,17 @@ def key_check(config: ServerConfig, store: Store, throttle: Throttle):
 
 
 def _executor(config: ServerConfig):
-    """The executor `--executor` names; None is the worker's default, one local child at a time."""
+    """The executor `--executor` names: local children share the training threads (executor.py)."""
     if config.executor == "ray":
         from tunejob.server.ray_cluster import RayExecutor  # imports Ray's job client: only when asked for
 
         return RayExecutor(config.ray_address or "auto")
     if config.executor != "local":
         raise TunejobError(f"--executor {config.executor!r}: use local (child processes on this machine) or ray (a Ray cluster)")
-    if config.slots == 1:
-        return None
     from tunejob.server.executor import LocalExecutor
     from tunejob.train.threads import budget
 
-    return LocalExecutor(config.slots, max(1, budget(config.train_threads, config.chat_threads).train // config.slots))
+    return LocalExecutor(config.slots, budget(config.train_threads, config.chat_threads).train)
 
 
 def _grader_env(config: ServerConfig, store: Store, owner: str | None) -> dict[str, str]:
