@@ -1,7 +1,8 @@
-"""tunejob serve's limits (issue 31, findings 8 and 10): a byte cap on every JSON body, OpenAI's
+"""tunejob serve's limits (issue 31, findings 8, 9 and 10): a byte cap on every JSON body, OpenAI's
 context_length_exceeded, caps on what one job may ask, the local executor holding each job's
-resources, a failed-key throttle on /v1 and a minimum key length. Against one real `tunejob serve`
-on 127.0.0.1 with the official SDK, where there is a server; the executor on its own. A chunked
+resources, a failed-key throttle on /v1 and a minimum key length, and merged adapters that do
+not evict each other. Against one real `tunejob serve` on 127.0.0.1 with the official SDK, where
+there is a server; the executor and the merge budget on their own, with a tiny model. A chunked
 body's cap is tested beside the upload's, in test_server_security.py."""
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def test_wrong_keys_from_one_address_are_throttled_with_openais_429(served):
 def test_the_server_refuses_to_start_with_a_short_key(tmp_path):
     try:
         out = run_cli("serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "d"), "--api-key", "sk-short-key",
-                      "--max-processes", "2", "--max-batch-size", "64", "--max-body-mb", "4", timeout=30)
+                      "--max-processes", "2", "--max-batch-size", "64", "--max-body-mb", "4", "--chat-merged-copies", "3", timeout=30)
     except Exception as exc:  # the old server started, and served until the timeout
         pytest.fail(f"the server did not refuse the key: {exc}")
     assert out.returncode == 2, out.stderr
@@ -162,3 +163,44 @@ def test_the_server_refuses_to_start_with_a_short_key(tmp_path):
     assert lines == ["error: 1 API key(s) shorter than 16 characters (12): a short key can be guessed; make one with: "
                      "python -c \"import secrets; print('sk-' + secrets.token_urlsafe(24))\""], out.stderr
     assert "sk-short-key" not in out.stderr
+
+
+# ---------------------------------------------------------------- finding 9: merge budget
+
+
+def _adapters(tiny_model: Path, tmp_path: Path) -> list[str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out = []
+    for i in range(2):
+        torch.manual_seed(i)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.save_pretrained(tmp_path / f"adapter-{i}")
+        out.append(str(tmp_path / f"adapter-{i}"))
+    return out
+
+
+def test_two_alternating_adapters_stay_merged_with_the_default_budget(tiny_model, tmp_path, monkeypatch):
+    """Two users alternating two fine-tuned models of the embedded 135M base: its copy weighs 513 MB
+    in fp32 (SmolLM2-135M's 134.5M parameters x 4 bytes), which the tiny model here is made to
+    report. The old 1024 MB default held one such copy, so each request evicted the other's and
+    merged again; the default now holds two copies, so each adapter is merged once."""
+    from tunejob.server import weights
+    from tunejob.server.generation import Engine, EngineOptions
+    from tunejob.train import threads
+
+    monkeypatch.setattr(weights, "parameter_bytes", lambda model: 134_515_008 * 4)
+    logs: list[str] = []
+    engine = Engine(threads.budget(1, 1), options=EngineOptions(dtype="float32"), log=logs.append)
+    a, b = _adapters(tiny_model, tmp_path)
+    paths = []
+    for adapter in (a, b) * 4:
+        target = engine.weights.target(str(tiny_model), Path(adapter))
+        paths.append(target.path)
+        engine.weights.release(target)
+    merges = [line for line in logs if "merged into a copy" in line]
+    assert len(merges) == 2, logs
+    assert paths == ["unmerged", "unmerged"] + ["merged"] * 6

@@ -217,7 +217,8 @@ def serve(
     node_retries: Annotated[int, typer.Option(min=0, help="Resumes of a job whose run was lost with its node, before the job fails.")] = 2,
     chat_batch: Annotated[int, typer.Option(min=1, help="Chat requests that share one forward pass (local engine).")] = 8,
     chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): auto = bfloat16 where training's probe finds the device fast in it (answers then follow bf16 rounding), else float32.")] = ChatDtype.auto,
-    chat_merge_mb: Annotated[int, typer.Option(min=0, help="Memory for merged copies of adapters chatted with repeatedly (local engine); 0 never merges.")] = 1024,
+    chat_merged_copies: Annotated[int, typer.Option(min=0, help="Merged copies of adapters chatted with repeatedly, in copies of the base model in --chat-dtype (local engine); 0 never merges.")] = 2,
+    chat_merge_mb: Annotated[Optional[int], typer.Option(min=0, help="Also cap those copies' memory (MB); 0 never merges. Default: no cap beyond --chat-merged-copies.")] = None,
     chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = False,
     engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine.local,
     vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,
@@ -228,7 +229,8 @@ def serve(
 
     caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "max_processes": max_processes,
             "max_batch_size": max_batch_size, "max_body_bytes": int(max_body_mb * 2**20), "chat_batch": chat_batch,
-            "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
+            "chat_dtype": chat_dtype.value, "chat_merged_copies": chat_merged_copies, "chat_merge_mb": chat_merge_mb,
+            "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue,
            executor={"executor": executor.value, "slots": slots, "ray_address": ray_address, "node_retries": node_retries}, aliases=alias)

@@ -53,7 +53,8 @@ class ServerConfig:
     node_retries: int = 2  # resumes of a run lost with its node before the job fails
     chat_batch: int = 8  # chat rows sharing one forward pass (engine/batch.py)
     chat_dtype: str = "auto"  # weights chat runs in: auto (bfloat16 where training's probe finds the device fast in it), float32, bfloat16
-    chat_merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (server/weights.py); 0: never
+    chat_merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (server/weights.py); 0: never
+    chat_merge_mb: int | None = None  # an optional memory cap on those copies as well (the budget before --chat-merged-copies)
     chat_compile: bool = False  # torch.compile chat's forward (server/weights.py); off until measured to pay
     engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)
     vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")

@@ -128,8 +128,8 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter()
     config = state.config
     budget = threads.budget(config.train_threads, config.chat_threads)
-    options = EngineOptions(max_batch=config.chat_batch, dtype=config.chat_dtype, merge_mb=config.chat_merge_mb,
-                            compile=config.chat_compile)
+    options = EngineOptions(max_batch=config.chat_batch, dtype=config.chat_dtype, merged_copies=config.chat_merged_copies,
+                            merge_mb=config.chat_merge_mb, compile=config.chat_compile)
     engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue,
                     log=lambda m: print(m, file=sys.stderr, flush=True), options=options)
     api.add_event_handler("shutdown", engine.stop)
