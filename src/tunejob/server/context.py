@@ -18,7 +18,11 @@ from tunejob.server.api import ApiError
 from tunejob.server.inference import ChatRequest, prompt_inputs
 
 SANE_MAX = 10_000_000  # transformers' "no limit" model_max_length is 1e30; nothing real is past 10M tokens
-_lock = threading.Lock()  # a fast tokenizer used from two threads at once can fail with "Already borrowed"
+# One request at a time loads and tokenizes here: a fast tokenizer used from two threads at once
+# can fail with "Already borrowed", and two threads importing transformers for the first time at
+# once failed with "cannot import name 'AutoConfig'" (its package swaps itself for a lazy module
+# at the end of its import, so a second thread sees the half-imported one: 8 concurrent first chats).
+_lock = threading.Lock()
 
 
 def window(config, tokenizer) -> int | None:
@@ -54,10 +58,10 @@ def exceeded(limit: int, prompt: int, completion: int | None) -> ApiError:
 def fit(base_path: str, chat: ChatRequest, body: dict) -> ChatRequest:
     """`chat` if it fits the model's context (its max_tokens cut to the room left when the body
     gave none), else the 400. Tokenizes the whole prompt: call it off the event loop."""
-    tokenizer, limit = _model(base_path)
-    if limit is None:
-        return chat
     with _lock:
+        tokenizer, limit = _model(base_path)
+        if limit is None:
+            return chat
         prompt = int(prompt_inputs(tokenizer, chat, "cpu")["input_ids"].shape[1])
     asked = body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
     if asked and prompt + chat.max_tokens > limit:
