@@ -48,7 +48,7 @@ from tunejob.server.run import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
-KEY = "sk-bench-local"
+KEY = "sk-bench-local-key-0001"  # the server refuses keys under 16 characters
 MESSAGES = [{"role": "user", "content": "Prep me for the Globex call."}]
 
 

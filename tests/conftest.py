@@ -40,6 +40,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="session")
+def long_context_model(tmp_path_factory) -> Path:
+    """The tiny model with SmolLM2-135M's 8,192-token context, for tests that need a generation of
+    4,000 tokens: past tiny_model's 2,048 the server answers OpenAI's 400 context_length_exceeded."""
+    from tunejob.train.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("long-context-model"), context=8192)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "tunejob", *args], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout)

@@ -100,8 +100,8 @@ def test_concurrent_chats_answer_as_one_at_a_time(tmp_path, tiny_model):
         server.stop()
 
 
-def test_a_long_answer_does_not_hold_back_short_ones(tmp_path, tiny_model):
-    server = Server(tmp_path / "data", tiny_model).start()
+def test_a_long_answer_does_not_hold_back_short_ones(tmp_path, long_context_model):
+    server = Server(tmp_path / "data", long_context_model).start()
     try:
         c = client(server)
         c.chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}], max_tokens=1)  # loaded

@@ -68,8 +68,8 @@ def _mixed_calls(c: openai.OpenAI, file_id: str, job_id: str, upload, until: flo
         calls.append((kind, status, start, time.time()))
 
 
-def test_the_api_answers_while_a_job_trains_and_a_chat_generates(tmp_path, tiny_model):
-    server = Server(tmp_path / "data", tiny_model, ("--chat-queue", "2")).start()
+def test_the_api_answers_while_a_job_trains_and_a_chat_generates(tmp_path, long_context_model):
+    server = Server(tmp_path / "data", long_context_model, ("--chat-queue", "2")).start()
     try:
         c = client(server)
         train = write_chat_data(tmp_path / "t.jsonl", 200)

@@ -13,8 +13,8 @@ import openai
 from test_serve import Server, client
 
 
-def test_sigterm_answers_generations_in_flight_and_exits(tmp_path, tiny_model):
-    server = Server(tmp_path / "data", tiny_model, ("--chat-dtype", "float32")).start()
+def test_sigterm_answers_generations_in_flight_and_exits(tmp_path, long_context_model):
+    server = Server(tmp_path / "data", long_context_model, ("--chat-dtype", "float32")).start()
     c = client(server)
     ask = {"model": "default", "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 4000, "temperature": 0}
     outcome: dict[str, object] = {}

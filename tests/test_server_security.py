@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sqlite3
 import stat
@@ -64,13 +65,11 @@ def test_owner_ids_are_hmacs_under_a_private_secret(app, tmp_path):
     assert len(TestClient(again, headers={"Authorization": f"Bearer {KEY}"}).get("/v1/files").json()["data"]) == 1
 
 
-def test_a_chunked_upload_over_the_limit_is_413_and_leaves_nothing(app, tmp_path):
-    """A 10 MB multipart body in 10 kB ASGI messages, no Content-Length: the app must stop reading
-    at the limit (50 kB + 64 kB of form overhead), answer 413, and leave no file behind."""
+def send_chunked(app, path: str, content_type: bytes, pieces: list[bytes]) -> tuple[int, list[dict]]:
+    """POST `pieces` as ASGI messages without a Content-Length (a chunked body), with KEY; returns
+    how many messages the app read and what it sent."""
     import asyncio
 
-    pieces = [b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n',
-              b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n', *[b"x" * 10_000] * 1000, b"\r\n--B--\r\n"]
     read, sent = [], []
 
     async def receive():
@@ -80,14 +79,32 @@ def test_a_chunked_upload_over_the_limit_is_413_and_leaves_nothing(app, tmp_path
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/files",
-             "raw_path": b"/v1/files", "query_string": b"", "root_path": "", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5),
-             "headers": [(b"host", b"x"), (b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"multipart/form-data; boundary=B"),
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5),
+             "headers": [(b"host", b"x"), (b"authorization", f"Bearer {KEY}".encode()), (b"content-type", content_type),
                          (b"transfer-encoding", b"chunked")]}
     asyncio.run(app(scope, receive, send))
+    return len(read), sent
+
+
+def test_a_chunked_upload_over_the_limit_is_413_and_leaves_nothing(app, tmp_path):
+    """A 10 MB multipart body in 10 kB ASGI messages, no Content-Length: the app must stop reading
+    at the limit (50 kB + 64 kB of form overhead), answer 413, and leave no file behind."""
+    pieces = [b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n',
+              b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n', *[b"x" * 10_000] * 1000, b"\r\n--B--\r\n"]
+    read, sent = send_chunked(app, "/v1/files", b"multipart/form-data; boundary=B", pieces)
     assert sent[0]["status"] == 413 and b"file_too_large" in sent[1]["body"]
-    assert len(read) < 15  # ~115 kB read of 10 MB
+    assert read < 15  # ~115 kB read of 10 MB
     assert list((tmp_path / "data" / "files").iterdir()) == []
+
+
+def test_a_chunked_json_body_over_the_cap_is_413_once_the_cap_is_read(app):
+    """Issue 31, finding 8: a 20 MB job body in 10 kB messages, no Content-Length. The app must
+    answer 413 once it has read the 16 MB cap (--max-body-mb's default), not read and parse it all."""
+    pieces = [b'{"model": "default", "training_file": "', *[b"x" * 10_000] * 2000, b'"}']
+    read, sent = send_chunked(app, "/v1/fine_tuning/jobs", b"application/json", pieces)
+    assert sent[0]["status"] == 413 and json.loads(sent[1]["body"])["error"]["code"] == "request_too_large"
+    assert read <= (16 << 20) // 10_000 + 2  # stopped at the cap: 16 MB of 20
 
 
 def _logged_in(app) -> TestClient:
@@ -132,10 +149,11 @@ def test_keys_come_from_the_environment_or_a_file_and_api_key_warns(tmp_path, ca
     from tunejob.server.run import load_keys
 
     keys_file = tmp_path / "keys"
-    keys_file.write_text("# team keys\nsk-file-1 alice\n\n")
-    assert load_keys([], keys_file, {"TUNEJOB_API_KEYS": "sk-env-1, sk-env-2"}) == {"sk-env-1", "sk-env-2", "sk-file-1"}
+    keys_file.write_text("# team keys\nsk-file-1-0123456789 alice\n\n")
+    assert load_keys([], keys_file, {"TUNEJOB_API_KEYS": "sk-env-1-0123456789, sk-env-2-0123456789"}) == {
+        "sk-env-1-0123456789", "sk-env-2-0123456789", "sk-file-1-0123456789"}
     assert "warning" not in capsys.readouterr().err
-    assert load_keys(["sk-flag"], None, {}) == {"sk-flag"}
+    assert load_keys(["sk-flag-0123456789"], None, {}) == {"sk-flag-0123456789"}
     assert "shows the key to anyone who can run `ps`" in capsys.readouterr().err
 
 

@@ -202,9 +202,12 @@ def serve(
     default_model: Annotated[str, typer.Option(help="Base model for 'default' and for OpenAI model ids.")] = "default",
     model: Annotated[Optional[list[str]], typer.Option("--model", help="Another base model: NAME=PATH (repeatable).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest JSON request body (chat, job creation); over it: 413.")] = 16,
     max_epochs: Annotated[int, typer.Option(help="Most epochs one job may ask for.")] = 50,
     max_steps: Annotated[int, typer.Option(help="Most optimizer steps one job may run.")] = 10_000,
     max_seq_len: Annotated[int, typer.Option(help="Longest max_seq_len one job may ask for (tokens).")] = 4096,
+    max_processes: Annotated[Optional[int], typer.Option(min=1, help="Most processes (and GPUs, one per process) one job may ask for (default: this machine's GPUs, or its cores without one).")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Largest batch_size one job may ask for (256: OpenAI's own limit).")] = 256,
     train_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of a training job (default: the cores minus chat's share).")] = None,
     chat_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of chat generation (default: a quarter of the cores, at least 1, while a job trains; all when none does).")] = None,
     chat_queue: Annotated[int, typer.Option(min=1, help="Chat requests waiting or generating before new ones get 429.")] = 8,
@@ -214,7 +217,8 @@ def serve(
     node_retries: Annotated[int, typer.Option(min=0, help="Resumes of a job whose run was lost with its node, before the job fails.")] = 2,
     chat_batch: Annotated[int, typer.Option(min=1, help="Chat requests that share one forward pass (local engine).")] = 8,
     chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): auto = bfloat16 where training's probe finds the device fast in it (answers then follow bf16 rounding), else float32.")] = ChatDtype.auto,
-    chat_merge_mb: Annotated[int, typer.Option(min=0, help="Memory for merged copies of adapters chatted with repeatedly (local engine); 0 never merges.")] = 1024,
+    chat_merged_copies: Annotated[int, typer.Option(min=0, help="Merged copies of adapters chatted with repeatedly, in copies of the base model in --chat-dtype (local engine); 0 never merges.")] = 2,
+    chat_merge_mb: Annotated[Optional[int], typer.Option(min=0, help="Also cap those copies' memory (MB); 0 never merges. Default: no cap beyond --chat-merged-copies.")] = None,
     chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = False,
     engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine.local,
     vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,
@@ -223,8 +227,10 @@ def serve(
     """Serve OpenAI's fine-tuning API (files, jobs, events, checkpoints, models, chat) on open models."""
     from tunejob.server.run import serve as _serve
 
-    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "chat_batch": chat_batch,
-            "chat_dtype": chat_dtype.value, "chat_merge_mb": chat_merge_mb, "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
+    caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "max_processes": max_processes,
+            "max_batch_size": max_batch_size, "max_body_bytes": int(max_body_mb * 2**20), "chat_batch": chat_batch,
+            "chat_dtype": chat_dtype.value, "chat_merged_copies": chat_merged_copies, "chat_merge_mb": chat_merge_mb,
+            "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue,
            executor={"executor": executor.value, "slots": slots, "ray_address": ray_address, "node_retries": node_retries}, aliases=alias)

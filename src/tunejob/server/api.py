@@ -1,20 +1,28 @@
 """What every route of `tunejob serve` shares: the server's settings and state, OpenAI's error
-object and list page, and the owner of a request (set by the API-key check in app.py)."""
+object and list page, the owner of a request (set by the API-key check in app.py), and reading a
+body under a byte cap."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from tunejob import catalog
 from tunejob.server.store import Store
 from tunejob.server.worker import Worker
 
 DEFAULT_LR = 2e-4  # learning_rate_multiplier 1.0 = the LoRA default of the local backend
+# A chat body of 16 MB is ~4M tokens of text, 500x the default model's 8,192-token context; a job
+# body is a few kB. Parsed, 16 MB is 0.04 s as one string but ~3 s and ~190 MB as small lists
+# (measured on this 2-core machine): a body past PARSE_INLINE_BYTES is parsed off the event loop.
+DEFAULT_BODY_BYTES = 16 * 2**20
+PARSE_INLINE_BYTES = 1 << 20
 
 
 @dataclass
@@ -24,12 +32,18 @@ class ServerConfig:
     default_model: str = "default"
     models: dict[str, str] = field(default_factory=dict)  # extra base models: name -> path
     max_upload_bytes: int = 512 * 2**20
+    max_body_bytes: int = DEFAULT_BODY_BYTES  # every JSON body (uploads have max_upload_bytes)
     # Caps on what one job may ask of this machine, whatever its body says (tunejob's extras
     # included): 50 epochs is OpenAI's own n_epochs limit; 10,000 steps of a 135M model on CPU
     # is about a day; 4,096 tokens per example keeps one sequence's activations under ~2 GB.
     max_epochs: int = 50
     max_steps: int = 10_000
     max_seq_len: int = 4096
+    # Processes one job may start (distributed.processes; GPUs, one per process). None: this
+    # machine's GPUs, or its cores on a host without one (server/quota.py). 256 examples a step is
+    # OpenAI's own batch_size limit; tunejob.hyperparameters.batch_size had none.
+    max_processes: int | None = None
+    max_batch_size: int = 256
     train_threads: int | None = None  # torch threads of a training child (None: train.threads.budget)
     chat_threads: int | None = None  # torch threads of chat generation while a job trains (None: the budget's)
     chat_queue: int = 8  # chat requests waiting or generating before 429 (server/generation.py)
@@ -39,7 +53,8 @@ class ServerConfig:
     node_retries: int = 2  # resumes of a run lost with its node before the job fails
     chat_batch: int = 8  # chat rows sharing one forward pass (engine/batch.py)
     chat_dtype: str = "auto"  # weights chat runs in: auto (bfloat16 where training's probe finds the device fast in it), float32, bfloat16
-    chat_merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (server/weights.py); 0: never
+    chat_merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (server/weights.py); 0: never
+    chat_merge_mb: int | None = None  # an optional memory cap on those copies as well (the budget before --chat-merged-copies)
     chat_compile: bool = False  # torch.compile chat's forward (server/weights.py); off until measured to pay
     engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)
     vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
@@ -50,9 +65,11 @@ class ServerConfig:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}  # e.g. a 429's Retry-After
 
 
 def error_response(status: int, message: str, type: str, param: str | None, code: str | None) -> JSONResponse:
@@ -79,10 +96,38 @@ def owner(request: Request) -> str:
     return request.state.owner
 
 
+def check_length(request: Request, limit: int, error: ApiError) -> None:
+    """A Content-Length over `limit` is refused before a byte of the body is read."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise error
+
+
+async def capped(stream: AsyncIterator[bytes], limit: int, error: ApiError) -> AsyncIterator[bytes]:
+    """The body, stopped with `error` as soon as it passes `limit` bytes. Counting while reading is
+    what holds for a chunked body (no Content-Length): Starlette's request.body() would read it all."""
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > limit:
+            raise error
+        yield chunk
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body too large: over {limit:,} bytes; this server accepts JSON bodies of up to {limit:,} "
+                         "bytes (its --max-body-mb)", code="request_too_large")
+
+
 async def json_body(request: Request) -> object:
-    """The request body's JSON value, or a 400 in OpenAI's error shape."""
+    """The request body's JSON value, read under the server's --max-body-mb (a 413 past it) and
+    parsed only once complete; a 400 in OpenAI's error shape if it is not JSON."""
+    limit = getattr(request.app.state, "max_body_bytes", DEFAULT_BODY_BYTES)
+    error = body_too_large(limit)
+    check_length(request, limit, error)
+    body = b"".join([chunk async for chunk in capped(request.stream(), limit, error)])
     try:
-        return await request.json()
+        return json.loads(body) if len(body) <= PARSE_INLINE_BYTES else await run_in_threadpool(json.loads, body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "The request body is not valid JSON") from None
 

@@ -29,6 +29,7 @@ from tunejob.server import chat, files, grader_routes, jobs, models
 from tunejob.server.api import ApiError, ServerConfig, ServerState, error_response
 from tunejob.server.requests import param_of
 from tunejob.server.store import Store
+from tunejob.server.throttle import Throttle
 from tunejob.server.worker import Worker
 
 __all__ = ["ServerConfig", "create_app"]
@@ -37,7 +38,9 @@ __all__ = ["ServerConfig", "create_app"]
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        response = error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(TunejobError)
     async def _tunejob_error(request: Request, exc: TunejobError):
@@ -59,16 +62,26 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, message, "invalid_request_error", None, None)
 
 
-def key_check(config: ServerConfig, store: Store):
+def key_check(config: ServerConfig, store: Store, throttle: Throttle):
     """The dependency every API router carries: a Bearer key the server accepts, or OpenAI's 401.
-    Keys are compared as HMAC digests (the owner ids), so no comparison runs over the key itself."""
+    Keys are compared as HMAC digests (the owner ids), so no comparison runs over the key itself.
+    A wrong key counts against its address (throttle.py), which past the limit gets OpenAI's 429
+    whatever key it sends: were a right key let through, a 200 among 429s would still tell a
+    guesser when it had found one. A request without a key is no guess, and is not counted."""
     accepted = {store.owner_of(k) for k in config.api_keys}
 
     async def check(request: Request) -> str:  # on the event loop: an HMAC is cheaper than a hop to the threadpool
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        client = request.client.host if request.client else "?"
+        wait = throttle.retry_after(client)
+        if wait is not None:
+            raise ApiError(429, f"Too many requests with a wrong API key from {client}: retry after {wait} s.", "requests", None,
+                           "rate_limit_exceeded", headers={"Retry-After": str(wait)})
         who = store.owner_of(key) if key else None
         if who not in accepted:
+            if key:
+                throttle.fail(client)
             shown = f"{key[:3]}...{key[-4:]}" if len(key) > 8 else "(none)"
             raise ApiError(401, f"Incorrect API key provided: {shown}. Pass a key the server was started with.",
                            "invalid_request_error", None, "invalid_api_key")
@@ -80,19 +93,17 @@ def key_check(config: ServerConfig, store: Store):
 
 
 def _executor(config: ServerConfig):
-    """The executor `--executor` names; None is the worker's default, one local child at a time."""
+    """The executor `--executor` names: local children share the training threads (executor.py)."""
     if config.executor == "ray":
         from tunejob.server.ray_cluster import RayExecutor  # imports Ray's job client: only when asked for
 
         return RayExecutor(config.ray_address or "auto")
     if config.executor != "local":
         raise TunejobError(f"--executor {config.executor!r}: use local (child processes on this machine) or ray (a Ray cluster)")
-    if config.slots == 1:
-        return None
     from tunejob.server.executor import LocalExecutor
     from tunejob.train.threads import budget
 
-    return LocalExecutor(config.slots, max(1, budget(config.train_threads, config.chat_threads).train // config.slots))
+    return LocalExecutor(config.slots, budget(config.train_threads, config.chat_threads).train)
 
 
 def _grader_env(config: ServerConfig, store: Store, owner: str | None) -> dict[str, str]:
@@ -115,6 +126,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="tunejob", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.worker = store, worker
+    app.state.max_body_bytes = config.max_body_bytes  # read by api.json_body, for every JSON body
+    app.state.key_throttle = Throttle()  # wrong keys at /v1 and at the dashboard's login, counted together
     app.router.on_startup.append(worker.start)
     app.router.on_shutdown.append(worker.stop)
     _add_error_handlers(app)
@@ -123,7 +136,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     def health() -> dict:
         return {"status": "ok"}
 
-    needs_key = [Depends(key_check(config, store))]
+    needs_key = [Depends(key_check(config, store, app.state.key_throttle))]
     for resource in (files, jobs, models, grader_routes):
         app.include_router(resource.router(state), dependencies=needs_key)
     chat_router = chat.router(state)

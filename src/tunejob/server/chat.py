@@ -17,8 +17,9 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from tunejob.server import inference
+from tunejob.server import context, inference
 from tunejob.server.api import ApiError, ServerState, error_response, json_body, owner
 from tunejob.server.generation import Busy, Engine, EngineOptions, Generation
 from tunejob.server.models import resolve_chat_model
@@ -152,8 +153,8 @@ def router(state: ServerState) -> APIRouter:
     api = APIRouter()
     config = state.config
     budget = threads.budget(config.train_threads, config.chat_threads)
-    options = EngineOptions(max_batch=config.chat_batch, dtype=config.chat_dtype, merge_mb=config.chat_merge_mb,
-                            compile=config.chat_compile)
+    options = EngineOptions(max_batch=config.chat_batch, dtype=config.chat_dtype, merged_copies=config.chat_merged_copies,
+                            merge_mb=config.chat_merge_mb, compile=config.chat_compile)
     engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue,
                     log=lambda m: print(m, file=sys.stderr, flush=True), options=options)
     api.add_event_handler("shutdown", engine.stop)
@@ -171,6 +172,7 @@ def router(state: ServerState) -> APIRouter:
         base_path, adapter = resolve_chat_model(state, owner(request), name)
         if forward is not None:  # the vLLM engine: the model is resolved for this key here, generated there
             return await forward.chat(body, name, adapter)
+        chat = await run_in_threadpool(context.fit, base_path, chat, body)  # OpenAI's 400 context_length_exceeded
         gen = Generation(base_path, adapter, chat, stream, asyncio.get_running_loop())
         try:
             engine.submit(gen)  # raises the shutdown's 503 once the server is stopping

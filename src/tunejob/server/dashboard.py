@@ -5,8 +5,9 @@ One set of server-rendered pages over two job sources:
     server's API keys. Logging in gives an HTTP-only, SameSite=Strict session cookie holding a
     random token; the server maps the token to the key's owner digest (store.owner_of), so the key
     itself is never stored, logged or sent back, and each session sees only its owner's jobs.
-    Failed logins are limited per client address (5 a minute, then 429), and every POST form
-    carries the session's CSRF token, checked before the form is acted on.
+    Failed logins are limited per client address (server/throttle.py: 5 a minute, counted together
+    with the /v1 key check's, then 429), and every POST form carries the session's CSRF token,
+    checked before the form is acted on.
   - `tunejob dashboard RUN_DIR...` serves local run directories (RunDirs) on 127.0.0.1, no login:
     the runs are the user's own files, readable by anyone on the machine who could open them anyway.
     It answers only Host 127.0.0.1:PORT / localhost:PORT (DNS rebinding), and its forms carry a
@@ -260,9 +261,6 @@ def _add_data_pages(app: FastAPI, v: _Viewer, max_upload_bytes: int) -> None:
         return v.page(request, "Compare validation curves", body, scripts=True)
 
 
-LOGIN_FAILURES, LOGIN_WINDOW_S = 5, 60  # per client address: a 20-character key is not guessed at 5 a minute
-
-
 class _Sessions:
     """Logged-in browsers: random token -> (owner digest, expiry, CSRF token); never the key."""
 
@@ -286,24 +284,9 @@ class _Sessions:
         self._by_token.pop(request.cookies.get(COOKIE, ""), None)
 
 
-class _Throttle:
-    """Failed logins per client address in a sliding window."""
-
-    def __init__(self, limit: int = LOGIN_FAILURES, window_s: float = LOGIN_WINDOW_S):
-        self.limit, self.window_s, self._fails = limit, window_s, {}
-
-    def blocked(self, who: str) -> bool:
-        recent = [t for t in self._fails.get(who, []) if t > time.time() - self.window_s]
-        self._fails[who] = recent
-        return len(recent) >= self.limit
-
-    def fail(self, who: str) -> None:
-        self._fails.setdefault(who, []).append(time.time())
-
-
 def mount_dashboard(app: FastAPI, config) -> None:
     """The dashboard of `tunejob serve`, behind a login with the server's API keys."""
-    store, sessions, throttle = app.state.store, _Sessions(), _Throttle()
+    store, sessions, throttle = app.state.store, _Sessions(), app.state.key_throttle  # shared with /v1's key check
     accepted = {store.owner_of(k) for k in config.api_keys}
 
     def source_for(request: Request) -> ServerJobs:
@@ -320,9 +303,10 @@ def mount_dashboard(app: FastAPI, config) -> None:
         from tunejob.server.files import read_form
 
         client = request.client.host if request.client else "?"
-        if throttle.blocked(client):
-            return HTMLResponse(f"<p>Too many failed logins from {e(client)}: wait a minute, then try again.</p>",
-                                status_code=429, headers={"Retry-After": str(LOGIN_WINDOW_S)})
+        wait = throttle.retry_after(client)
+        if wait is not None:
+            return HTMLResponse(f"<p>Too many failed logins from {e(client)}: wait {wait} s, then try again.</p>",
+                                status_code=429, headers={"Retry-After": str(wait)})
         try:
             key = str((await read_form(request, 64 * 1024)).get("key") or "")
         except ApiError:  # not a form at all: the same answer as a wrong key

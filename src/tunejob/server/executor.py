@@ -17,6 +17,7 @@ at any point either finds the run again or knows it never started: a job never r
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import subprocess
@@ -54,15 +55,29 @@ class Resources:
         return ", ".join(parts)
 
 
-def resources_for(spec: dict, requested) -> Resources:
+def resources_for(spec: dict, requested, default_cpus: float | None = None) -> Resources:
     """A job's resources from `"tunejob": {"resources": ...}` (requests.JobResources) and the
-    spec's `distributed` section: each process needs a CPU, and a GPU job one GPU per process."""
+    spec's `distributed` section: each process needs a CPU, and a GPU job one GPU per process.
+    CPUs not asked for are `default_cpus` (the local executor's share of a slot), else one per process."""
     processes = int((spec.get("distributed") or {}).get("processes", 1))
-    cpus = requested.cpus if requested and requested.cpus else processes
+    cpus = requested.cpus if requested and requested.cpus else (default_cpus or processes)
     gpus = requested.gpus if requested and requested.gpus else 0
     if gpus and gpus < processes:
         gpus = processes
     return Resources(cpus=max(cpus, processes), gpus=gpus, custom=dict(requested.custom or {}) if requested else {})
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs of this machine that a child may be given ($CUDA_VISIBLE_DEVICES where set)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
 
 
 @dataclass(frozen=True)
@@ -130,12 +145,18 @@ class _Child:
     proc: subprocess.Popen
     slot: int
     job_id: str
+    cpus: int = 1  # torch threads it holds of the executor's budget, all its processes together
+    gpus: tuple[str, ...] = ()  # the GPU ids it was given (CUDA_VISIBLE_DEVICES); (): none set
     kill_at: float | None = None  # set by stop(): SIGKILL past this time
 
 
 class LocalExecutor:
-    """`tunejob run` child processes on this machine, at most `slots` at once. Each child gets
-    `threads` torch threads and, on a host with at least `slots` GPUs, a GPU of its own."""
+    """`tunejob run` child processes on this machine, at most `slots` at once, sharing `threads`
+    torch threads (the cores training may use). A child holds the CPUs its job asks for (a job
+    that asks none: its slot's share, threads / slots), bounded by `threads`, and its processes
+    split them; a job asking GPUs gets that many GPUs of its own. A job that does not fit in what
+    is free waits, queued, rather than every child getting the same threads whatever it asked.
+    On a host with at least `slots` GPUs, a job asking none still gets one (one per slot)."""
 
     name = "local"
     poll_s = 0.25
@@ -145,40 +166,59 @@ class LocalExecutor:
         self._children: dict[str, _Child] = {}
         self._gpus: list[str] | None = None
 
-    def waiting_for(self, launch: Launch) -> str | None:
-        if len(self._children) < self.slots:
-            return None
-        busy = ", ".join(sorted(c.job_id for c in self._children.values()))
-        return f"a free training slot ({len(self._children)} of {self.slots} in use: {busy})"
+    @property
+    def default_cpus(self) -> int:
+        """The CPUs of a job that asks for none (jobs.py resolves them at creation)."""
+        return max(1, self.threads // self.slots)
 
-    def _gpu_env(self, slot: int) -> dict[str, str]:
-        if self.slots < 2:
-            return {}
+    def _all_gpus(self) -> list[str]:
         if self._gpus is None:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if visible is not None:
-                self._gpus = [g for g in visible.split(",") if g.strip()]
-            else:
-                try:
-                    import torch
+            self._gpus = visible_gpus()
+        return self._gpus
 
-                    self._gpus = [str(i) for i in range(torch.cuda.device_count())]
-                except ImportError:
-                    self._gpus = []
-        return {"CUDA_VISIBLE_DEVICES": self._gpus[slot]} if len(self._gpus) >= self.slots else {}
+    def _needs(self, launch: Launch) -> tuple[int, int]:
+        """(CPUs, GPUs) the run holds while it lives."""
+        cpus = min(self.threads, max(1, math.ceil(launch.resources.cpus)))
+        gpus = math.ceil(launch.resources.gpus)
+        if not gpus and self.slots > 1 and len(self._all_gpus()) >= self.slots:
+            gpus = 1
+        return cpus, gpus
+
+    def _free(self) -> tuple[int, list[str]]:
+        children = tuple(self._children.values())
+        held = {g for c in children for g in c.gpus}
+        return self.threads - sum(c.cpus for c in children), [g for g in self._all_gpus() if g not in held]
+
+    def waiting_for(self, launch: Launch) -> str | None:
+        busy = ", ".join(sorted(c.job_id for c in self._children.values()))
+        if len(self._children) >= self.slots:
+            return f"a free training slot ({len(self._children)} of {self.slots} in use: {busy})"
+        (cpus, gpus), (free_cpus, free_gpus) = self._needs(launch), self._free()
+        if cpus > free_cpus:
+            return f"{cpus} free CPU(s) ({free_cpus} of the {self.threads} training threads free; in use by {busy})"
+        if gpus > len(free_gpus):
+            return f"{gpus} free GPU(s) ({len(free_gpus)} of {len(self._all_gpus())} free" + (f"; in use by {busy})" if busy else ")")
+        return None
 
     def submit(self, run_id: str, launch: Launch) -> str:
         from tunejob.train.threads import child_env
 
         if run_id in self._children:
             return f"run {run_id} is already running"
-        slot = min(set(range(self.slots)) - {c.slot for c in self._children.values()})
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **child_env(self.threads), **self._gpu_env(slot), **dict(launch.env)}
+        (cpus, gpus), (_, free_gpus) = self._needs(launch), self._free()
+        given = tuple(free_gpus[:gpus])
+        threads = max(1, cpus // max(1, launch.processes))  # as on Ray (ray_cluster.run_env): its processes split its CPUs
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **child_env(threads), **dict(launch.env)}
+        if given:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(given)
         with launch.log_path.open("ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "tunejob", "run", str(launch.spec_path)], stdout=log, stderr=log,
                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, env=env)
-        self._children[run_id] = _Child(proc, slot, launch.job_id)
-        return f"training process {proc.pid} started" + (f" (slot {slot + 1} of {self.slots})" if self.slots > 1 else "")
+        slot = min(set(range(self.slots)) - {c.slot for c in self._children.values()})
+        self._children[run_id] = _Child(proc, slot, launch.job_id, cpus, given)
+        where = [f"slot {slot + 1} of {self.slots}"] if self.slots > 1 else []
+        where += [f"{threads} thread(s)" + (" per process" if launch.processes > 1 else "")] + ([f"GPU {','.join(given)}"] if given else [])
+        return f"training process {proc.pid} started ({', '.join(where)})"
 
     def poll(self, run_id: str) -> RunState:
         child = self._children.get(run_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, AsyncIterator
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
-from tunejob.server.api import ApiError, ServerState, owner, page
+from tunejob.server.api import ApiError, ServerState, capped, check_length, owner, page
 from tunejob.server.requests import ListFilesQuery, UploadForm, parse
 from tunejob.server.store import new_id, safe_filename
 
@@ -34,25 +34,13 @@ def too_large(limit: int) -> ApiError:
                     param="file", code="file_too_large")
 
 
-async def _counted(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """The request body, stopped with a 413 as soon as it passes `limit` + the form's overhead.
-
-    Counting here, before the form parser, is what holds for a chunked body (no Content-Length):
-    Starlette's request.form() would spool the whole body to a temp file first."""
-    seen = 0
-    async for chunk in stream:
-        seen += len(chunk)
-        if seen > limit + FORM_OVERHEAD:
-            raise too_large(limit)
-        yield chunk
-
-
 async def read_form(request: Request, limit: int) -> FormData:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + FORM_OVERHEAD:
-        raise too_large(limit)  # refused before a byte of the body is read
+    """The form, its body stopped with a 413 once it passes `limit` + the form's overhead: counted
+    before the form parser, since Starlette's request.form() spools a whole chunked body to a temp
+    file first."""
+    check_length(request, limit + FORM_OVERHEAD, too_large(limit))
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    body = _counted(request.stream(), limit)
+    body = capped(request.stream(), limit + FORM_OVERHEAD, too_large(limit))
     if kind == "multipart/form-data":
         parser = MultiPartParser(request.headers, body, max_files=1, max_fields=10)
     elif kind == "application/x-www-form-urlencoded":

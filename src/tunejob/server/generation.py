@@ -122,7 +122,8 @@ class EngineOptions:
 
     max_batch: int = MAX_BATCH
     dtype: str = "float32"  # or "bfloat16", or "auto": bf16 where training's probe (train/precision.py) says the device is fast in it
-    merge_mb: int = 1024  # memory for merged copies of adapters chatted with repeatedly (weights.py); 0: never merge
+    merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (weights.py); 0: never merge
+    merge_mb: int | None = None  # an optional memory cap on them as well; 0: never merge
     merge_after: int = 2  # an adapter's request number from which it runs merged
     compile: bool = False  # torch.compile the forward of models without unmerged adapters (weights.py)
 
@@ -144,8 +145,8 @@ class Engine:
         self.budget, self.training, self.max_pending, self.log, self.options = budget, training, max_pending, log, options
         if options.dtype == "auto":
             log(f"chat: weights in {options.torch_dtype()} (--chat-dtype auto)")
-        self.weights = Weights(options.torch_dtype(), options.merge_mb * 2**20, options.merge_after, log=log,
-                               compile=options.compile)
+        self.weights = Weights(options.torch_dtype(), merged_copies=options.merged_copies, merge_after=options.merge_after, log=log,
+                               compile=options.compile, merge_bytes=None if options.merge_mb is None else options.merge_mb * 2**20)
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._pending = 0  # queued + generating
         self._lock = threading.Lock()

@@ -10,9 +10,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from tunejob.server import lifecycle
+from tunejob.server import lifecycle, quota
 from tunejob.server.api import DEFAULT_LR, ApiError, ServerState, json_body, owner, page, public
-from tunejob.server.executor import resources_for
 from tunejob.server.requests import CheckpointQuery, CreateFineTuningJob, ListQuery, TunejobOptions, parse
 from tunejob.server.store import new_id
 
@@ -57,20 +56,9 @@ def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | No
         err = exc.errors(include_url=False)[0]
         param = "tunejob." + ".".join(map(str, err["loc"]))
         raise ApiError(400, f"Invalid value for '{param}': {err['msg']} (got {repr(err.get('input'))[:80]})", param=param) from None
-    _check_caps(state, checked.hyperparameters)
+    quota.check_spec(state.config, checked, extra.hyperparameters or {})
     spec["hyperparameters"].setdefault("max_steps", state.config.max_steps)
     return spec
-
-
-def _check_caps(state: ServerState, h) -> None:
-    """The server's limits on one job (ServerConfig.max_*), whichever field asked for more."""
-    cfg = state.config
-    epochs = h.epochs if h.epochs != "auto" else 3
-    for name, value, cap, flag in (("epochs", epochs, cfg.max_epochs, "--max-epochs"), ("max_steps", h.max_steps or 0, cfg.max_steps, "--max-steps"),
-                                   ("max_seq_len", h.max_seq_len, cfg.max_seq_len, "--max-seq-len")):
-        if value > cap:
-            raise ApiError(400, f"tunejob.hyperparameters.{name}={value} is over this server's limit of {cap} "
-                                f"(the server's {flag}); ask for at most {cap}", param=f"tunejob.hyperparameters.{name}")
 
 
 def _training_files(state: ServerState, who: str, req: CreateFineTuningJob) -> None:
@@ -140,6 +128,8 @@ def create_job(state: ServerState, who: str, body: object) -> dict:
     seed = req.seed if req.seed is not None else int(time.time()) % 2**31
     grader = req.method.reinforcement.grader if req.method_type == "reinforcement" else None
     spec = job_spec(state, base, hp, req.tunejob, seed, req.method_type, grader)
+    resources = quota.job_resources(state.config, spec, req.tunejob.resources if req.tunejob else None,
+                                    getattr(state.worker.executor, "default_cpus", None))  # local: a slot's share of the threads
     model, suffix, metadata = req.model, req.suffix, req.metadata
     job_id = new_id("ftjob")
     job = {
@@ -151,7 +141,7 @@ def create_job(state: ServerState, who: str, body: object) -> dict:
         "user_provided_suffix": suffix, "metadata": metadata, "estimated_finish": None, "integrations": [],
         "_spec": spec, "_ft_name": f"ft:{model}:tunejob:{suffix or ''}:{job_id[-8:]}",
         "_queued_at": time.time(),  # the queue's order: created_at has whole seconds, ids are random
-        "_resources": resources_for(spec, req.tunejob.resources if req.tunejob else None).to_dict(),
+        "_resources": resources.to_dict(),
     }
     state.store.add_job(who, job)
     state.store.add_event(job_id, "Validating training file: " + req.training_file)

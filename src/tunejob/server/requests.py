@@ -108,8 +108,9 @@ ResourceName = Annotated[str, StringConstraints(min_length=1, max_length=64, pat
 
 class JobResources(BaseModel):
     """`"tunejob": {"resources": {...}}`: what one job needs from the executor. The Ray executor
-    asks Ray for them (entrypoint_num_cpus / _num_gpus / _resources) and gives the job as many
-    torch threads as CPUs; the local executor runs jobs in its slots and ignores them."""
+    asks Ray for them (entrypoint_num_cpus / _num_gpus / _resources); the local executor holds
+    them for the job (queued until they are free). Either gives the job as many torch threads as
+    CPUs, split among its processes. Over the server's caps (server/quota.py): a 400."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None

@@ -14,6 +14,9 @@ from tunejob.errors import TunejobError
 
 
 KEYS_ENV = "TUNEJOB_API_KEYS"
+# 16 characters from the 64 of a random token are 2^96 keys: at the throttle's 5 wrong keys a
+# minute per address (server/throttle.py), even a million addresses would need ~1.5e16 years.
+MIN_KEY_CHARS = 16
 
 
 def load_keys(keys: list[str], keys_file: Path | None, environ: dict | None = None) -> set[str]:
@@ -34,6 +37,10 @@ def load_keys(keys: list[str], keys_file: Path | None, environ: dict | None = No
     if not out:
         raise TunejobError(f"give at least one API key: set {KEYS_ENV}=KEY1,KEY2, or --keys-file FILE (one per line), "
                            "or --api-key KEY for local use (clients send it as their api_key)")
+    short = sorted(len(k) for k in out if len(k) < MIN_KEY_CHARS)
+    if short:  # the key itself is never printed: this line may reach a shared log
+        raise TunejobError(f"{len(short)} API key(s) shorter than {MIN_KEY_CHARS} characters ({', '.join(map(str, short))}): "
+                           "a short key can be guessed; make one with: python -c \"import secrets; print('sk-' + secrets.token_urlsafe(24))\"")
     return out
 
 

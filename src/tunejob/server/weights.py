@@ -1,15 +1,19 @@
 """The weights chat runs on: each base model once, with every adapter chatted with loaded beside it
 (unmerged, so rows for different adapters of one base share a forward pass through peft's mixed
 adapter batches), and merged copies (adapter folded into a copy of the base) for adapters chatted
-with repeatedly, kept least-recently-used under a memory budget.
+with repeatedly, kept least-recently-used under a budget counted in copies of the base.
 
 Why merge: an unmerged LoRA adds two small matmuls to every targeted linear layer per token; folded
 in, the forward is the base model's. Why not always: a merged copy costs the base's weights again
-(0.54 GB for SmolLM2-135M in fp32), and its rows batch only with rows of the same adapter. So an
-adapter is merged at its `merge_after`-th request if the copy fits `merge_bytes`; the log says
-which path each adapter takes. Adapters are small (r 8 on SmolLM2-135M's attention: ~2 MB) and
-stay loaded on their base, the least recently used not in use unloaded past MAX_ADAPTERS; bases
-are the server's configured ones.
+(0.54 GB for SmolLM2-135M in fp32, 0.27 GB in bf16), and its rows batch only with rows of the same
+adapter. So an adapter is merged at its `merge_after`-th request, and at most `merged_copies` copies
+are kept. The budget is counted in copies of the base, in the dtype chat runs in, because a budget
+in bytes was sized for one dtype: 1024 MB held one fp32 copy of SmolLM2-135M, so two users
+alternating two fine-tuned models evicted each other's copy and re-merged on every request,
+stalling every stream for seconds each time (issue 31, finding 9). `merge_bytes`, when set, caps
+the copies' memory as well. The log says which path each adapter takes. Adapters are small (r 8
+on SmolLM2-135M's attention: ~2 MB) and stay loaded on their base, the least recently used not in
+use unloaded past MAX_ADAPTERS; bases are the server's configured ones.
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ def parameter_bytes(model) -> int:
 
 
 class Weights:
-    def __init__(self, dtype: torch.dtype = torch.float32, merge_bytes: int = 1 << 30, merge_after: int = 2, log=print,
-                 compile: bool = False):
-        self.dtype, self.merge_bytes, self.merge_after, self.log, self.compile = dtype, merge_bytes, merge_after, log, compile
+    def __init__(self, dtype: torch.dtype = torch.float32, merged_copies: int = 2, merge_after: int = 2, log=print,
+                 compile: bool = False, merge_bytes: int | None = None):
+        self.dtype, self.merged_copies, self.merge_after, self.log, self.compile = dtype, merged_copies, merge_after, log, compile
+        self.merge_bytes = merge_bytes  # None: the copies alone bound the memory
         self._bases: dict[str, list] = {}  # base path -> [model (plain or PeftModel), tokenizer, {adapter dir: name}]
         self._merged: OrderedDict[str, tuple] = OrderedDict()  # adapter dir -> (model, tokenizer, bytes)
         self._requests: Counter[str] = Counter()
@@ -65,14 +70,13 @@ class Weights:
                 return Target(model, tokenizer, None, ("merged", key), "merged")
             model, tokenizer, names = self._base(base_path)
             size = parameter_bytes(model.get_base_model() if names else model)
-            if self._requests[key] >= self.merge_after and size <= self.merge_bytes:
+            unmergeable = self._unmergeable(size)
+            if self._requests[key] >= self.merge_after and not unmergeable:
                 return self._merge(base_path, key, size)
             self._adapter(base_path, key)
             self._in_use[key] += 1
-            if self._requests[key] == 1 or (self._requests[key] == self.merge_after and size > self.merge_bytes):
-                why = (f"a merged copy would need {size / 2**20:.0f} MB of the {self.merge_bytes / 2**20:.0f} MB merge budget"
-                       if size > self.merge_bytes else f"merged from its request {self.merge_after} on")
-                self.log(f"chat: adapter {key} runs unmerged on its base ({why})")
+            if self._requests[key] == 1 or (self._requests[key] == self.merge_after and unmergeable):
+                self.log(f"chat: adapter {key} runs unmerged on its base ({unmergeable or f'merged from its request {self.merge_after} on'})")
             return Target(None, tokenizer, key, ("base", base_path), "unmerged")
 
     def release(self, target: Target) -> None:
@@ -132,18 +136,32 @@ class Weights:
             entry[0].delete_adapter(names.pop(idle[0]))
             self.log(f"chat: adapter {idle[0]} unloaded (least recently used of {MAX_ADAPTERS + 1} on its base)")
 
+    def _unmergeable(self, size: int) -> str | None:
+        """Why a copy of `size` bytes can never be kept merged; None if it can."""
+        if self.merged_copies < 1:
+            return "--chat-merged-copies 0: never merged"
+        if self.merge_bytes is not None and size > self.merge_bytes:
+            return f"a merged copy would need {size / 2**20:.0f} MB of the {self.merge_bytes / 2**20:.0f} MB of --chat-merge-mb"
+        return None
+
+    def _over_budget(self, size: int) -> bool:
+        """Whether one more copy of `size` bytes would pass the budget: the copies, or the bytes."""
+        used = sum(b for _, _, b in self._merged.values())
+        return len(self._merged) >= self.merged_copies or (self.merge_bytes is not None and used + size > self.merge_bytes)
+
     def _merge(self, base_path: str, adapter: str, size: int) -> Target:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        while self._merged and sum(b for _, _, b in self._merged.values()) + size > self.merge_bytes:
+        while self._merged and self._over_budget(size):
             old, _ = self._merged.popitem(last=False)
-            self.log(f"chat: merged copy of {old} dropped (least recently used) to stay within the merge budget")
+            cap = f", {self.merge_bytes / 2**20:.0f} MB" if self.merge_bytes is not None else ""
+            self.log(f"chat: merged copy of {old} dropped (least recently used) to stay within the merge budget ({self.merged_copies} copies{cap})")
         tokenizer = self._bases[base_path][1]
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.dtype)
         model = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
         self._merged[adapter] = (model, tokenizer, size)
         used = sum(b for _, _, b in self._merged.values())
-        self.log(f"chat: adapter {adapter} merged into a copy of its base ({size / 2**20:.0f} MB; "
-                 f"{used / 2**20:.0f} of {self.merge_bytes / 2**20:.0f} MB of merged copies in use)")
+        self.log(f"chat: adapter {adapter} merged into a copy of its base ({size / 2**20:.0f} MB in {self.dtype}; "
+                 f"{len(self._merged)} of {self.merged_copies} merged copies in use, {used / 2**20:.0f} MB)")
         return Target(model, tokenizer, None, ("merged", adapter), "merged")

@@ -115,9 +115,11 @@ def default_tokenizer_path() -> Path:
     return target
 
 
-def build_tiny_model(out_dir: str | Path, layers: int = 2, hidden: int = 64, seed: int = 0, init_range: float = 0.3) -> Path:
+def build_tiny_model(out_dir: str | Path, layers: int = 2, hidden: int = 64, seed: int = 0, init_range: float = 0.3,
+                     context: int = 2048) -> Path:
     """A randomly initialised Llama-shaped model with the embedded tokenizer, for tests and
-    smoke runs: 2 layers x 64 wide trains a step in well under a second on CPU."""
+    smoke runs: 2 layers x 64 wide trains a step in well under a second on CPU. `context` is its
+    max_position_embeddings (SmolLM2-135M's is 8,192)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -125,7 +127,7 @@ def build_tiny_model(out_dir: str | Path, layers: int = 2, hidden: int = 64, see
     tokenizer = AutoTokenizer.from_pretrained(str(default_tokenizer_path()))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,
         initializer_range=init_range,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
