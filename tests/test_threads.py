@@ -39,3 +39,43 @@ def test_only_the_training_process_itself_counts_as_a_run():
                   "/v/bin/python3 /v/bin/accelerate launch --multi_gpu /v/bin/tunejob run job.yaml",
                   "python -m tunejob serve --port 8000", "/bin/sh -c exec python -m tunejob run x"):
         assert not _is_training(argv(other)), other
+
+
+def test_the_server_yields_to_training_and_its_children_do_not():
+    """Issue 31, finding 12: at equal priority the server's threads (HTTP, chat) took half of a
+    training child's core under 32 clients. Threads the server starts after yield_to_training()
+    run at SERVER_NICE; the thread started before it (the worker, which spawns training) does not,
+    and neither do the children it spawns."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from tunejob.train.threads import SERVER_NICE, yield_to_training
+
+    seen: dict[str, int] = {}
+    go = threading.Event()
+
+    def spawner():  # the job worker's thread: started before the server yields
+        go.wait()
+        seen["spawner"] = os.getpriority(os.PRIO_PROCESS, 0)
+        out = subprocess.run([sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"], capture_output=True, text=True)
+        seen["child"] = int(out.stdout)
+
+    def server():  # the event loop's thread
+        t = threading.Thread(target=spawner)
+        t.start()
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        yield_to_training()
+        seen["before"], seen["server"] = before, os.getpriority(os.PRIO_PROCESS, 0)
+        later = threading.Thread(target=lambda: seen.__setitem__("chat", os.getpriority(os.PRIO_PROCESS, 0)))
+        later.start()
+        later.join()
+        go.set()
+        t.join()
+
+    s = threading.Thread(target=server)
+    s.start()
+    s.join()
+    assert seen["server"] == seen["chat"] == max(seen["before"], SERVER_NICE)
+    assert seen["spawner"] == seen["child"] == seen["before"]

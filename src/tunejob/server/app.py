@@ -31,6 +31,7 @@ from tunejob.server.requests import param_of
 from tunejob.server.store import Store
 from tunejob.server.throttle import Throttle
 from tunejob.server.worker import Worker
+from tunejob.train.threads import yield_to_training
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -128,7 +129,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.store, app.state.worker = store, worker
     app.state.max_body_bytes = config.max_body_bytes  # read by api.json_body, for every JSON body
     app.state.key_throttle = Throttle()  # wrong keys at /v1 and at the dashboard's login, counted together
-    app.router.on_startup.append(worker.start)
+    app.router.on_startup.append(lambda: (worker.start(), yield_to_training()))  # the worker's thread, first, keeps its priority for the children it starts
     app.router.on_shutdown.append(worker.stop)
     _add_error_handlers(app)
 

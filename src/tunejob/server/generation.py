@@ -186,6 +186,9 @@ class Engine:
         self._queue.put(None)
 
     def _run(self) -> None:
+        # Below the server's HTTP threads: a decoding step is tens of ms of one core, a list call
+        # under one, so API calls go first and generation takes the rest (issue 31, finding 12).
+        threads.yield_to_training(threads.SERVER_NICE + 5)
         batches: dict[tuple, Batch] = {}
         waiting: deque[Row] = deque()
         while self._take(block=not batches and not waiting, waiting=waiting):

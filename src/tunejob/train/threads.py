@@ -145,3 +145,22 @@ def warn_if_oversubscribed(threads: int, say=None) -> None:
             f"warning: another tunejob training run on this machine uses ~{others} thread(s); with this run's {threads} "
             f"that is more than the {cores} core(s): both will run many times slower. Run one at a time, or set "
             f"{ENV} so that they add up to {cores}")
+
+
+# How much the server's own threads (HTTP, chat) yield to a training child on the same cores. The
+# budget gives training its cores by thread count, but the server's threads are more than its
+# chat share (event loop, threadpool, chat): at equal priority the scheduler splits the cores
+# by runnable threads, and a 1-thread training child got 0.55 of its solo speed under 32 clients
+# (bench/serve_load.py). At nice 10 (weight 110 against 1024) training keeps its cores; when no
+# job trains, the server has every core as before. Nice is per thread on Linux, and inherited.
+SERVER_NICE = 10
+
+
+def yield_to_training(nice: int = SERVER_NICE) -> None:
+    """Lower the calling thread's priority (and so of every thread it starts from now on). Call
+    it after starting the thread that spawns training children: they inherit that one's."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), nice))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the server keeps its priority
+        pass
+
