@@ -41,7 +41,7 @@ def _alone(base, adapter, request: ChatRequest) -> str:
     return generate(model, AutoTokenizer.from_pretrained(base), request).content
 
 
-def _run(base, requests: list[tuple], options: EngineOptions = EngineOptions(), cancel_after: dict | None = None,
+def _run(base, requests: list[tuple], options: EngineOptions = EngineOptions(dtype="float32"), cancel_after: dict | None = None,
          stagger: float = 0.0, one_by_one: bool = False):
     """Every (adapter, request) through one engine (at once, `stagger` s apart, or each after the
     last has finished); the results (or exceptions) in order, and the engine's log lines."""
@@ -79,7 +79,7 @@ def test_mixed_adapters_in_one_batch_answer_as_alone(tiny_model, adapters):
                 for a, p, n in ASKS]
     expected = [_alone(tiny_model, adapter, req) for adapter, req in requests]
     assert len(set(expected[1::2])) > 1 or expected[0] != expected[1]  # the adapters change the answers
-    for options, stagger in ((EngineOptions(merge_mb=0), 0.0), (EngineOptions(merge_after=1), 0.05)):  # unmerged together; merged, joining late
+    for options, stagger in ((EngineOptions(dtype="float32", merge_mb=0), 0.0), (EngineOptions(dtype="float32", merge_after=1), 0.05)):  # unmerged together; merged, joining late
         results, logs = _run(tiny_model, requests, options, stagger=stagger)
         assert [r.content for r in results] == expected, options
         assert all(r.finish_reason == "length" for r in results)
@@ -92,7 +92,7 @@ def test_idle_adapters_are_unloaded_past_the_cap(tiny_model, adapters, monkeypat
     monkeypatch.setattr(weights, "MAX_ADAPTERS", 1)
     ask = ChatRequest(messages=[{"role": "user", "content": "gamma"}], max_tokens=7, temperature=0)
     order = [adapters[0], adapters[1], adapters[0]]
-    results, logs = _run(tiny_model, [(a, ask) for a in order], EngineOptions(merge_mb=0), one_by_one=True)
+    results, logs = _run(tiny_model, [(a, ask) for a in order], EngineOptions(dtype="float32", merge_mb=0), one_by_one=True)
     assert [r.content for r in results] == [_alone(tiny_model, a, ask) for a in order]
     assert sum("unloaded (least recently used" in line for line in logs) == 2, logs  # each load past the first unloads the other
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 from transformers.generation import TemperatureLogitsWarper, TopPLogitsWarper
 
 from tunejob.engine.text import TextStream, first_stop
-from tunejob.server.generation import Engine, Generation
+from tunejob.server.generation import EngineOptions, Engine, Generation
 from tunejob.server.inference import ChatRequest
 from tunejob.train import threads
 
@@ -62,7 +62,7 @@ def _run(base, requests: list[ChatRequest]) -> list[tuple[list, list]]:
                     return sorted(results, key=lambda r: r.index), pieces
 
     async def main():
-        engine = Engine(threads.budget(1, 1), log=lambda m: None)
+        engine = Engine(threads.budget(1, 1), options=EngineOptions(dtype="float32"), log=lambda m: None)  # generate() compares in fp32
         loop = asyncio.get_running_loop()
         gens = [Generation(str(base), None, r, True, loop) for r in requests]
         for g in gens:

@@ -102,12 +102,14 @@ def test_bf16_and_auto_train_to_the_fp32_validation_loss(tmp_path, tiny_model):
 
 def test_chat_dtype_auto_follows_the_training_probe():
     from tunejob.errors import TunejobError
+    from tunejob.server.config import ServerConfig
     from tunejob.server.generation import EngineOptions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     expected = torch.bfloat16 if precision.resolve("auto", device) == "bf16" else torch.float32
     assert EngineOptions(dtype="auto").torch_dtype() == expected
-    assert EngineOptions().torch_dtype() == torch.float32  # fp32 stays chat's default
+    assert EngineOptions().dtype == ServerConfig.chat_dtype == "auto"  # one default: the server's (server/config.py)
+    assert EngineOptions(dtype="float32").torch_dtype() == torch.float32
     with pytest.raises(TunejobError, match="auto"):
         EngineOptions(dtype="fp8")
 

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from tunejob.errors import TunejobError
+from tunejob.server import config as server_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run LLM fine-tuning jobs and judge them: validate, plan, train, watch, report.")
@@ -47,6 +48,7 @@ def _add_subcommands() -> None:
 
 
 _add_subcommands()
+SERVE = server_config.ServerConfig  # `tunejob serve`'s defaults: the dataclass's own (server/config.py)
 Executor = Enum("Executor", {"local": "local", "ray": "ray"}, type=str)
 ChatDtype = Enum("ChatDtype", {"float32": "float32", "bfloat16": "bfloat16", "auto": "auto"}, type=str)
 ChatEngine = Enum("ChatEngine", {"local": "local", "vllm": "vllm"}, type=str)
@@ -199,28 +201,28 @@ def serve(
     data_dir: Annotated[Path, typer.Option(help="Files, jobs and the SQLite store live here.")] = Path("tunejob-server"),
     api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="An accepted API key (repeatable; local use: it shows in `ps`). Prefer $TUNEJOB_API_KEYS (comma-separated) or --keys-file.")] = None,
     keys_file: Annotated[Optional[Path], typer.Option(help="File with one API key per line.")] = None,
-    default_model: Annotated[str, typer.Option(help="Base model for 'default' and for OpenAI model ids.")] = "default",
+    default_model: Annotated[str, typer.Option(help="Base model for 'default' and for OpenAI model ids.")] = SERVE.default_model,
     model: Annotated[Optional[list[str]], typer.Option("--model", help="Another base model: NAME=PATH (repeatable).")] = None,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 512,
-    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest JSON request body (chat, job creation); over it: 413.")] = 16,
-    max_epochs: Annotated[int, typer.Option(help="Most epochs one job may ask for.")] = 50,
-    max_steps: Annotated[int, typer.Option(help="Most optimizer steps one job may run.")] = 10_000,
-    max_seq_len: Annotated[int, typer.Option(help="Longest max_seq_len one job may ask for (tokens).")] = 4096,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = server_config.MAX_UPLOAD_MB,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest JSON request body (chat, job creation); over it: 413.")] = server_config.DEFAULT_BODY_BYTES / 2**20,
+    max_epochs: Annotated[int, typer.Option(help="Most epochs one job may ask for.")] = SERVE.max_epochs,
+    max_steps: Annotated[int, typer.Option(help="Most optimizer steps one job may run.")] = SERVE.max_steps,
+    max_seq_len: Annotated[int, typer.Option(help="Longest max_seq_len one job may ask for (tokens).")] = SERVE.max_seq_len,
     max_processes: Annotated[Optional[int], typer.Option(min=1, help="Most processes (and GPUs, one per process) one job may ask for (default: this machine's GPUs, or its cores without one).")] = None,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Largest batch_size one job may ask for (256: OpenAI's own limit).")] = 256,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Largest batch_size one job may ask for (256: OpenAI's own limit).")] = SERVE.max_batch_size,
     train_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of a training job (default: the cores minus chat's share).")] = None,
     chat_threads: Annotated[Optional[int], typer.Option(min=1, help="Torch threads of chat generation (default: a quarter of the cores, at least 1, while a job trains; all when none does).")] = None,
-    chat_queue: Annotated[int, typer.Option(min=1, help="Chat requests waiting or generating before new ones get 429.")] = 8,
-    executor: Annotated[Executor, typer.Option(help="Where jobs train: local (child processes on this machine) or ray (a Ray cluster; the data dir must be shared with its nodes).")] = Executor.local,
-    slots: Annotated[int, typer.Option(min=1, help="local: training jobs at once on this machine (one per GPU; each child gets one GPU and its share of the threads).")] = 1,
+    chat_queue: Annotated[int, typer.Option(min=1, help="Chat requests waiting or generating before new ones get 429.")] = SERVE.chat_queue,
+    executor: Annotated[Executor, typer.Option(help="Where jobs train: local (child processes on this machine) or ray (a Ray cluster; the data dir must be shared with its nodes).")] = Executor(SERVE.executor),
+    slots: Annotated[int, typer.Option(min=1, help="local: training jobs at once on this machine (one per GPU; each child gets one GPU and its share of the threads).")] = SERVE.slots,
     ray_address: Annotated[Optional[str], typer.Option(help="ray: the cluster: auto (on a node of it), http://HEAD:8265 or ray://HEAD:10001.")] = None,
-    node_retries: Annotated[int, typer.Option(min=0, help="Resumes of a job whose run was lost with its node, before the job fails.")] = 2,
-    chat_batch: Annotated[int, typer.Option(min=1, help="Chat requests that share one forward pass (local engine).")] = 8,
-    chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): auto = bfloat16 where training's probe finds the device fast in it (answers then follow bf16 rounding), else float32.")] = ChatDtype.auto,
-    chat_merged_copies: Annotated[int, typer.Option(min=0, help="Merged copies of adapters chatted with repeatedly, in copies of the base model in --chat-dtype (local engine); 0 never merges.")] = 2,
+    node_retries: Annotated[int, typer.Option(min=0, help="Resumes of a job whose run was lost with its node, before the job fails.")] = SERVE.node_retries,
+    chat_batch: Annotated[int, typer.Option(min=1, help="Chat requests that share one forward pass (local engine).")] = SERVE.chat_batch,
+    chat_dtype: Annotated[ChatDtype, typer.Option(help="Weights chat runs in (local engine): auto = bfloat16 where training's probe finds the device fast in it (answers then follow bf16 rounding), else float32.")] = ChatDtype(SERVE.chat_dtype),
+    chat_merged_copies: Annotated[int, typer.Option(min=0, help="Merged copies of adapters chatted with repeatedly, in copies of the base model in --chat-dtype (local engine); 0 never merges.")] = SERVE.chat_merged_copies,
     chat_merge_mb: Annotated[Optional[int], typer.Option(min=0, help="Also cap those copies' memory (MB); 0 never merges. Default: no cap beyond --chat-merged-copies.")] = None,
-    chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = False,
-    engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine.local,
+    chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = SERVE.chat_compile,
+    engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine(SERVE.engine),
     vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Keep an old model name answering: 'ft:...=RUN_DIR' or a migration folder (repeatable).")] = None,
 ) -> None:

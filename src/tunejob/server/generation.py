@@ -31,11 +31,11 @@ from tunejob.errors import TunejobError
 from tunejob.engine.batch import Batch, Row, eos_ids
 from tunejob.engine.text import TextStream
 from tunejob.server.inference import ChatRequest, ChatResult, openai_logprobs, prompt_inputs, to_result
+from tunejob.server import config
 from tunejob.server.weights import Weights
 from tunejob.train import threads
 
-MAX_PENDING = 8
-MAX_BATCH = 8  # rows per forward pass; SmolLM2-135M keeps 46 KB of fp32 KV cache a token: 8 rows of 300 tokens, 110 MB
+MAX_PENDING, MAX_BATCH = config.CHAT_QUEUE, config.CHAT_BATCH  # the server's defaults (config.py)
 
 
 class Busy(Exception):
@@ -121,15 +121,15 @@ class EngineOptions:
     """How the engine runs models (ServerConfig's chat_* settings)."""
 
     max_batch: int = MAX_BATCH
-    dtype: str = "float32"  # or "bfloat16", or "auto": bf16 where training's probe (train/precision.py) says the device is fast in it
-    merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (weights.py); 0: never merge
+    dtype: str = config.CHAT_DTYPE  # "auto": bf16 where training's probe (train/precision.py) says the device is fast in it; or float32, bfloat16
+    merged_copies: int = config.ServerConfig.chat_merged_copies  # merged copies of adapters chatted with repeatedly, in copies of the base (weights.py); 0: never merge
     merge_mb: int | None = None  # an optional memory cap on them as well; 0: never merge
     merge_after: int = 2  # an adapter's request number from which it runs merged
     compile: bool = False  # torch.compile the forward of models without unmerged adapters (weights.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "auto"):
-            raise TunejobError(f"chat_dtype {self.dtype!r}: use float32 (the default), bfloat16 or auto (--chat-dtype)")
+            raise TunejobError(f"chat_dtype {self.dtype!r}: use auto (the default), float32 or bfloat16 (--chat-dtype)")
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from tunejob.errors import TunejobError
+from tunejob.server.config import CHAT_QUEUE
 
 
 KEYS_ENV = "TUNEJOB_API_KEYS"
@@ -46,7 +47,7 @@ def load_keys(keys: list[str], keys_file: Path | None, environ: dict | None = No
 
 def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path | None, default_model: str,
           models: list[str], max_upload_mb: float, caps: dict | None = None, train_threads: int | None = None,
-          chat_threads: int | None = None, chat_queue: int = 8, executor: dict | None = None, aliases: list[str] | None = None) -> None:
+          chat_threads: int | None = None, chat_queue: int = CHAT_QUEUE, executor: dict | None = None, aliases: list[str] | None = None) -> None:
     """`tunejob serve`; `caps` holds ServerConfig's max_epochs / max_steps / max_seq_len, `executor`
     its executor / slots / ray_address / node_retries;
     chat_* and engine settings come in `caps` too."""

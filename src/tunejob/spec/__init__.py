@@ -8,6 +8,7 @@ from tunejob.spec.job import (
     LOCAL_AUTO_BATCH_SIZE,
     LOCAL_AUTO_EPOCHS,
     LORA_DEFAULT_LR,
+    OPENAI_AUTO_BATCH_SIZE,
     BedrockSettings,
     Checkpointing,
     DataSpec,
@@ -21,7 +22,7 @@ from tunejob.spec.job import (
 from tunejob.spec.loader import format_validation_error, load_spec, parse_spec
 
 __all__ = [
-    "LOCAL_AUTO_BATCH_SIZE", "LOCAL_AUTO_EPOCHS", "LORA_DEFAULT_LR", "BedrockSettings", "Checkpointing", "DataSpec",
+    "LOCAL_AUTO_BATCH_SIZE", "LOCAL_AUTO_EPOCHS", "LORA_DEFAULT_LR", "OPENAI_AUTO_BATCH_SIZE", "BedrockSettings", "Checkpointing", "DataSpec",
     "DistributedSettings", "Hyperparameters", "JobSpec", "LoraSpec", "MethodSpec", "OpenAISettings", "format_validation_error",
     "load_spec", "parse_spec",
 ]

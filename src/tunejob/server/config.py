@@ -1,0 +1,58 @@
+"""`tunejob serve`'s settings and their defaults, in one place: the CLI's options (cli.py), the
+server (api.py, app.py) and the chat engine (generation.py) all read them from here, and
+tests/test_defaults.py checks that `tunejob serve --help` shows the same. No FastAPI or torch
+here: `import tunejob.cli` stays light."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHAT_QUEUE = 8  # chat requests waiting or generating before 429 (server/generation.py)
+CHAT_BATCH = 8  # rows per forward pass; SmolLM2-135M keeps 46 KB of fp32 KV cache a token: 8 rows of 300 tokens, 110 MB
+CHAT_DTYPE = "auto"  # bfloat16 where training's probe (train/precision.py) finds the device fast in it, else float32
+MAX_UPLOAD_MB = 512
+# A chat body of 16 MB is ~4M tokens of text, 500x the default model's 8,192-token context; a job
+# body is a few kB. Parsed, 16 MB is 0.04 s as one string but ~3 s and ~190 MB as small lists
+# (measured on this 2-core machine): a body past PARSE_INLINE_BYTES is parsed off the event loop.
+DEFAULT_BODY_BYTES = 16 * 2**20
+PARSE_INLINE_BYTES = 1 << 20
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    api_keys: set[str]
+    default_model: str = "default"
+    models: dict[str, str] = field(default_factory=dict)  # extra base models: name -> path
+    max_upload_bytes: int = MAX_UPLOAD_MB * 2**20
+    max_body_bytes: int = DEFAULT_BODY_BYTES  # every JSON body (uploads have max_upload_bytes)
+    # Caps on what one job may ask of this machine, whatever its body says (tunejob's extras
+    # included): 50 epochs is OpenAI's own n_epochs limit; 10,000 steps of a 135M model on CPU
+    # is about a day; 4,096 tokens per example keeps one sequence's activations under ~2 GB.
+    max_epochs: int = 50
+    max_steps: int = 10_000
+    max_seq_len: int = 4096
+    # Processes one job may start (distributed.processes; GPUs, one per process). None: this
+    # machine's GPUs, or its cores on a host without one (server/quota.py). 256 examples a step is
+    # OpenAI's own batch_size limit; tunejob.hyperparameters.batch_size had none.
+    max_processes: int | None = None
+    max_batch_size: int = 256
+    train_threads: int | None = None  # torch threads of a training child (None: train.threads.budget)
+    chat_threads: int | None = None  # torch threads of chat generation while a job trains (None: the budget's)
+    chat_queue: int = CHAT_QUEUE
+    executor: str = "local"  # where jobs train: local child processes, or ray (server/executor.py)
+    slots: int = 1  # local: training jobs at once on this machine (one per GPU)
+    ray_address: str | None = None  # ray: the cluster (auto, http://HEAD:8265, ray://HEAD:10001)
+    node_retries: int = 2  # resumes of a run lost with its node before the job fails
+    chat_batch: int = CHAT_BATCH
+    chat_dtype: str = CHAT_DTYPE  # or float32, bfloat16
+    chat_merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (server/weights.py); 0: never
+    chat_merge_mb: int | None = None  # an optional memory cap on those copies as well (the budget before --chat-merged-copies)
+    chat_compile: bool = False  # torch.compile chat's forward (server/weights.py); off until measured to pay
+    engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)
+    vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
+    aliases: dict[str, str] = field(default_factory=dict)  # old model name -> run dir (server/aliases.py)
+    # This server's own API, e.g. http://127.0.0.1:8000/v1 (run.serve sets it): score_model graders
+    # sent to /v1/fine_tuning/alpha/graders/run ask their model here (server/grader_routes.py).
+    self_url: str | None = None
