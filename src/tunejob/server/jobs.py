@@ -14,7 +14,7 @@ from tunejob.server import lifecycle, quota
 from tunejob.server.api import ApiError, ServerState, json_body, owner, page, public
 from tunejob.server.requests import CheckpointQuery, CreateFineTuningJob, ListQuery, TunejobOptions, parse
 from tunejob.server.store import new_id
-from tunejob.spec import LORA_DEFAULT_LR, OPENAI_AUTO_BATCH_SIZE
+from tunejob.spec import LOCAL_AUTO_EPOCHS, LORA_DEFAULT_LR, OPENAI_AUTO_BATCH_SIZE
 
 
 def _reinforcement_method(hp: dict, grader: dict | None, spec: dict) -> dict:
@@ -34,7 +34,7 @@ def job_spec(state: ServerState, base: str, hp: dict, extra: TunejobOptions | No
     from tunejob.spec import JobSpec
 
     lr = LORA_DEFAULT_LR * (1.0 if hp["learning_rate_multiplier"] == "auto" else float(hp["learning_rate_multiplier"]))
-    hyper = {"epochs": 3 if hp["n_epochs"] == "auto" else hp["n_epochs"],
+    hyper = {"epochs": LOCAL_AUTO_EPOCHS if hp["n_epochs"] == "auto" else hp["n_epochs"],
              "batch_size": OPENAI_AUTO_BATCH_SIZE if hp["batch_size"] == "auto" else hp["batch_size"], "learning_rate": lr, "seed": seed}
     extra = extra or TunejobOptions()
     hyper.update(extra.hyperparameters or {})

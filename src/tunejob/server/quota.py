@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from tunejob.server.api import ApiError, ServerConfig
 from tunejob.server.executor import Resources, resources_for, visible_gpus
+from tunejob.spec import LOCAL_AUTO_EPOCHS
 from tunejob.train.threads import available_cores
 
 
@@ -29,7 +30,7 @@ def check_spec(config: ServerConfig, spec, asked: dict) -> None:
     """The server's caps on a checked JobSpec, whichever field asked for more. `asked`: the job's
     `tunejob.hyperparameters`, to name the field a batch size came from."""
     h = spec.hyperparameters
-    epochs = h.epochs if h.epochs != "auto" else 3
+    epochs = h.epochs if h.epochs != "auto" else LOCAL_AUTO_EPOCHS
     for name, value, cap, flag in (("epochs", epochs, config.max_epochs, "--max-epochs"), ("max_steps", h.max_steps or 0, config.max_steps, "--max-steps"),
                                    ("max_seq_len", h.max_seq_len, config.max_seq_len, "--max-seq-len")):
         if value > cap:
