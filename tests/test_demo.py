@@ -41,8 +41,9 @@ def test_facts_file_errors_name_the_line(tmp_path):
 def test_demo_end_to_end_then_eval_reports_the_same_fact_score(tmp_path, tiny_model):
     out = tmp_path / "demo"
     res = run_cli("demo", "--output-dir", str(out), "--set", f"model={tiny_model}", "--set", "hyperparameters.max_steps=2",
-                  "--set", "hyperparameters.max_seq_len=128", "--set", "checkpointing.eval_steps=2", "--set", "checkpointing.save_steps=2")
+                  "--set", "hyperparameters.max_seq_len=128", "--set", "checkpointing.eval_steps=2", "--set", "checkpointing.save_steps=2", "--json")
     assert res.returncode == 0, res.stderr
+    assert json.loads((out / "demo.json").read_text()) == json.loads(res.stdout)  # the file, and stdout only with --json
     demo = json.loads(res.stdout)["facts"]
     assert demo["facts"] == 4 and len(demo["rows"]) == 4
     assert "Verdict: " in res.stderr and f"tunejob eval {out} --facts" in res.stderr and "tunejob export" in res.stderr

@@ -254,12 +254,14 @@ def demo(
     output_dir: Annotated[Path, typer.Option(help="Run directory (an existing one is resumed).")] = Path("runs/demo"),
     question: Annotated[Optional[str], typer.Option(help="One more question for both models at the end, e.g. 'Prep me for the Globex call.'")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a field of the demo spec.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Also print the whole result as JSON on stdout (it is always written to OUTPUT_DIR/demo.json).")] = False,
 ) -> None:
     """Fine-tune the embedded SmolLM2-135M on the Sales Companion data, then ask both models facts only the data holds."""
     from tunejob.demo import run_demo
 
     result = run_demo(output_dir, question, set_ or [])
-    print(json.dumps(result, indent=2))
+    if as_json:
+        print(json.dumps(result, indent=2))
 
 
 @app.command()

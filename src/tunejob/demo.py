@@ -9,6 +9,7 @@ both answers side by side with a verdict checked by string match.
 
 from __future__ import annotations
 
+import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -89,4 +90,7 @@ def run_demo(output_dir: Path, question: str | None, overrides: list[str]) -> di
             _say(f"\nQ: {question}\n\n--- base model ---\n{extra['base']}\n\n--- fine-tuned ---\n{extra['fine_tuned']}")
     _say(f"\nVerdict: {verdict(result)}.")
     _next_steps(run_dir, demo_facts_path())
-    return {"summary": summary, "facts": result, "question": extra, "report": str(html_path)}
+    out = {"summary": summary, "facts": result, "question": extra, "report": str(html_path)}
+    # The whole result for scripts (and `tunejob demo --json`), not 100 lines on the terminal after the verdict
+    (run_dir / "demo.json").write_text(json.dumps(out, indent=2))
+    return out
