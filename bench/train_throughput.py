@@ -16,6 +16,8 @@ Configurations (each in its own process, so its peak RSS is its own):
   trl-default      the same, checkpointing off
   trl-padding-free SFTConfig(padding_free=True)
   trl-grouped      train_sampling_strategy="group_by_length" (transformers' length-grouped sampler)
+  trl-default-bs1  one unpadded sequence per forward pass: per_device_train_batch_size=1 with
+                   gradient_accumulation_steps=4 (the same 4 sequences a step; what tunejob does on CPU)
   *-bf16           the same with bf16=True and the base loaded in bf16 (TRL's strongest CPU setting);
                    run only where this CPU's bf16 matmul beats fp32 (AMX / AVX512-BF16)
   tunejob-fp32     mixed_precision: no
@@ -53,10 +55,13 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "tunejob" / "resources" / "sales_companion.jsonl"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
 LR, BATCH = 2e-4, 4
-TRL = ("trl-default-gc", "trl-default", "trl-padding-free", "trl-grouped", "trl-default-bf16", "trl-padding-free-bf16", "trl-grouped-bf16")
+TRL = ("trl-default-gc", "trl-default", "trl-padding-free", "trl-grouped", "trl-default-bs1", "trl-default-bf16", "trl-padding-free-bf16",
+       "trl-grouped-bf16", "trl-default-bs1-bf16")
 # What RESULTS.md ran: the padded default (checkpointing off) measured 0.75x padding-free in a first
 # pass (seed 42: 80 vs 107 tokens/s, same loss), so its two rows gave way to a third seed of the rest.
-MAIN = ("trl-default-gc", "trl-padding-free", "trl-grouped", "trl-padding-free-bf16", "trl-grouped-bf16", "tunejob-fp32", "tunejob-auto")
+# Batch 1 x accumulation 4 (issue 33) is TRL's fastest fair row on a CPU without bf16 units: it is in.
+MAIN = ("trl-default-gc", "trl-padding-free", "trl-grouped", "trl-default-bs1", "trl-padding-free-bf16", "trl-grouped-bf16",
+        "trl-default-bs1-bf16", "tunejob-fp32", "tunejob-auto")
 TUNEJOB = ("tunejob-fp32", "tunejob-bf16", "tunejob-auto")
 
 
@@ -101,7 +106,9 @@ def run_trl(model_path: str, train: list[dict], max_len: int, config: str, seed:
     tok, seqs = encoded(model_path, train, max_len)
     ds = Dataset.from_list([{"input_ids": s.input_ids, "assistant_masks": [int(l != -100) for l in s.labels]} for s in seqs])
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
-    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+    micro = 1 if "-bs1" in config else BATCH  # bs1: the same 4 sequences a step, one per forward pass
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=BATCH // micro,
+                     num_train_epochs=1, learning_rate=LR,
                      lr_scheduler_type="cosine", warmup_steps=0, max_length=None, logging_steps=1, save_strategy="no",
                      report_to="none", padding_free="padding-free" in config, gradient_checkpointing=config == "trl-default-gc",
                      train_sampling_strategy="group_by_length" if "grouped" in config else "random",
