@@ -16,6 +16,7 @@ the API's bookkeeping, and the interleavings a real cluster would need minutes a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -251,7 +252,10 @@ class JobLife(RuleBasedStateMachine):
 
 
 TestJobLife = JobLife.TestCase
-TestJobLife.settings = settings(max_examples=300, stateful_step_count=40, deadline=None,
+# derandomize: CI explores the same 300 interleavings every run, so a red run is a change's doing,
+# not a new draw; to search wider, run with TUNEJOB_LIFECYCLE_EXAMPLES=3000 (3,000 passed, 2026-12-05).
+TestJobLife.settings = settings(max_examples=int(os.environ.get("TUNEJOB_LIFECYCLE_EXAMPLES", 300)), stateful_step_count=40,
+                                deadline=None, derandomize="TUNEJOB_LIFECYCLE_EXAMPLES" not in os.environ,
                                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
