@@ -129,7 +129,11 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.store, app.state.worker = store, worker
     app.state.max_body_bytes = config.max_body_bytes  # read by api.json_body, for every JSON body
     app.state.key_throttle = Throttle()  # wrong keys at /v1 and at the dashboard's login, counted together
-    app.router.on_startup.append(lambda: (worker.start(), yield_to_training()))  # the worker's thread, first, keeps its priority for the children it starts
+    def start_worker_then_yield() -> None:
+        worker.start()  # first: its thread, and the training children it starts, keep the server's priority
+        yield_to_training()  # then the event loop, and every thread it starts from here on (HTTP, chat), yields to them
+
+    app.router.on_startup.append(start_worker_then_yield)
     app.router.on_shutdown.append(worker.stop)
     _add_error_handlers(app)
 

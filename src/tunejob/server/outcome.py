@@ -63,7 +63,7 @@ def lost_why(state: RunState) -> str:
                             "stopped": "it was stopped outside tunejob"}.get(state.state, f"the run is {state.state}")
 
 
-def events_for(outcome: str, before: dict, after: dict, state: RunState, node_retries: int) -> list[tuple[str, str]]:
+def events_for(outcome: str, after: dict, state: RunState, node_retries: int) -> list[tuple[str, str]]:
     """(level, message) lines for the job's events once the update went through."""
     if outcome == "cancelled":
         return [("info", "Fine-tuning job cancelled")]

@@ -113,10 +113,10 @@ class Worker:
             return
         if before["status"] == "running":
             self.store.add_event(job_id, "Server restarted; the job resumes from its last checkpoint")
-        elif before["status"] == "paused":
-            self.store.add_event(job_id, "Fine-tuning job paused; resume continues from the last checkpoint")
-        elif before["status"] == "cancelled" and not self.store.has_event(job_id, "Fine-tuning job cancelled"):
-            self.store.add_event(job_id, "Fine-tuning job cancelled")
+        elif before["status"] in ("paused", "cancelled"):  # the run stopped as asked: the lines a run's end writes
+            for _, message in events_for(before["status"], before, RunState("stopped"), self.node_retries):
+                if not self.store.has_event(job_id, message):
+                    self.store.add_event(job_id, message)
 
     def _still_there(self, run_id: str) -> bool:
         """Whether the executor still has the run. If it cannot say (the cluster's API is down),
@@ -317,7 +317,7 @@ class Worker:
             for file_id in fields.get("result_files") or ():  # a cancel came first: the result file goes
                 self.store.delete_file(self.store.job_owner(job_id), file_id)
         del self._runs[job_id]  # the job has moved: from here on, a failure must not move it twice
-        lines = events_for(outcome, job, after, state, self.node_retries)
+        lines = events_for(outcome, after, state, self.node_retries)
         if outcome == "succeeded":
             lines = [("info", f"New fine-tuned model created: {job['_ft_name']} (best checkpoint: step {after['_best_step']})"),
                      ("info", "The job has successfully completed")]
