@@ -27,7 +27,7 @@ from report import publish  # noqa: E402
 
 def _rows(target, n: int):
     from tunejob.engine.batch import Row
-    from tunejob.server.inference import ChatRequest, prompt_inputs
+    from tunejob.engine.chat import ChatRequest, prompt_inputs
 
     out = []
     for i in range(n):

@@ -249,10 +249,11 @@ def latency_report(args, model: str) -> dict:
             server.wait(timeout=60)
 
         # the direct baseline: the same base + adapter, the server's generation function, no HTTP
+        from tunejob.evaluate.chat import ModelCache
         from tunejob.server import inference
 
         t = time.perf_counter()
-        m, tok = inference.ModelCache().get(model, adapter)
+        m, tok = ModelCache().get(model, adapter)
         load_s = time.perf_counter() - t
         direct, direct_text = [], None
         for _ in range(args.requests + 1):

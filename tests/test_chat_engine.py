@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tunejob.server.generation import Engine, EngineOptions, Generation
-from tunejob.server.inference import ChatRequest, generate
+from hf_generate import generate
+from tunejob.engine.chat import ChatRequest
 from tunejob.train import threads
 
 ASKS = [(None, "alpha beta", 9), (0, "gamma", 14), (1, "delta epsilon zeta", 6), (0, "eta theta iota kappa", 11), (1, "mu", 16)]
@@ -132,7 +133,7 @@ def test_streamed_text_is_the_answers_text(tiny_model):
 
     from transformers import AutoTokenizer
 
-    from tunejob.server.inference import to_result
+    from tunejob.engine.chat import to_result
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     words = tok(" alpha beta\ngamma", add_special_tokens=False)["input_ids"]

@@ -17,7 +17,7 @@ from transformers.generation import TemperatureLogitsWarper, TopPLogitsWarper
 
 from tunejob.engine.text import TextStream, first_stop
 from tunejob.server.generation import EngineOptions, Engine, Generation
-from tunejob.server.inference import ChatRequest
+from tunejob.engine.chat import ChatRequest
 from tunejob.train import threads
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "score", "ok", "tag"],

@@ -62,6 +62,7 @@ class Row:
     finish: str | None = None  # "stop", "length" or "cancelled" once done
     generator: torch.Generator | None = None
     owner: object = None  # the engine's handle for this row (its Generation and choice index)
+    seconds: float | None = None  # answers.decode: from its batch's start to its last token
     decoding: Decoding = field(init=False)
 
     def __post_init__(self) -> None:

@@ -73,16 +73,35 @@ def trained_system_prompt(run_or_ckpt: str | Path) -> str | None:
 
 
 def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 160) -> str:
-    """Greedy answer to a conversation: the most likely token at each step, no sampling and no
-    repetition penalty, as `tunejob eval` and serve's temperature 0 decode (deterministic, so base
-    and fine-tuned compare fairly)."""
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    """Greedy answer to one conversation, by the batched engine (engine/answers.py) as every answer
+    is; several conversations are cheaper together: answers.greedy."""
+    from tunejob.engine.answers import greedy
+
+    return greedy(model, tokenizer, [messages], max_new_tokens)[0].content or ""
+
+
+class ModelCache:
+    """The last few (model, tokenizer) chatted with in this process (the dashboard's chat form), so a
+    conversation does not reload weights per message; each loaded by load_for_chat."""
+
+    def __init__(self, size: int = 3):
+        import threading
+        from collections import OrderedDict
+
+        self.size, self._models, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, base_path: str, adapter: Path | None):
+        key = (base_path, str(adapter) if adapter else None)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        loaded = load_for_chat(adapter, base=base_path)
+        with self._lock:
+            self._models[key] = loaded
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+        return loaded
 
 
 def export_merged(run_or_ckpt: str | Path, out_dir: str | Path) -> Path:

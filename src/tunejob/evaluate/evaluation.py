@@ -172,37 +172,37 @@ def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
     return out
 
 
-def answer_examples(model, tokenizer, items: list[tuple[list[dict], str]], max_new_tokens: int, say=_say) -> list[dict]:
-    """Greedy answers of both models to each prompt, with their scores, latency and length."""
-    from tunejob.evaluate.chat import answer
+def answer_examples(model, tokenizer, items: list[tuple[list[dict], str]], max_new_tokens: int,
+                    say=_say) -> tuple[list[dict], dict]:
+    """Greedy answers of both models to each prompt, batched (engine/answers.py), with their
+    scores, latency (a row's batch start to its last token) and length; and each side's wall time."""
+    from tunejob.engine.answers import greedy
 
-    if items:  # warm-up, untimed: the first generate() pays one-off setup that would bias one side
-        answer(model, tokenizer, items[0][0], max_new_tokens=1)
-    rows = []
-    for i, (prompt, reference) in enumerate(items):
-        row = {"prompt": prompt, "reference": reference,
-               "prompt_tokens": len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))}
-        for side in SIDES:
-            with _side(model, side):
-                t0 = time.perf_counter()
-                text = answer(model, tokenizer, prompt, max_new_tokens)
-                seconds = time.perf_counter() - t0
-            row[side] = {
-                "answer": text, "seconds": seconds,
-                # chat.answer returns text: its re-encoding is the length (within a token of what was generated)
-                "tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-                "exact_match": exact_match(text, reference), "f1": token_f1(text, reference), "rouge_l": rouge_l(text, reference),
-            }
-        rows.append(row)
-        say(f"answered {i + 1}/{len(items)}")
-    return rows
+    if items:  # warm-up, untimed: the first forward pays one-off setup that would bias one side
+        greedy(model, tokenizer, [items[0][0]], max_tokens=1)
+    rows = [{"prompt": prompt, "reference": reference,
+             "prompt_tokens": len(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False))}
+            for prompt, reference in items]
+    walls = {}
+    for side in SIDES:
+        with _side(model, side):
+            t0 = time.perf_counter()
+            results = greedy(model, tokenizer, [prompt for prompt, _ in items], max_new_tokens)
+            walls[side] = wall = time.perf_counter() - t0
+        for row, result in zip(rows, results):
+            text, reference = result.content or "", row["reference"]
+            row[side] = {"answer": text, "seconds": result.seconds, "tokens": result.completion_tokens,
+                         "exact_match": exact_match(text, reference), "f1": token_f1(text, reference), "rouge_l": rouge_l(text, reference)}
+        say(f"answered {len(items)} prompts with the {side} model in {wall:.1f} s")
+    return rows, walls
 
 
-def summarise_answers(rows: list[dict]) -> dict:
+def summarise_answers(rows: list[dict], walls: dict) -> dict:
+    """Scores and speed per side; tokens / s over the side's wall time (its answers decode together)."""
     out = {}
     for side in SIDES:
         cells = [r[side] for r in rows]
-        seconds, tokens = sum(c["seconds"] for c in cells), sum(c["tokens"] for c in cells)
+        seconds, tokens = walls.get(side), sum(c["tokens"] for c in cells)
         out[side] = {
             "exact_match": mean([c["exact_match"] for c in cells]), "f1": mean([c["f1"] for c in cells]),
             "rouge_l": mean([c["rouge_l"] for c in cells]), "latency_s": mean([c["seconds"] for c in cells]),
@@ -258,9 +258,9 @@ def evaluate_run(
         else:
             scores = loss_scores(model, tokenizer, spec, examples, device)
             items = [pr for pr in (prompt_and_reference(ex["messages"]) for ex in examples) if pr is not None][:limit]
-        rows = answer_examples(model, tokenizer, items, max_new_tokens, say)
+        rows, walls = answer_examples(model, tokenizer, items, max_new_tokens, say)
         fact_recall = _fact_recall(model, tokenizer, facts, say) if facts is not None else None
-    answers = summarise_answers(rows)
+    answers = summarise_answers(rows, walls)
     models = {side: {**scores[side], **answers[side]} for side in SIDES}
     mean_prompt = mean([r["prompt_tokens"] for r in rows]) or 0.0
     cost = cost_per_1k_queries(spec.model, mean_prompt, {s: models[s]["answer_tokens"] or 0.0 for s in SIDES})

@@ -58,14 +58,14 @@ def recall(model, tokenizer, facts: list[Fact], max_new_tokens: int = 60) -> dic
     """Each fact asked of the base (adapter off) and the fine-tuned model: answers and the score."""
     import contextlib
 
-    from tunejob.evaluate.chat import answer
+    from tunejob.engine.answers import greedy
 
     rows = [{"question": f.question, "expect": list(f.expect)} for f in facts]
     for side, context in (("base", model.disable_adapter), ("finetuned", contextlib.nullcontext)):
         with context():
-            for row, fact in zip(rows, facts):
-                text = answer(model, tokenizer, fact.messages(), max_new_tokens)
-                row[side] = {"answer": text, "right": is_right(text, fact)}
+            results = greedy(model, tokenizer, [f.messages() for f in facts], max_new_tokens)
+        for row, fact, result in zip(rows, facts, results):
+            row[side] = {"answer": result.content or "", "right": is_right(result.content or "", fact)}
     score = {side: sum(r[side]["right"] for r in rows) for side in ("base", "finetuned")}
     return {"facts": len(facts), "base_right": score["base"], "finetuned_right": score["finetuned"], "rows": rows}
 

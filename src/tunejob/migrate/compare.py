@@ -19,13 +19,14 @@ and prompts it never saw (held out), where retrain.json says which.
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunejob.evaluate.evaluation import exact_match, mean, rouge_l, token_f1
 from tunejob.migrate.record import MigrateError
+
+BATCH = 32  # prompts decoded together (engine ROWS at a time), then progress is said
 
 
 @dataclass(frozen=True)
@@ -121,22 +122,22 @@ def badness(row: dict) -> tuple:
 
 
 def answers_from_run(run_dir: Path, items: list[dict], max_tokens: int, say) -> list[dict]:
-    """Greedy answers of a run's best adapter, generated here one at a time, with tools rendered
-    and parsed as `tunejob serve` does."""
+    """Greedy answers of a run's best adapter, generated here by the batched engine, with tools
+    rendered and parsed as `tunejob serve` does; latency is a row's batch start to its last token."""
+    from tunejob.engine.answers import answer_all
+    from tunejob.engine.chat import ChatRequest
     from tunejob.evaluate.chat import load_for_chat
-    from tunejob.server.inference import ChatRequest, generate
 
     model, tokenizer = load_for_chat(run_dir)
     out = []
-    for i, item in enumerate(items, 1):
-        request = ChatRequest(messages=item["messages"], tools=item.get("tools") or [], max_tokens=max_tokens, temperature=0.0)
-        started = time.perf_counter()
-        result = generate(model, tokenizer, request)
-        out.append({"answer": {"content": result.content, "tool_calls": result.tool_calls or None}, "finish_reason": result.finish_reason,
-                    "latency_s": time.perf_counter() - started,
-                    "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}})
-        if i % 10 == 0:
-            say(f"candidate: {i}/{len(items)} answered")
+    for start in range(0, len(items), BATCH):
+        chunk = items[start : start + BATCH]
+        requests = [ChatRequest(messages=i["messages"], tools=i.get("tools") or [], max_tokens=max_tokens, temperature=0.0) for i in chunk]
+        for [result] in answer_all(model, tokenizer, requests):
+            out.append({"answer": {"content": result.content, "tool_calls": result.tool_calls or None}, "finish_reason": result.finish_reason,
+                        "latency_s": result.seconds,
+                        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}})
+        say(f"candidate: {len(out)}/{len(items)} answered")
     return out
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunejob import engine
+
 CHAT_QUEUE = 8  # chat requests waiting or generating before 429 (server/generation.py)
-CHAT_BATCH = 8  # rows per forward pass; SmolLM2-135M keeps 46 KB of fp32 KV cache a token: 8 rows of 300 tokens, 110 MB
+CHAT_BATCH = engine.ROWS  # rows per forward pass (engine/__init__.py)
 CHAT_DTYPE = "auto"  # bfloat16 where training's probe (train/precision.py) finds the device fast in it, else float32
 MAX_UPLOAD_MB = 512
 # A chat body of 16 MB is ~4M tokens of text, 500x the default model's 8,192-token context; a job

@@ -15,7 +15,7 @@ import threading
 from functools import lru_cache
 
 from tunejob.server.api import ApiError
-from tunejob.server.inference import ChatRequest, prompt_inputs
+from tunejob.engine.chat import ChatRequest, prompt_inputs
 
 SANE_MAX = 10_000_000  # transformers' "no limit" model_max_length is 1e30; nothing real is past 10M tokens
 # One request at a time loads and tokenizes here: a fast tokenizer used from two threads at once

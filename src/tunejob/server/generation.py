@@ -29,8 +29,8 @@ import torch
 
 from tunejob.errors import TunejobError
 from tunejob.engine.batch import Batch, Row, eos_ids
+from tunejob.engine.chat import ChatRequest, ChatResult, openai_logprobs, prompt_inputs, to_result
 from tunejob.engine.text import TextStream
-from tunejob.server.inference import ChatRequest, ChatResult, openai_logprobs, prompt_inputs, to_result
 from tunejob.server import config
 from tunejob.server.weights import Weights
 from tunejob.train import threads

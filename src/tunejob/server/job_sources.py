@@ -121,7 +121,7 @@ class RunDirs:
             while name in self.dirs:
                 name, n = f"{d.name}-{n}", n + 1
             self.dirs[name] = d
-        self._cache = None  # inference.ModelCache, made at the first chat
+        self._cache = None  # evaluate.chat.ModelCache, made at the first chat
 
     def _view(self, name: str, d: Path) -> dict:
         import yaml
@@ -173,7 +173,7 @@ class RunDirs:
         """Base model + the checkpoint's adapter in this process (cached), greedy, 64 tokens."""
         import asyncio
 
-        from tunejob.evaluate.chat import base_model_of
+        from tunejob.evaluate.chat import ModelCache, base_model_of
         from tunejob.server import inference
 
         name, _, step_dir = model.partition("/")
@@ -181,7 +181,7 @@ class RunDirs:
         ckpt_dir = run / "checkpoints" / step_dir if run is not None and re.fullmatch(r"step-\d{6,}", step_dir) else None
         if ckpt_dir is None or not (ckpt_dir / "adapter_config.json").is_file():
             raise ValueError(f"no checkpoint {model!r} among these runs")
-        self._cache = self._cache or inference.ModelCache()
+        self._cache = self._cache or ModelCache()
 
         def run_chat() -> str:
             m, tok = self._cache.get(base_model_of(ckpt_dir), ckpt_dir)

@@ -1,5 +1,5 @@
 """Rollouts: a group of sampled answers per prompt, decoded by serve's batched engine
-(engine/batch.py) on the model being trained, so training samples by the same rules (temperature,
+(engine/answers.py) on the model being trained, so training samples by the same rules (temperature,
 top-p, per-row seeds, stop tokens) that serve answers with.
 
 Every answer has its own seed, a pure function of (run seed, step, prompt, answer): a resumed run
@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from tunejob.engine.batch import Batch, Row, eos_ids
+from tunejob.engine.answers import Fixed, decode
+from tunejob.engine.batch import Row, eos_ids
 from tunejob.train.batches import autocast
 
 
@@ -24,19 +23,6 @@ class Draw:
     temperature: float
     top_p: float = 1.0
     seed: int | None = None
-
-
-@dataclass(frozen=True)
-class _Policy:
-    """The engine's Target and Weights for the model in training: one model, its adapter active."""
-
-    model: object
-    tokenizer: object
-    adapter: str | None = None
-    key: tuple = ("policy",)
-
-    def forward_model(self, target, adapters):
-        return self.model, None
 
 
 @dataclass
@@ -54,23 +40,10 @@ def sample(model, tokenizer, prompts: list[list[int]], group: int, draw: Draw, s
            batch_rows: int = 64) -> list[Answer]:
     """`group` answers to each prompt (prompt-major order), at most `batch_rows` decoding at once.
     Greedy when draw.temperature is 0; dropout off while sampling, the model's mode restored after."""
-    policy = _Policy(model, tokenizer)
+    target = Fixed(model, tokenizer)
     eos = eos_ids(model, tokenizer)
-    rows = [Row(list(p), Draw(draw.max_tokens, draw.temperature, draw.top_p, seeds[i][j] if seeds else None), policy, eos,
+    rows = [Row(list(p), Draw(draw.max_tokens, draw.temperature, draw.top_p, seeds[i][j] if seeds else None), target, eos,
                 owner=(i, j)) for i, p in enumerate(prompts) for j in range(group)]
-    was_training = model.training
-    model.eval()
-    done: list[Row] = []
-    try:
-        with torch.no_grad(), autocast(next(model.parameters()).device, bf16):
-            for start in range(0, len(rows), batch_rows):
-                batch = Batch(policy, policy.key, batch_rows)
-                batch.join(rows[start : start + batch_rows])
-                done += batch.finished()
-                while batch.rows:
-                    batch.step()
-                    done += batch.finished()
-    finally:
-        model.train(was_training)
-    done.sort(key=lambda r: r.owner)
-    return [Answer(r.owner[0], r.tokens, r.finish) for r in done]
+    with autocast(next(model.parameters()).device, bf16):
+        decode(model, rows, batch_rows)
+    return [Answer(r.owner[0], r.tokens, r.finish) for r in rows]
