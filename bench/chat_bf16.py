@@ -41,7 +41,7 @@ def prompts(n: int) -> list[list[dict]]:
 
 def engine_answers(model: str, asks: list[list[dict]], max_tokens: int, dtype: str) -> list[list[int]]:
     """The chat engine's greedy tokens for every prompt at once (one batch), in `dtype`."""
-    from tunejob.server.generation import Engine, EngineOptions, Generation
+    from tunejob.server.inference.generation import Engine, EngineOptions, Generation
     from tunejob.engine.chat import ChatRequest
     from tunejob.train import threads
 

@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    from tunejob.server.weights import Weights
+    from tunejob.server.inference.weights import Weights
     from tunejob.train import threads
     from tunejob.train.models import resolve_model_path
 

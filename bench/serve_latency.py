@@ -250,7 +250,7 @@ def latency_report(args, model: str) -> dict:
 
         # the direct baseline: the same base + adapter, the server's generation function, no HTTP
         from tunejob.evaluate.chat import ModelCache
-        from tunejob.server import inference
+        from tunejob.server.inference import completion as inference
 
         t = time.perf_counter()
         m, tok = ModelCache().get(model, adapter)

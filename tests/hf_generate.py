@@ -1,5 +1,5 @@
 """transformers' own generate(), one request at a time: the reference the batched engine
-(engine/batch.py, answers.py, server/generation.py) is checked against. It lives in the tests
+(engine/batch.py, answers.py, server/inference/generation.py) is checked against. It lives in the tests
 because src/ answers through one engine only (issue 32)."""
 
 from __future__ import annotations

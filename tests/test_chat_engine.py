@@ -1,4 +1,4 @@
-"""The batched chat engine in-process (server/generation.py + batch.py + weights.py) on a tiny random
+"""The batched chat engine in-process (server/inference/generation.py + batch.py + weights.py) on a tiny random
 model, against transformers' own generate() one request at a time: rows for two adapters and the
 bare base in one batch, rows joining mid-flight, merged copies, a seed that holds whatever else is in
 the batch, a cancelled or failing row that leaves the others alone."""
@@ -10,7 +10,7 @@ import asyncio
 import pytest
 import torch
 
-from tunejob.server.generation import Engine, EngineOptions, Generation
+from tunejob.server.inference.generation import Engine, EngineOptions, Generation
 from hf_generate import generate
 from tunejob.engine.chat import ChatRequest
 from tunejob.train import threads
@@ -88,7 +88,7 @@ def test_mixed_adapters_in_one_batch_answer_as_alone(tiny_model, adapters):
 
 
 def test_idle_adapters_are_unloaded_past_the_cap(tiny_model, adapters, monkeypatch):
-    from tunejob.server import weights
+    from tunejob.server.inference import weights
 
     monkeypatch.setattr(weights, "MAX_ADAPTERS", 1)
     ask = ChatRequest(messages=[{"role": "user", "content": "gamma"}], max_tokens=7, temperature=0)
@@ -153,7 +153,7 @@ def test_a_failure_making_an_answer_reaches_its_client_and_frees_its_slot(tiny_m
     """Issue 31, finding 5: an exception while a finished row's answer was made (in _progress)
     reached no one: the client waited forever and its queue slot leaked (8 leaks: every chat a 429).
     Now that client gets the error, the others their answers, and the engine's count goes back to 0."""
-    from tunejob.server import generation
+    from tunejob.server.inference import generation
 
     real, calls = generation.to_result, []
 

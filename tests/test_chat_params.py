@@ -1,4 +1,4 @@
-"""OpenAI's chat parameters on the local engine (server/generation.py over engine/batch.py), in-process
+"""OpenAI's chat parameters on the local engine (server/inference/generation.py over engine/batch.py), in-process
 on the tiny random model, each against something the engine did not compute: transformers'
 generate() with the same processors (OpenAI's penalty definition as a LogitsProcessor, its own
 stop_strings, its own temperature and top-p warpers, output_scores), or a JSON parser and
@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 from transformers.generation import TemperatureLogitsWarper, TopPLogitsWarper
 
 from tunejob.engine.text import TextStream, first_stop
-from tunejob.server.generation import EngineOptions, Engine, Generation
+from tunejob.server.inference.generation import EngineOptions, Engine, Generation
 from tunejob.engine.chat import ChatRequest
 from tunejob.train import threads
 

@@ -29,7 +29,7 @@ def test_serve_help_shows_the_servers_defaults():
 
 
 def test_the_chat_engine_starts_from_the_servers_defaults():
-    from tunejob.server.generation import MAX_PENDING, EngineOptions
+    from tunejob.server.inference.generation import MAX_PENDING, EngineOptions
 
     engine = EngineOptions()
     assert (engine.max_batch, engine.dtype, engine.merged_copies, MAX_PENDING) == \
@@ -41,7 +41,7 @@ def test_a_server_job_and_a_local_job_read_one_learning_rate_and_name_both_autos
     server job's `batch_size: auto` is OPENAI_AUTO_BATCH_SIZE there, beside the local `auto`."""
     from types import SimpleNamespace
 
-    from tunejob.server.jobs import job_spec
+    from tunejob.server.api.jobs import job_spec
     from tunejob.spec import LOCAL_AUTO_BATCH_SIZE, LORA_DEFAULT_LR, OPENAI_AUTO_BATCH_SIZE, parse_spec
 
     state = SimpleNamespace(config=ServerConfig(data_dir=tmp_path, api_keys=set()), base_models={"base": "some/model"})

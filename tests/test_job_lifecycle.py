@@ -26,10 +26,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tunejob.server import lifecycle
-from tunejob.server.executor import Launch, RunState
-from tunejob.server.store import Store
-from tunejob.server.worker import Worker
+from tunejob.server.jobs import lifecycle
+from tunejob.server.jobs.executor import Launch, RunState
+from tunejob.server.jobs.store import Store
+from tunejob.server.jobs.worker import Worker
 
 API = {"cancel": lifecycle.cancel, "pause": lifecycle.pause, "resume": lifecycle.resume}
 

@@ -81,6 +81,51 @@ def test_imports_follow_the_stage_order():
     assert not wrong, "imports against the stage order:\n" + "\n".join(sorted(wrong))
 
 
+# The server's rooms, lowest first (server/__init__.py): job execution knows nothing of HTTP; the
+# chat engine's serve side nothing of routes; the API puts jobs and chat behind OpenAI's routes;
+# the dashboard reads runs and calls the API's code in-process. config and errors are the
+# server's foundation; app (the factory) and run (the start) put the rooms together.
+SERVER_FOUNDATION = {"__init__", "config", "errors"}
+SERVER_ROOMS = ["jobs", "inference", "api", "dashboard"]
+SERVER_TOP = {"app", "run"}
+
+
+def room_of(module: str) -> str:
+    """'tunejob.server.api.chat' -> 'api'; 'tunejob.server.config' -> 'config'; 'tunejob.server' -> '__init__'."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 else "__init__"
+
+
+def room_rank(room: str) -> int:
+    if room in SERVER_FOUNDATION:
+        return -1
+    if room in SERVER_TOP:
+        return len(SERVER_ROOMS)
+    return SERVER_ROOMS.index(room)
+
+
+def test_every_server_module_belongs_to_a_declared_room():
+    unknown = {m for m in graph() if stage_of(m) == "server" and room_of(m) not in SERVER_FOUNDATION | SERVER_TOP | set(SERVER_ROOMS)}
+    assert not unknown, f"place these in a room of the server (and declare it in SERVER_ROOMS): {sorted(unknown)}"
+
+
+def test_server_rooms_import_only_rooms_below():
+    wrong = []
+    for module, targets in graph().items():
+        if stage_of(module) != "server":
+            continue
+        src = room_of(module)
+        for target in (t for t in targets if stage_of(t) == "server"):
+            dst = room_of(target)
+            if src in SERVER_FOUNDATION and dst not in SERVER_FOUNDATION:
+                wrong.append(f"{module} -> {target} (the server's foundation imports only config and errors)")
+            elif dst in SERVER_TOP and src not in SERVER_TOP:
+                wrong.append(f"{module} -> {target} (only run.py imports the app)")
+            elif room_rank(dst) > room_rank(src):
+                wrong.append(f"{module} -> {target} ({src} sits below {dst})")
+    assert not wrong, "server imports against the rooms' order:\n" + "\n".join(sorted(wrong))
+
+
 def test_no_import_cycles():
     g = graph()
     cycles, state = [], {}
@@ -105,6 +150,9 @@ def test_no_import_cycles():
 def test_the_checker_catches_what_it_should(tmp_path):
     # The two rules above must be able to fail: a stage edge upward, and a cycle.
     assert rank("plan") > rank("train") > rank("data") > rank("monitor") > rank("spec")
+    assert room_rank(room_of("tunejob.server.dashboard.views")) > room_rank(room_of("tunejob.server.api.chat")) \
+        > room_rank(room_of("tunejob.server.inference.generation")) > room_rank(room_of("tunejob.server.jobs.worker")) \
+        > room_rank(room_of("tunejob.server.errors"))
     f = tmp_path / "x.py"
     f.write_text("def f():\n    from tunejob.train.trainer import train\n    import tunejob.server.app\n")
     assert imports_of(f) == {"tunejob.train.trainer", "tunejob.server.app"}

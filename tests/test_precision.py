@@ -103,7 +103,7 @@ def test_bf16_and_auto_train_to_the_fp32_validation_loss(tmp_path, tiny_model):
 def test_chat_dtype_auto_follows_the_training_probe():
     from tunejob.errors import TunejobError
     from tunejob.server.config import ServerConfig
-    from tunejob.server.generation import EngineOptions
+    from tunejob.server.inference.generation import EngineOptions
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     expected = torch.bfloat16 if precision.resolve("auto", device) == "bf16" else torch.float32

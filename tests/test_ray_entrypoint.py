@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tunejob.server.executor import Launch, Resources
-from tunejob.server.ray_cluster import NOT_INSTALLED, RayExecutor, entrypoint
+from tunejob.server.jobs.executor import Launch, Resources
+from tunejob.server.jobs.ray_cluster import NOT_INSTALLED, RayExecutor, entrypoint
 
 
 def _launch(tmp_path: Path) -> Launch:

@@ -296,7 +296,7 @@ def test_keys_never_reach_logs_or_the_store(server, tmp_path):
 def test_metrics_tail_follows_a_replaced_file(tmp_path):
     """A resumed run renames a truncated metrics.jsonl into place and appends to it; a reader whose
     offset was into the old file must start the new one from its first line, not mid-line."""
-    from tunejob.server.run_records import Tail as _Tail
+    from tunejob.server.jobs.run_records import Tail as _Tail
 
     path = tmp_path / "metrics.jsonl"
     old = [{"kind": "train", "step": s, "train_loss": 1.0} for s in range(1, 8)]

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 
-from tunejob.server.executor import Launch, RunState
-from tunejob.server.store import Store
-from tunejob.server.worker import Worker
+from tunejob.server.jobs.executor import Launch, RunState
+from tunejob.server.jobs.store import Store
+from tunejob.server.jobs.worker import Worker
 
 
 class ScriptedExecutor:
@@ -111,7 +111,7 @@ def test_training_here_is_safe_while_the_worker_changes_children():
     import threading
     import time as _time
 
-    from tunejob.server.executor import LocalExecutor, _Child
+    from tunejob.server.jobs.executor import LocalExecutor, _Child
 
     class Proc:
         def poll(self):

@@ -109,7 +109,7 @@ class _Proc:
 
 
 def _launch(tmp_path: Path, job: str, processes: int = 1, **resources):
-    from tunejob.server.executor import Launch, Resources
+    from tunejob.server.jobs.executor import Launch, Resources
 
     return Launch(job, tmp_path / "job.yaml", tmp_path / f"{job}.log", Resources(**resources), processes)
 
@@ -117,7 +117,7 @@ def _launch(tmp_path: Path, job: str, processes: int = 1, **resources):
 def test_the_local_executor_gives_each_job_its_cpus_and_queues_what_does_not_fit(tmp_path, monkeypatch):
     """4 training threads, 3 slots: a job asking 3 CPUs trains on 3 threads, the next asking 2
     waits for them (not 4 threads each, whatever they asked); 2 processes split their CPUs."""
-    from tunejob.server import executor
+    from tunejob.server.jobs import executor
 
     monkeypatch.setattr(executor.subprocess, "Popen", _Proc)
     ex = executor.LocalExecutor(slots=3, threads=4)
@@ -188,8 +188,8 @@ def test_two_alternating_adapters_stay_merged_with_the_default_budget(tiny_model
     in fp32 (SmolLM2-135M's 134.5M parameters x 4 bytes), which the tiny model here is made to
     report. The old 1024 MB default held one such copy, so each request evicted the other's and
     merged again; the default now holds two copies, so each adapter is merged once."""
-    from tunejob.server import weights
-    from tunejob.server.generation import Engine, EngineOptions
+    from tunejob.server.inference import weights
+    from tunejob.server.inference.generation import Engine, EngineOptions
     from tunejob.train import threads
 
     monkeypatch.setattr(weights, "parameter_bytes", lambda model: 134_515_008 * 4)

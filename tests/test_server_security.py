@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from starlette.routing import Route
 
 from tunejob.server.app import ServerConfig, create_app
-from tunejob.server.dashboard import local_dashboard
+from tunejob.server.dashboard.views import local_dashboard
 
 KEY = "sk-security-test-key-1234"
 PUBLIC = {("GET", "/health"), ("GET", "/login"), ("POST", "/login")}  # + /static/* (plotly.js, CSS, JS: no data)
@@ -159,7 +159,7 @@ def test_keys_come_from_the_environment_or_a_file_and_api_key_warns(tmp_path, ca
 
 def test_rows_of_the_old_sha256_owner_ids_move_to_the_hmac_ids(tmp_path):
     """A data dir written before HMAC owner ids: the key's files are still its own after the upgrade."""
-    from tunejob.server.store import Store
+    from tunejob.server.jobs.store import Store
 
     old_owner = hashlib.sha256(KEY.encode()).hexdigest()[:32]
     store = Store(tmp_path / "data")

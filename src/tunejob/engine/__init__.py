@@ -1,5 +1,5 @@
 """Batched decoding: rows that share forward passes and a KV cache (batch.py). Every answer tunejob
-generates goes through it: serve's chat thread (server/generation.py) and, in the calling thread,
+generates goes through it: serve's chat thread (server/inference/generation.py) and, in the calling thread,
 `tunejob chat`, eval, the demo, the dashboard, migrate's comparison and reinforcement fine-tuning's
 rollouts (answers.py). So one set of rules (greedy, temperature, top-p, per-row seeds, stop tokens
 and strings, length, tool-call parsing) holds for all of them.

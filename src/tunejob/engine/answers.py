@@ -1,7 +1,7 @@
 """Answers in the calling thread: requests decoded together on one model by the batched engine
 (batch.py), to their end. `tunejob chat`, eval, the demo's facts, the dashboard's chat form,
 migrate's comparison and reinforcement fine-tuning's rollouts answer through it; serve feeds the
-same Batch from its chat thread (server/generation.py). One engine, so an answer's stop tokens,
+same Batch from its chat thread (server/inference/generation.py). One engine, so an answer's stop tokens,
 stop strings, sampling, tool calls and last character are the same wherever it is generated.
 
 Why batched here too: `tunejob eval` answers each prompt twice (base and fine-tuned); one row at a

@@ -39,7 +39,7 @@ class Sampling(Protocol):
 
 
 class Target(Protocol):
-    """What a row runs on: rows with the same key share forward passes (server/weights.py's Target)."""
+    """What a row runs on: rows with the same key share forward passes (server/inference/weights.py's Target)."""
 
     tokenizer: object
     adapter: str | None

@@ -6,7 +6,7 @@ Prompts are rendered exactly as training rendered them (data.tool_calls.render_i
 template's own tool support, or the Hermes-style fallback), and generated <tool_call> blocks are
 parsed back into OpenAI tool calls. serve, `tunejob chat`, eval, the demo, the dashboard and
 migrate's comparison all answer through these (answers.py runs them in the calling thread;
-server/generation.py on serve's chat thread).
+server/inference/generation.py on serve's chat thread).
 """
 
 from __future__ import annotations

@@ -6,5 +6,5 @@ locally with the server's inference.
     record     -> record.record_model: job, spec, curves, files, and the golden set (golden.py)
     retrain    -> retrain.write_retrain_spec: the same job on an open base (+ --distill)
     compare    -> compare.compare_folder: golden answers against a candidate, compare.html
-    the old name keeps answering: `tunejob serve --alias NAME=DIR` (server/aliases.py)
+    the old name keeps answering: `tunejob serve --alias NAME=DIR` (server/api/aliases.py)
 """

@@ -10,7 +10,7 @@ code written for it runs unchanged with another base_url:
 OpenAI model ids are served by the server's default open model (say so in the job's events);
 tunejob's own options travel in an extra body field, `"tunejob": {"lora": {...}, "quantization": ...}`.
 This module is the factory: the API-key dependency, the error handlers, and one router per
-resource (files.py, jobs.py, models.py, chat.py, grader_routes.py) plus the dashboard.
+resource (api/: files.py, jobs.py, models.py, chat.py, graders.py) plus the dashboard.
 
 The key check is a dependency of every API router, not middleware matching paths: a route added
 to a router cannot be public by mistake (tests/test_server_security.py walks app.routes). There is
@@ -25,12 +25,14 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunejob.errors import ModelError, TunejobError
-from tunejob.server import chat, files, grader_routes, jobs, models
-from tunejob.server.api import ApiError, ServerConfig, ServerState, error_response
-from tunejob.server.requests import param_of
-from tunejob.server.store import Store
-from tunejob.server.throttle import Throttle
-from tunejob.server.worker import Worker
+from tunejob.server.api import chat, files, graders, jobs, models
+from tunejob.server.errors import ApiError, error_response
+from tunejob.server.config import ServerConfig
+from tunejob.server.api.common import ServerState
+from tunejob.server.api.requests import param_of
+from tunejob.server.jobs.store import Store
+from tunejob.server.api.throttle import Throttle
+from tunejob.server.jobs.worker import Worker
 from tunejob.train.threads import yield_to_training
 
 __all__ = ["ServerConfig", "create_app"]
@@ -96,12 +98,12 @@ def key_check(config: ServerConfig, store: Store, throttle: Throttle):
 def _executor(config: ServerConfig):
     """The executor `--executor` names: local children share the training threads (executor.py)."""
     if config.executor == "ray":
-        from tunejob.server.ray_cluster import RayExecutor  # imports Ray's job client: only when asked for
+        from tunejob.server.jobs.ray_cluster import RayExecutor  # imports Ray's job client: only when asked for
 
         return RayExecutor(config.ray_address or "auto")
     if config.executor != "local":
         raise TunejobError(f"--executor {config.executor!r}: use local (child processes on this machine) or ray (a Ray cluster)")
-    from tunejob.server.executor import LocalExecutor
+    from tunejob.server.jobs.executor import LocalExecutor
     from tunejob.train.threads import budget
 
     return LocalExecutor(config.slots, budget(config.train_threads, config.chat_threads).train)
@@ -142,13 +144,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {"status": "ok"}
 
     needs_key = [Depends(key_check(config, store, app.state.key_throttle))]
-    for resource in (files, jobs, models, grader_routes):
+    for resource in (files, jobs, models, graders):
         app.include_router(resource.router(state), dependencies=needs_key)
     chat_router = chat.router(state)
     app.include_router(chat_router, dependencies=needs_key)
 
     # The web dashboard at / (server-rendered pages); its chat form calls chat_completions in-process.
-    from tunejob.server.dashboard import mount_dashboard
+    from tunejob.server.dashboard.views import mount_dashboard
 
     app.state.chat_completions = chat_router.chat_completions
     app.state.chat_engine = chat_router.engine  # run.py answers its generations at SIGTERM

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tunejob import engine
 
-CHAT_QUEUE = 8  # chat requests waiting or generating before 429 (server/generation.py)
+CHAT_QUEUE = 8  # chat requests waiting or generating before 429 (server/inference/generation.py)
 CHAT_BATCH = engine.ROWS  # rows per forward pass (engine/__init__.py)
 CHAT_DTYPE = "auto"  # bfloat16 where training's probe (train/precision.py) finds the device fast in it, else float32
 MAX_UPLOAD_MB = 512
@@ -36,25 +36,25 @@ class ServerConfig:
     max_steps: int = 10_000
     max_seq_len: int = 4096
     # Processes one job may start (distributed.processes; GPUs, one per process). None: this
-    # machine's GPUs, or its cores on a host without one (server/quota.py). 256 examples a step is
+    # machine's GPUs, or its cores on a host without one (server/api/quota.py). 256 examples a step is
     # OpenAI's own batch_size limit; tunejob.hyperparameters.batch_size had none.
     max_processes: int | None = None
     max_batch_size: int = 256
     train_threads: int | None = None  # torch threads of a training child (None: train.threads.budget)
     chat_threads: int | None = None  # torch threads of chat generation while a job trains (None: the budget's)
     chat_queue: int = CHAT_QUEUE
-    executor: str = "local"  # where jobs train: local child processes, or ray (server/executor.py)
+    executor: str = "local"  # where jobs train: local child processes, or ray (server/jobs/executor.py)
     slots: int = 1  # local: training jobs at once on this machine (one per GPU)
     ray_address: str | None = None  # ray: the cluster (auto, http://HEAD:8265, ray://HEAD:10001)
     node_retries: int = 2  # resumes of a run lost with its node before the job fails
     chat_batch: int = CHAT_BATCH
     chat_dtype: str = CHAT_DTYPE  # or float32, bfloat16
-    chat_merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (server/weights.py); 0: never
+    chat_merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (server/inference/weights.py); 0: never
     chat_merge_mb: int | None = None  # an optional memory cap on those copies as well (the budget before --chat-merged-copies)
-    chat_compile: bool = False  # torch.compile chat's forward (server/weights.py); off until measured to pay
-    engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/vllm.py)
+    chat_compile: bool = False  # torch.compile chat's forward (server/inference/weights.py); off until measured to pay
+    engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/inference/vllm.py)
     vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
-    aliases: dict[str, str] = field(default_factory=dict)  # old model name -> run dir (server/aliases.py)
+    aliases: dict[str, str] = field(default_factory=dict)  # old model name -> run dir (server/api/aliases.py)
     # This server's own API, e.g. http://127.0.0.1:8000/v1 (run.serve sets it): score_model graders
-    # sent to /v1/fine_tuning/alpha/graders/run ask their model here (server/grader_routes.py).
+    # sent to /v1/fine_tuning/alpha/graders/run ask their model here (server/api/graders.py).
     self_url: str | None = None

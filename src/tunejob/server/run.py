@@ -16,7 +16,7 @@ from tunejob.server.config import CHAT_QUEUE
 
 KEYS_ENV = "TUNEJOB_API_KEYS"
 # 16 characters from the 64 of a random token are 2^96 keys: at the throttle's 5 wrong keys a
-# minute per address (server/throttle.py), even a million addresses would need ~1.5e16 years.
+# minute per address (server/api/throttle.py), even a million addresses would need ~1.5e16 years.
 MIN_KEY_CHARS = 16
 
 
@@ -66,7 +66,7 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
                            "(e.g. --vllm-url http://127.0.0.1:8001)")
     if aliases and (caps or {}).get("engine") == "vllm":
         raise TunejobError("--alias answers with adapters this process loads; use it with --engine local")
-    from tunejob.server.aliases import parse_aliases
+    from tunejob.server.api.aliases import parse_aliases
 
     config = ServerConfig(data_dir=Path(data_dir), api_keys=load_keys(keys, keys_file), default_model=default_model,
                           aliases=parse_aliases(aliases or []), self_url=self_url(host, port),
@@ -90,8 +90,7 @@ def self_url(host: str, port: int) -> str:
 
 
 def _stop_chats(app) -> None:
-    from tunejob.server.api import ApiError
-
+    from tunejob.server.errors import ApiError
     engine = getattr(app.state, "chat_engine", None)
     if engine is not None and engine.closing is None:
         n = engine.shutdown(ApiError(503, "The server is shutting down; retry the request once it is back, or on another server",
@@ -122,7 +121,7 @@ def dashboard(run_dirs: list[Path], port: int) -> None:
     requests naming another Host are refused, see dashboard.local_dashboard)."""
     import uvicorn
 
-    from tunejob.server.dashboard import local_dashboard
+    from tunejob.server.dashboard.views import local_dashboard
 
     missing = [str(d) for d in run_dirs if not (d / "metrics.jsonl").is_file() and not (d / "config.yaml").is_file()]
     if missing:

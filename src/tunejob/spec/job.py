@@ -29,7 +29,7 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 LORA_DEFAULT_LR = 2e-4
 # What "auto" means on the local backend (API backends leave it to the provider).
 LOCAL_AUTO_BATCH_SIZE, LOCAL_AUTO_EPOCHS = 8, 3
-# A server job's `batch_size: auto` (server/jobs.py), as OpenAI's API documents its own small
+# A server job's `batch_size: auto` (server/api/jobs.py), as OpenAI's API documents its own small
 # default; the local `auto` above is 8 (one sequence per pass, accumulated: train/batches.py).
 OPENAI_AUTO_BATCH_SIZE = 4
 

@@ -11,8 +11,10 @@ only the process cap holds (Ray itself refuses what no node has).
 
 from __future__ import annotations
 
-from tunejob.server.api import ApiError, ServerConfig
-from tunejob.server.executor import Resources, resources_for, visible_gpus
+from tunejob.server.errors import ApiError
+
+from tunejob.server.config import ServerConfig
+from tunejob.server.jobs.executor import Resources, resources_for, visible_gpus
 from tunejob.spec import LOCAL_AUTO_EPOCHS
 from tunejob.train.threads import available_cores
 

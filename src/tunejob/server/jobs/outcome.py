@@ -1,5 +1,5 @@
 """What a run's end does to its job: pure decisions, applied by the worker as one conditional
-update (server/lifecycle.py), so the job as it is at that instant decides, not a stale copy.
+update (server/jobs/lifecycle.py), so the job as it is at that instant decides, not a stale copy.
 
 In order:
     cancelled / paused   the API already answered with that status; the run only had to stop
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from tunejob.server.executor import RunState
+from tunejob.server.jobs.executor import RunState
 
 
 def outcome_of(job: dict, state: RunState, stopping: bool, broken: str | None) -> str:

@@ -1,5 +1,5 @@
 """The job queue: each queued job runs as `tunejob run job.yaml` through an executor
-(server/executor.py: child processes on this machine, or Ray jobs on a cluster), as many at once
+(server/jobs/executor.py: child processes on this machine, or Ray jobs on a cluster), as many at once
 as the executor has room for.
 
 The worker owns the job's life in the store: it records a run id before it submits (so a
@@ -20,11 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from tunejob.server.executor import Executor, Launch, LocalExecutor, Resources, RunState
-from tunejob.server.lifecycle import ACTIVE, TERMINAL  # noqa: F401  (re-exported: the dashboard and older imports)
-from tunejob.server.outcome import events_for, fields_for, outcome_of
-from tunejob.server.run_records import Tail, last_error, on_record, results_csv
-from tunejob.server.store import Store, new_id
+from tunejob.server.jobs.executor import Executor, Launch, LocalExecutor, Resources, RunState
+from tunejob.server.jobs.outcome import events_for, fields_for, outcome_of
+from tunejob.server.jobs.run_records import Tail, last_error, on_record, results_csv
+from tunejob.server.jobs.store import Store, new_id
 
 POLL_S = 0.25
 STOPPING = ("cancelled", "paused")
@@ -68,7 +67,7 @@ class Worker:
         self._runs: dict[str, _Run] = {}  # job id -> its run in flight
         self._foreign: set[str] = set()  # jobs another executor runs (a Ray job seen by a local server)
         # Called with (job id, adapter dir) before a job is marked succeeded: the vLLM engine
-        # (server/vllm.py) hands the adapter to vLLM there, so a client that sees "succeeded" can chat.
+        # (server/inference/vllm.py) hands the adapter to vLLM there, so a client that sees "succeeded" can chat.
         self.on_succeeded: list = []
 
     def start(self) -> None:
@@ -299,7 +298,7 @@ class Worker:
             run.ended = state
 
     def _finish(self, job_id: str, run: _Run) -> None:
-        """The run has ended: one conditional update moves the job (server/outcome.py), decided
+        """The run has ended: one conditional update moves the job (server/jobs/outcome.py), decided
         again whenever a client moved the job in between."""
         state = run.ended
         while True:

@@ -8,7 +8,7 @@ import time
 
 from fastapi.responses import HTMLResponse
 
-from tunejob.server.job_sources import JobSource, summary_of
+from tunejob.server.dashboard.job_sources import JobSource, summary_of
 
 e = html.escape
 

@@ -32,7 +32,7 @@ from tunejob.engine.batch import Batch, Row, eos_ids
 from tunejob.engine.chat import ChatRequest, ChatResult, openai_logprobs, prompt_inputs, to_result
 from tunejob.engine.text import TextStream
 from tunejob.server import config
-from tunejob.server.weights import Weights
+from tunejob.server.inference.weights import Weights
 from tunejob.train import threads
 
 MAX_PENDING, MAX_BATCH = config.CHAT_QUEUE, config.CHAT_BATCH  # the server's defaults (config.py)

@@ -14,7 +14,7 @@ import dataclasses
 import threading
 from functools import lru_cache
 
-from tunejob.server.api import ApiError
+from tunejob.server.errors import ApiError
 from tunejob.engine.chat import ChatRequest, prompt_inputs
 
 SANE_MAX = 10_000_000  # transformers' "no limit" model_max_length is 1e30; nothing real is past 10M tokens

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from tunejob.server.api import ApiError
+from tunejob.server.errors import ApiError
 from tunejob.spec.reinforcement import ReinforcementHyperparameters
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -110,7 +110,7 @@ class JobResources(BaseModel):
     """`"tunejob": {"resources": {...}}`: what one job needs from the executor. The Ray executor
     asks Ray for them (entrypoint_num_cpus / _num_gpus / _resources); the local executor holds
     them for the job (queued until they are free). Either gives the job as many torch threads as
-    CPUs, split among its processes. Over the server's caps (server/quota.py): a 400."""
+    CPUs, split among its processes. Over the server's caps (server/api/quota.py): a 400."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     cpus: Annotated[float, Field(gt=0, le=1024)] | None = None

@@ -135,7 +135,7 @@ class Store:
     def update_job(self, job_id: str, **fields) -> dict:
         """Fields beside a job's state; `status` and `control` change only through transition()."""
         if {"status", "control"} & fields.keys():
-            raise ValueError("status and control change through Store.transition (server/lifecycle.py)")
+            raise ValueError("status and control change through Store.transition (server/jobs/lifecycle.py)")
         with self._lock:
             job = self.get_job(None, job_id)
             job.update(fields)
@@ -147,7 +147,7 @@ class Store:
         write (None: no change); the UPDATE applies only if the row is still what was decided on
         (its status included), so a concurrent move is never overwritten. Returns the new job, or
         None when decide declined. Moves are checked against lifecycle.MOVES."""
-        from tunejob.server.lifecycle import check_move
+        from tunejob.server.jobs.lifecycle import check_move
 
         with self._lock:
             while True:

@@ -22,8 +22,9 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict
 
 from tunejob.graders import GraderContext, GraderError, run_grader_response, validate_grader_response
-from tunejob.server.api import ApiError, ServerState, json_object
-from tunejob.server.requests import parse
+from tunejob.server.errors import ApiError
+from tunejob.server.api.common import ServerState, json_object
+from tunejob.server.api.requests import parse
 
 
 class RunGraderRequest(BaseModel):

@@ -5,7 +5,7 @@ One set of server-rendered pages over two job sources:
     server's API keys. Logging in gives an HTTP-only, SameSite=Strict session cookie holding a
     random token; the server maps the token to the key's owner digest (store.owner_of), so the key
     itself is never stored, logged or sent back, and each session sees only its owner's jobs.
-    Failed logins are limited per client address (server/throttle.py: 5 a minute, counted together
+    Failed logins are limited per client address (server/api/throttle.py: 5 a minute, counted together
     with the /v1 key check's, then 429), and every POST form carries the session's CSRF token,
     checked before the form is acted on.
   - `tunejob dashboard RUN_DIR...` serves local run directories (RunDirs) on 127.0.0.1, no login:
@@ -34,9 +34,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from tunejob.server.api import ApiError
-from tunejob.server.job_sources import JobSource, RunDirs, ServerJobs, records_of, series, summary_of
-from tunejob.server.pages import fragments, frame, num, report_html, table, upload_form_html
+from tunejob.server.errors import ApiError
+from tunejob.server.dashboard.job_sources import JobSource, RunDirs, ServerJobs, records_of, series, summary_of
+from tunejob.server.dashboard.pages import fragments, frame, num, report_html, table, upload_form_html
 
 COOKIE = "tunejob_session"
 SESSION_S = 12 * 3600
@@ -99,7 +99,7 @@ class _Viewer:
 
     async def form(self, request: Request, max_bytes: int = 1 << 20):
         """The POSTed form of a logged-in viewer, once its CSRF token is the session's."""
-        from tunejob.server.files import read_form
+        from tunejob.server.api.files import read_form
 
         try:
             form = await read_form(request, max_bytes)
@@ -300,7 +300,7 @@ def mount_dashboard(app: FastAPI, config) -> None:
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request):
-        from tunejob.server.files import read_form
+        from tunejob.server.api.files import read_form
 
         client = request.client.host if request.client else "?"
         wait = throttle.retry_after(client)

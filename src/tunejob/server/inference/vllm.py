@@ -28,8 +28,7 @@ from pathlib import Path
 import httpx2 as httpx  # the HTTP client openai and huggingface_hub use (httpx's API)
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from tunejob.server.api import ApiError
-
+from tunejob.server.errors import ApiError
 TIMEOUT = httpx.Timeout(600.0, connect=10.0)  # a long answer on a busy GPU; connecting is quick or broken
 
 

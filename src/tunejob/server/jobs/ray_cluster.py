@@ -26,7 +26,7 @@ import shlex
 import sys
 
 from tunejob.errors import TunejobError
-from tunejob.server.executor import STOP_GRACE_S, Launch, RunState
+from tunejob.server.jobs.executor import STOP_GRACE_S, Launch, RunState
 
 # Ray's states -> the executor's. A FAILED job is a training failure only when the entrypoint
 # itself exited non-zero; every other error type (the supervisor actor died with its node, could

@@ -8,7 +8,7 @@ import threading
 import time
 
 from tunejob.engine.chat import ChatRequest, ChatResult
-from tunejob.server.store import new_id
+from tunejob.server.jobs.store import new_id
 
 
 def message(result: ChatResult) -> dict:

@@ -174,7 +174,7 @@ class RunDirs:
         import asyncio
 
         from tunejob.evaluate.chat import ModelCache, base_model_of
-        from tunejob.server import inference
+        from tunejob.server.inference import completion
 
         name, _, step_dir = model.partition("/")
         run = self.dirs.get(name)
@@ -185,7 +185,7 @@ class RunDirs:
 
         def run_chat() -> str:
             m, tok = self._cache.get(base_model_of(ckpt_dir), ckpt_dir)
-            out = inference.complete(m, tok, [{"role": "user", "content": message}], model, max_tokens=64, temperature=0)
+            out = completion.complete(m, tok, [{"role": "user", "content": message}], model, max_tokens=64, temperature=0)
             return out["choices"][0]["message"]["content"] or ""
 
         return await asyncio.get_running_loop().run_in_executor(None, run_chat)

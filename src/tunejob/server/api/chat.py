@@ -19,18 +19,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from tunejob.server import context, inference
-from tunejob.server.api import ApiError, ServerState, error_response, json_body, owner
-from tunejob.server.generation import Busy, Engine, EngineOptions, Generation
-from tunejob.server.models import resolve_chat_model
-from tunejob.server.requests import ChatCompletionRequest, parse
-from tunejob.server.store import new_id
+from tunejob.engine.chat import ChatRequest, ChatResult
+from tunejob.server.api import context
+from tunejob.server.api.common import ServerState, json_body, owner
+from tunejob.server.api.models import resolve_chat_model
+from tunejob.server.api.requests import ChatCompletionRequest, parse
+from tunejob.server.errors import ApiError, error_response
+from tunejob.server.inference import completion
+from tunejob.server.inference.generation import Busy, Engine, EngineOptions, Generation
+from tunejob.server.jobs.store import new_id
 from tunejob.train import threads
 
 POLL_S = 1.0  # how often a waiting request checks that its client is still there
 
 
-def parse_request(body: object) -> tuple[str, inference.ChatRequest, bool, bool]:
+def parse_request(body: object) -> tuple[str, ChatRequest, bool, bool]:
     """(model name, request, stream, include_usage). The body is checked by requests.py's model of
     OpenAI's CreateChatCompletionRequest (a 400 naming the field otherwise); tool turns keep their
     tool_calls / tool_call_id, since prompts are rendered with tools as training rendered them."""
@@ -47,7 +50,7 @@ def parse_request(body: object) -> tuple[str, inference.ChatRequest, bool, bool]
         raise ApiError(400, "Invalid value for 'top_logprobs': it needs logprobs: true", param="top_logprobs")
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     sampling = req.sampling()  # a temperature under 1e-4 is taken as 0 (greedy): 1e-300 overflowed the logits
-    chat = inference.ChatRequest(
+    chat = ChatRequest(
         messages=messages, tools=tools, tool_choice=req.tool_choice or "auto", max_tokens=sampling["max_tokens"],
         seed=sampling["seed"], temperature=1.0 if sampling["temperature"] is None else sampling["temperature"],
         top_p=1.0 if sampling["top_p"] is None else sampling["top_p"], n=req.n or 1, stop=req.stops(),
@@ -65,9 +68,9 @@ def busy_response(exc: Busy) -> JSONResponse:
     return response
 
 
-async def _results(gen: Generation, request: Request) -> list[inference.ChatResult]:
+async def _results(gen: Generation, request: Request) -> list[ChatResult]:
     """The finished choices, by index; cancels the generation if the client leaves (or this task is cancelled)."""
-    results: list[inference.ChatResult] = []
+    results: list[ChatResult] = []
     try:
         while True:
             event = await gen.next_event(POLL_S)
@@ -91,14 +94,14 @@ def _chunks(gen: Generation, request: Request, name: str, include_usage: bool):
 
     def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None, index: int = 0, logprobs=None) -> str:
         choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish,
-                                             "logprobs": inference.logprobs_field(logprobs)}]
+                                             "logprobs": completion.logprobs_field(logprobs)}]
         out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices}
         if include_usage:
             out["usage"] = usage  # null on every chunk but the last, as OpenAI sends it
         return f"data: {json.dumps(out)}\n\n"
 
     async def events():
-        results: list[inference.ChatResult] = []
+        results: list[ChatResult] = []
         try:
             for index in range(gen.request.n):
                 yield chunk({"role": "assistant", "content": ""}, index=index)
@@ -123,7 +126,7 @@ def _chunks(gen: Generation, request: Request, name: str, include_usage: bool):
                 if len(results) < gen.request.n:
                     continue
                 if include_usage:
-                    yield chunk(None, usage=inference.usage(results))
+                    yield chunk(None, usage=completion.usage(results))
                 yield "data: [DONE]\n\n"
                 return
         finally:
@@ -132,7 +135,7 @@ def _chunks(gen: Generation, request: Request, name: str, include_usage: bool):
     return events()
 
 
-def _ending(gen: Generation, result: inference.ChatResult, chunk) -> list[str]:
+def _ending(gen: Generation, result: ChatResult, chunk) -> list[str]:
     """A finished choice's last chunks: with tools, its buffered content and each call (the first
     carrying the logprobs, which were held with the text); then its finish reason."""
     out, i, logprobs = [], result.index, result.logprobs
@@ -160,7 +163,7 @@ def router(state: ServerState) -> APIRouter:
     api.add_event_handler("shutdown", engine.stop)
     forward = None
     if config.engine == "vllm":
-        from tunejob.server.vllm import VllmEngine
+        from tunejob.server.inference.vllm import VllmEngine
 
         forward = VllmEngine(config.vllm_url, log=engine.log)
         state.worker.on_succeeded.append(lambda job_id, adapter: forward.load_now(adapter))
@@ -180,7 +183,7 @@ def router(state: ServerState) -> APIRouter:
             return busy_response(exc)
         if stream:
             return StreamingResponse(_chunks(gen, request, name, include_usage), media_type="text/event-stream")
-        return inference.completion(await _results(gen, request), name)
+        return completion.completion(await _results(gen, request), name)
 
     api.chat_completions = chat_completions  # the dashboard's chat box calls it in-process
     api.engine = engine

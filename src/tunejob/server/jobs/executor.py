@@ -1,13 +1,13 @@
 """Where a server job's training runs: the seam between the job worker and the machines.
 
-The worker (server/worker.py) owns the job's life in the store (status, events, checkpoints, the
+The worker (server/jobs/worker.py) owns the job's life in the store (status, events, checkpoints, the
 result file); an executor only starts `tunejob run job.yaml` somewhere, says how that run is, and
 stops it. Two implementations:
 
     local   child processes on this machine, `slots` at a time (one per GPU on a GPU host); a
             child dies with the server (PR_SET_PDEATHSIG), so nothing is re-attached: the job
             resumes from its last checkpoint on the next start
-    ray     one Ray job per run on a Ray cluster (server/ray_cluster.py); Ray jobs outlive the
+    ray     one Ray job per run on a Ray cluster (server/jobs/ray_cluster.py); Ray jobs outlive the
             server, so a restarted server re-attaches to them by their submission id
 
 A run id is chosen by the worker and recorded in the store *before* `submit`, so a server killed

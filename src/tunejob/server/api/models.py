@@ -13,10 +13,9 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 
 from tunejob.errors import TunejobError
-from tunejob.server.aliases import alias_chat_model
-from tunejob.server.api import ApiError, ServerState, owner
-
-
+from tunejob.server.api.aliases import alias_chat_model
+from tunejob.server.errors import ApiError
+from tunejob.server.api.common import ServerState, owner
 def not_found(name: str) -> ApiError:
     return ApiError(404, f"The model '{name}' does not exist or you do not have access to it.", param="model", code="model_not_found")
 

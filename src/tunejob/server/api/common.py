@@ -1,6 +1,5 @@
-"""What every route of `tunejob serve` shares: the server's settings and state, OpenAI's error
-object and list page, the owner of a request (set by the API-key check in app.py), and reading a
-body under a byte cap."""
+"""What every route of `tunejob serve` shares: the server's settings and state, OpenAI's list page,
+the owner of a request (set by the API-key check in app.py), and reading a body under a byte cap."""
 
 from __future__ import annotations
 
@@ -9,25 +8,13 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from tunejob import catalog
-# ServerConfig lives in config.py (no FastAPI there: the CLI reads its defaults); re-exported here
-from tunejob.server.config import DEFAULT_BODY_BYTES, PARSE_INLINE_BYTES, ServerConfig  # noqa: F401
-from tunejob.server.store import Store
-from tunejob.server.worker import Worker
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}  # e.g. a 429's Retry-After
-
-
-def error_response(status: int, message: str, type: str, param: str | None, code: str | None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status_code=status)
+from tunejob.server.config import DEFAULT_BODY_BYTES, PARSE_INLINE_BYTES, ServerConfig
+from tunejob.server.errors import ApiError
+from tunejob.server.jobs.store import Store
+from tunejob.server.jobs.worker import Worker
 
 
 def page(items: list[dict], after: str | None, limit: int | None) -> dict:

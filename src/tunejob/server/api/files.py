@@ -10,9 +10,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 
-from tunejob.server.api import ApiError, ServerState, capped, check_length, owner, page
-from tunejob.server.requests import ListFilesQuery, UploadForm, parse
-from tunejob.server.store import new_id, safe_filename
+from tunejob.server.errors import ApiError
+
+from tunejob.server.api.common import ServerState, capped, check_length, owner, page
+from tunejob.server.api.requests import ListFilesQuery, UploadForm, parse
+from tunejob.server.jobs.store import new_id, safe_filename
 
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, headers and the purpose field around the file
 

@@ -1,7 +1,7 @@
 """A run's records, read by the server: the metrics stream a training run writes (metrics.jsonl),
 turned into the job's events and checkpoints as OpenAI shows them, and the result file.
 
-The worker (server/worker.py) tails each run's stream with Tail and hands every record to
+The worker (server/jobs/worker.py) tails each run's stream with Tail and hands every record to
 on_record; what is here knows the records' shape, not the job's life.
 """
 

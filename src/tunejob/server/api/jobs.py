@@ -10,10 +10,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
-from tunejob.server import lifecycle, quota
-from tunejob.server.api import ApiError, ServerState, json_body, owner, page, public
-from tunejob.server.requests import CheckpointQuery, CreateFineTuningJob, ListQuery, TunejobOptions, parse
-from tunejob.server.store import new_id
+from tunejob.server.jobs import lifecycle
+
+from tunejob.server.api import quota
+from tunejob.server.errors import ApiError
+from tunejob.server.api.common import ServerState, json_body, owner, page, public
+from tunejob.server.api.requests import CheckpointQuery, CreateFineTuningJob, ListQuery, TunejobOptions, parse
+from tunejob.server.jobs.store import new_id
 from tunejob.spec import LOCAL_AUTO_EPOCHS, LORA_DEFAULT_LR, OPENAI_AUTO_BATCH_SIZE
 
 
@@ -181,7 +184,7 @@ def router(state: ServerState) -> APIRouter:
     def move(request: Request, job_id: str, how) -> dict:
         state.job_or_404(owner(request), job_id)
         try:
-            return public(how(store, job_id))  # one conditional update (server/lifecycle.py)
+            return public(how(store, job_id))  # one conditional update (server/jobs/lifecycle.py)
         except lifecycle.InvalidState as exc:
             raise ApiError(400, str(exc), code="invalid_state") from None
 
