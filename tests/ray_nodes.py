@@ -70,12 +70,12 @@ class RayCluster:
         """The job API (the head's dashboard): what `tunejob serve --ray-address` takes."""
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str], agent_port: int | None = None) -> None:
+    def _start(self, name: str, args: list[str], agent_port: int | None = None, env: dict | None = None) -> None:
         log = (self.temp_dir / f"{name}.log").open("ab")
         agent_port = agent_port or free_ports(1)[0]
         self.nodes[name] = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--object-store-memory", "80000000",
                                              "--dashboard-agent-listen-port", str(agent_port), *args],
-                                            stdout=log, stderr=subprocess.STDOUT, env=ray_env())
+                                            stdout=log, stderr=subprocess.STDOUT, env={**ray_env(), **(env or {})})
 
     def start_head(self, cpus: int, resources: dict | None = None) -> None:
         self.gcs_port, self.dashboard_port, client_port, agent_port = free_ports(4)
@@ -84,11 +84,15 @@ class RayCluster:
                              str(client_port), "--temp-dir", str(self.temp_dir / "ray"), "--num-cpus", str(cpus),
                              "--resources", json.dumps(resources or {})], agent_port)
 
-    def add_node(self, name: str, cpus: int, resources: dict | None = None) -> None:
+    def add_node(self, name: str, cpus: int, resources: dict | None = None, gpus: list[int] | None = None) -> None:
+        """`gpus`: the GPU ids this node owns (its CUDA_VISIBLE_DEVICES; bench/ray_train_gpu.py), so two
+        nodes on one machine do not both claim every GPU."""
         ip = f"127.0.0.{self._next_ip}"
         self._next_ip += 1
+        gpu_args = ["--num-gpus", str(len(gpus))] if gpus is not None else []
         self._start(name, ["--address", f"127.0.0.2:{self.gcs_port}", "--node-ip-address", ip, "--num-cpus", str(cpus),
-                           "--resources", json.dumps(resources or {})])
+                           "--resources", json.dumps(resources or {}), *gpu_args],
+                    env={"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus is not None else None)
 
     def wait_ready(self, nodes: int, timeout: float = 120) -> None:
         """Until the job API answers and `nodes` nodes are alive."""
@@ -118,14 +122,14 @@ class RayCluster:
         self.nodes[name].wait(timeout=60)
         return raylet.pid
 
-    def stop_node(self, name: str) -> None:
+    def stop_node(self, name: str, tree: list | None = None) -> None:
+        """SIGTERM the node (unless stop() already did: `tree` given), wait, kill what outlived it."""
+        signalled = tree is not None
+        tree = self._tree(name) if tree is None else tree
         proc = self.nodes.pop(name)
-        try:
-            tree = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            tree = []
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node's processes
+            if not signalled:
+                proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own node's processes
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -138,9 +142,20 @@ class RayCluster:
                 pass
 
     def stop(self) -> None:
-        for name in [n for n in self.nodes if n != "head"] + (["head"] if "head" in self.nodes else []):
-            self.stop_node(name)
+        workers = [n for n in self.nodes if n != "head"]
+        trees = {name: self._tree(name) for name in workers}  # before any exits: its children are then re-parented
+        for name in workers:  # all at once: each takes seconds to wind down, and they do it side by side
+            if self.nodes[name].poll() is None:
+                self.nodes[name].send_signal(signal.SIGTERM)
+        for name in workers + (["head"] if "head" in self.nodes else []):
+            self.stop_node(name, trees.get(name))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _tree(self, name: str) -> list:
+        try:
+            return psutil.Process(self.nodes[name].pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
 
 
 def start_cluster(head_cpus: int = 1, workers: dict[str, tuple[int, dict]] | None = None) -> RayCluster:

@@ -50,10 +50,20 @@ def test_effective_batch_must_split_evenly_over_processes():
     assert "hyperparameters.batch_size" in msg and "x 4 processes" in msg and "set it to 8" in msg
 
 
-def test_several_nodes_need_the_main_address_and_a_valid_rank():
+def test_several_nodes_need_a_valid_rank():
     with pytest.raises(SpecError) as err:
         parse_spec({"model": "m", "data": {"train": "t.jsonl"}, "distributed": {"nodes": 2, "node_rank": 2}})
-    assert "distributed.main_process_ip" in str(err.value) and "distributed.node_rank" in str(err.value)
+    assert "distributed.node_rank" in str(err.value)
+
+
+def test_several_nodes_without_ray_or_main_address_is_one_line_naming_both_fixes(tmp_path):
+    data = write_chat_data(tmp_path / "d.jsonl", 8)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: m\ndata: {{train: {data}}}\ndistributed: {{nodes: 2}}\n")
+    res = run_cli("run", str(job))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    (line,) = [x for x in res.stderr.splitlines() if x.strip()]
+    assert "distributed.nodes" in line and "--ray-address" in line and "distributed.main_process_ip" in line
 
 
 def test_api_backends_take_no_distributed_section():

@@ -89,3 +89,18 @@ def test_plan_api_cli_with_cost_fields():
     assert p["epochs"] == 3 and p["training_cost_usd"] > 0 and p["price_per_1m_usd"] == 3.0
     res = run_cli("plan", "examples/bedrock_nova_micro.yaml", "--json")
     assert res.returncode == 0 and "pass --price-per-1m" in json.loads(res.stdout)["cost_note"]
+
+
+def test_plan_says_how_a_multi_node_job_is_placed(tmp_path, tiny_model):
+    data = write_chat_data(tmp_path / "d.jsonl", 30)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"model: {tiny_model}\ndata: {{train: {data}}}\nhyperparameters: {{epochs: 1, batch_size: 8, max_seq_len: 64}}\n"
+                    "distributed: {processes: 2, nodes: 2}\n")
+    res = run_cli("plan", str(spec), "--json", "--gpu-memory", "80")
+    assert res.returncode == 0, res.stderr
+    p = json.loads(res.stdout)
+    # 8 examples a step over 2 x 2 workers: 2 each, in one forward pass on a GPU (the trainer's micro-batch rule)
+    assert p["placement"] == {"workers": 4, "nodes": 2, "processes_per_node": 2, "ray_strategy": "SPREAD", "batch_per_worker": 2,
+                              "micro_batch": 2, "memory_per_worker_gb": p["memory"]["total_gb"]}
+    text = run_cli("plan", str(spec), "--gpu-memory", "80").stdout
+    assert "4 workers = 2 per node x 2 node(s)" in text and "SPREAD" in text

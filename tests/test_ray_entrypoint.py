@@ -39,3 +39,18 @@ def test_an_interpreter_missing_on_the_node_is_exit_127_and_one_line(tmp_path):
     executor.client = type("C", (), {"get_job_info": lambda self, run_id: Info()})()
     state = executor.poll("tunejob-ftjob-x-1")
     assert state.state == "failed" and state.detail.startswith("tunejob is not installed on the Ray node") and sys.executable in state.detail
+
+
+def test_a_job_over_several_nodes_is_a_ray_train_driver_that_holds_no_cpu(tmp_path):
+    from tunejob.server.ray_cluster import run_env
+
+    one, two = _launch(tmp_path), Launch(job_id="ftjob-y", spec_path=tmp_path / "job.yaml", log_path=tmp_path / "train.log",
+                                         processes=1, nodes=2, resources=Resources(cpus=2, gpus=1))
+    assert "--ray-address" not in entrypoint(one) and entrypoint(two).endswith(f"--ray-address auto >> {tmp_path / 'train.log'} 2>&1")
+    assert run_env(two)["TUNEJOB_RAY_USE_GPU"] == "1" and "TUNEJOB_RAY_USE_GPU" not in run_env(one)
+    submitted = {}
+    executor = RayExecutor.__new__(RayExecutor)
+    executor.stop_grace_s = 10
+    executor.client = type("C", (), {"submit_job": lambda self, **kw: submitted.update(kw)})()
+    line = executor.submit("tunejob-ftjob-y-1", two)
+    assert submitted["entrypoint_num_cpus"] == 0 and submitted["entrypoint_num_gpus"] is None and "2 workers over 2 nodes" in line

@@ -60,6 +60,7 @@ def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a spec field: key.sub=value (repeatable).")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume/--no-resume", help="Continue from the last checkpoint (default: when one exists).")] = None,
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Worker processes on this node (sets distributed.processes); launched through accelerate.")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Run as a Ray Train job on this Ray cluster (auto, HEAD:6379 or ray://HEAD:10001): distributed.processes x nodes workers, placed and restarted by Ray.")] = None,
 ) -> None:
     """Run a fine-tuning job; prints the summary as JSON on stdout."""
     from tunejob.train import distributed
@@ -68,7 +69,13 @@ def run(
 
     overrides = list(set_ or []) + ([f"distributed.processes={nproc}"] if nproc else [])
     spec = load_spec(spec_path, overrides)
-    if spec.backend == "local" and spec.distributed.world_size > 1 and not distributed.in_worker():
+    if ray_address and spec.backend != "local":
+        raise TunejobError(f"--ray-address: backend '{spec.backend}' trains on the provider's machines; drop --ray-address")
+    if ray_address:
+        from tunejob.train.ray_train import run_on_ray
+
+        summary = run_on_ray(spec, spec_path, overrides, resume, ray_address)
+    elif spec.backend == "local" and spec.distributed.world_size > 1 and not distributed.in_worker():
         summary = distributed.run_workers(spec, spec_path, overrides, resume)
     else:
         summary = run_job(spec, resume=resume)

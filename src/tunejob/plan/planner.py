@@ -135,6 +135,13 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
         "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(),
         "warnings": _warnings(len(train), tstats.truncated + vstats.truncated, tstats.dropped_no_trained_tokens + vstats.dropped_no_trained_tokens, hp.max_seq_len),
     }
+    if spec.distributed.world_size > 1:  # every worker holds the whole model and its share of each step's batch
+        from tunejob.train.ray_train import placement
+
+        where = placement(spec, use_gpu=device == "cuda")
+        out["placement"] = {"workers": where.workers, "nodes": where.nodes, "processes_per_node": where.processes_per_node,
+                            "ray_strategy": where.strategy, "batch_per_worker": where.batch_per_worker, "micro_batch": micro,
+                            "memory_per_worker_gb": mem.to_dict()["total_gb"]}
     if device == "cpu":
         dtype = "bf16" if mixed == "bf16" else "fp32"
         peak, efficiency = measure_cpu_peak_flops(dtype), CPU_EFFICIENCY[dtype]

@@ -48,6 +48,11 @@ def render_plan(p: dict) -> str:
             f"trainable        {p['trainable_parameters']:,} of {p['total_parameters']:,} parameters ({p['trainable_percent']}%)",
             f"memory           {m['total_gb']} GB = weights {m['weights_gb']} + adapter/optimizer {m['adapter_gb']} + activations {m['activations_gb']} + logits {m['logits_gb']} + runtime {m['runtime_gb']}",
         ]
+        if p.get("placement"):
+            w = p["placement"]
+            lines.append(f"placement        {w['workers']} workers = {w['processes_per_node']} per node x {w['nodes']} node(s) (Ray Train with "
+                         f"--ray-address: placement {w['ray_strategy']}); each: {w['batch_per_worker']} example(s) of every step "
+                         f"({w['micro_batch']} per forward pass), ~{w['memory_per_worker_gb']} GB")
         if m.get("fits") is not None:
             lines.append(f"fits             {'yes' if m['fits'] else 'NO'}")
             lines += [f"  - {a}" for a in m.get("advice", [])]

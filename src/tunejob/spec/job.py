@@ -151,13 +151,14 @@ class Checkpointing(_Section):
 
 class DistributedSettings(_Section):
     processes: int = Field(1, ge=1, le=1024, description="Worker processes per node: one per GPU; on CPU, gloo processes.")
-    nodes: int = Field(1, ge=1, le=4096, description="Machines; run the same command on each with its node_rank.")
-    node_rank: int = Field(0, ge=0, description="This machine's rank (0 is the main node, which writes the run directory).")
-    main_process_ip: str | None = Field(None, description="Address of node 0; needed when nodes > 1.")
+    nodes: int = Field(1, ge=1, le=4096, description="Machines: placed by Ray Train with `tunejob run --ray-address`, or the same command on each with its node_rank.")
+    node_rank: int = Field(0, ge=0, description="Without Ray: this machine's rank (0 is the main node, which writes the run directory).")
+    main_process_ip: str | None = Field(None, description="Without Ray: address of node 0; needed when nodes > 1.")
     main_process_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on node 0.")
     strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
         "ddp", description="ddp (the adapter replicated, gradients summed) runs here; fsdp / deepspeed-* generate accelerate configs."
     )
+    max_failures: int = Field(3, ge=-1, description="On Ray: restarts of the worker group from the last checkpoint when a worker or node is lost (-1: no limit).")
 
     @property
     def world_size(self) -> int:
@@ -325,8 +326,7 @@ def _combination_problems(spec: JobSpec) -> list[str]:
                 + f"; batch_size is the effective batch (micro-batch x accumulation{' x processes' if world > 1 else ''}): set it to {fixed}"
             )
         d = spec.distributed
-        if d.nodes > 1 and not d.main_process_ip:
-            problems.append("distributed.main_process_ip: with nodes > 1, give node 0's address (the same on every node)")
+        # nodes > 1 without main_process_ip is checked when the job runs: on Ray (--ray-address) it needs none
         if d.node_rank >= d.nodes:
             problems.append(f"distributed.node_rank: {d.node_rank} must be below nodes ({d.nodes}); node ranks run 0..{d.nodes - 1}")
     if "distributed" in set_fields and spec.backend != "local":

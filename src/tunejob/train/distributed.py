@@ -58,6 +58,11 @@ def in_worker() -> bool:
 def join() -> World:
     """The process group of this process (one process: rank 0 of 1, no group)."""
     cuda = torch.cuda.is_available()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # Ray Train formed it (ray_train.py)
+        # Ray Train sets LOCAL_RANK and the worker's device (ACCELERATE_TORCH_DEVICE, e.g. cuda:0 or cpu)
+        device = torch.device(os.environ.get("ACCELERATE_TORCH_DEVICE") or ("cuda" if cuda else "cpu"))
+        return World(rank=torch.distributed.get_rank(), size=torch.distributed.get_world_size(),
+                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return World(device=torch.device("cuda" if cuda else "cpu"))
     from accelerate import PartialState
@@ -170,6 +175,10 @@ def run_workers(spec, spec_path: Path, overrides: list[str], resume: bool | None
 
     d = spec.distributed
     check_strategy(d.strategy, d.world_size)
+    if d.nodes > 1 and not d.main_process_ip:
+        raise SpecError(f"distributed.nodes: {d.nodes} machines need a Ray cluster to place them: pass --ray-address ADDRESS "
+                        "(`auto` on a node of it), or set distributed.main_process_ip to node 0's address and run the "
+                        "command on every node with --set distributed.node_rank=K")
     load_splits(spec)
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import math
 import random
 import resource
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +35,7 @@ from tunejob.train import checkpoint as ckpt
 from tunejob.train import distributed, precision
 from tunejob.train import resume as saved
 from tunejob.train import threads
+from tunejob.train.stop import StopRequest
 from tunejob.train.adapter import add_lora, count_parameters, load_model
 from tunejob.train.batches import EpochOrder, as_batch, autocast, make_collator, micro_batch_size
 from tunejob.train.loss import LossPath, evaluate
@@ -245,31 +244,6 @@ def _evaluate(run: Run, step: int, stream: Stream, started: float) -> bool:
         return True
     state["evals_without_improvement"] += 1
     return False
-
-
-class StopRequest:
-    """SIGTERM (serve's pause and cancel, a scheduler's preemption) asks the loop to stop after
-    the optimizer step in flight, with a checkpoint of it, so a resume loses no step: stopping
-    at once lost up to save_steps - 1 steps (the default model's step is ~20-45 s on 2 cores)."""
-
-    def __init__(self):
-        self.requested, self._previous = False, None
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def agreed(self, world: distributed.World) -> bool:
-        """Whether any rank was asked to stop: every rank must stop after the same step."""
-        return distributed.sum_(world, [float(self.requested)])[0] > 0 if world.distributed else self.requested
 
 
 def _save(run: Run, step: int, new_best: bool, stop_early: bool, stream: Stream) -> None:

@@ -89,6 +89,7 @@ class Launch:
     log_path: Path
     resources: Resources
     processes: int = 1
+    nodes: int = 1  # > 1: the Ray executor runs it as a Ray Train job over processes x nodes workers
     # variables the run needs beyond the executor's own (a reinforcement job's grader endpoint and key)
     env: tuple[tuple[str, str], ...] = ()
 

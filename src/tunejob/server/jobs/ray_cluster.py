@@ -47,8 +47,10 @@ def entrypoint(launch: Launch, python: str | None = None) -> str:
     shell in between would die at once and leave the trainer to the SIGKILL that follows)."""
     py = shlex.quote(python or sys.executable)
     log = shlex.quote(str(launch.log_path))
+    # a job over several nodes: this command is Ray Train's driver, on the cluster it runs in
+    ray_train = " --ray-address auto" if launch.nodes > 1 else ""
     return (f"{py} -c 'import tunejob' >> {log} 2>&1 || exit {NOT_INSTALLED}; "
-            f"exec {py} -m tunejob run {shlex.quote(str(launch.spec_path))} >> {log} 2>&1")
+            f"exec {py} -m tunejob run {shlex.quote(str(launch.spec_path))}{ray_train} >> {log} 2>&1")
 
 
 def exit_reason(code: int | None, node: str) -> str:
@@ -65,7 +67,12 @@ def run_env(launch: Launch, stop_grace_s: int = STOP_GRACE_S) -> dict[str, str]:
     from tunejob.train.threads import child_env
 
     threads = max(1, int(launch.resources.cpus // max(1, launch.processes)))
-    return {**child_env(threads), "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(stop_grace_s), **dict(launch.env)}
+    env = {**child_env(threads), "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(stop_grace_s), **dict(launch.env)}
+    if launch.nodes > 1:  # Ray Train's workers: `threads` CPUs each, and a GPU each when the job asked for GPUs
+        from tunejob.train.ray_train import GPU_ENV
+
+        env[GPU_ENV] = "1" if launch.resources.gpus else "0"
+    return env
 
 
 class RayExecutor:
@@ -90,13 +97,20 @@ class RayExecutor:
 
     def submit(self, run_id: str, launch: Launch) -> str:
         r = launch.resources
+        # over several nodes the entrypoint only drives Ray Train, whose workers hold the CPUs and GPUs:
+        # holding them for it too would leave a 2-node job of 1-CPU nodes waiting for a third CPU
+        driver_only = launch.nodes > 1
         try:
             self.client.submit_job(entrypoint=entrypoint(launch), submission_id=run_id, metadata={"tunejob_job": launch.job_id},
-                                   runtime_env={"env_vars": run_env(launch, self.stop_grace_s)}, entrypoint_num_cpus=r.cpus,
-                                   entrypoint_num_gpus=r.gpus or None, entrypoint_resources=r.custom or None)
+                                   runtime_env={"env_vars": run_env(launch, self.stop_grace_s)},
+                                   entrypoint_num_cpus=0 if driver_only else r.cpus, entrypoint_num_gpus=None if driver_only else r.gpus or None,
+                                   entrypoint_resources=r.custom or None)
         except RuntimeError as exc:
             if "already exists" not in str(exc):  # a retried submit of a run Ray already has: the same run
                 raise
+        if driver_only:
+            return (f"Submitted to the Ray cluster as Ray job {run_id}: Ray Train places its {launch.processes * launch.nodes} workers "
+                    f"over {launch.nodes} nodes ({launch.processes} per node)")
         return f"Submitted to the Ray cluster as Ray job {run_id}; it starts when a node has {r.describe()} free"
 
     def poll(self, run_id: str) -> RunState:

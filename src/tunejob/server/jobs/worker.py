@@ -179,8 +179,9 @@ class Worker:
 
     def _launch(self, job: dict) -> Launch:
         d = self.job_dir(job["id"])
-        processes = int((job["_spec"].get("distributed") or {}).get("processes", 1))
-        return Launch(job["id"], d / "job.yaml", d / "train.log", Resources.from_dict(job.get("_resources")), processes)
+        dist = job["_spec"].get("distributed") or {}
+        return Launch(job["id"], d / "job.yaml", d / "train.log", Resources.from_dict(job.get("_resources")),
+                      int(dist.get("processes", 1)), int(dist.get("nodes", 1)))
 
     def _write_spec(self, job: dict) -> Path:
         d = self.job_dir(job["id"])
