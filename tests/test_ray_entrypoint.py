@@ -42,7 +42,7 @@ def test_an_interpreter_missing_on_the_node_is_exit_127_and_one_line(tmp_path):
 
 
 def test_a_job_over_several_nodes_is_a_ray_train_driver_that_holds_no_cpu(tmp_path):
-    from tunejob.server.ray_cluster import run_env
+    from tunejob.server.jobs.ray_cluster import run_env
 
     one, two = _launch(tmp_path), Launch(job_id="ftjob-y", spec_path=tmp_path / "job.yaml", log_path=tmp_path / "train.log",
                                          processes=1, nodes=2, resources=Resources(cpus=2, gpus=1))
