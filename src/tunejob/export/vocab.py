@@ -13,6 +13,7 @@ import json
 from hashlib import sha256
 from pathlib import Path
 
+from tunejob.data.templates import end_of_turn
 from tunejob.errors import ModelError
 
 # llama.cpp names each BPE pre-tokenizer (its split regex) by the sha256 of how the tokenizer
@@ -89,17 +90,6 @@ def tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
             tokens.append(token)
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
-
-
-def end_of_turn(tokenizer) -> str | None:
-    """The special token the chat template closes an assistant turn with (<|im_end|> for ChatML,
-    <|eot_id|> for Llama 3), found by rendering one: generation must stop there."""
-    marker = "tunejob-end-of-turn-probe"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
-    after = text[text.rindex(marker) + len(marker):]
-    specials = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
-    return next((s for s in specials if after.startswith(s)), None)
 
 
 def tokenizer_kind(tokenizer_dir: Path) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from tunejob.data import tool_calls
 from tunejob.engine import text
-from tunejob.engine.batch import eos_ids
+from tunejob.data.templates import stop_token_ids
 from tunejob.server.store import new_id
 
 CACHE_SIZE = 3
@@ -118,7 +118,7 @@ def generate(model, tokenizer, request: ChatRequest) -> ChatResult:
     """One completion with transformers' generate(), one request at a time (the in-process paths:
     the dashboard's chat form, migrate's comparison; serve answers through engine/batch.py)."""
     inputs = prompt_inputs(tokenizer, request, model.device)
-    eos = eos_ids(model, tokenizer)
+    eos = stop_token_ids(tokenizer, model)
     with torch.no_grad():
         out = model.generate(**inputs, **_gen_kwargs(tokenizer, request, eos))
     new = out[0, inputs["input_ids"].shape[1]:]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tunejob.engine.batch import Batch, Row, eos_ids
+from tunejob.data.templates import stop_token_ids
+from tunejob.engine.batch import Batch, Row
 from tunejob.train.batches import autocast
 
 
@@ -55,7 +56,7 @@ def sample(model, tokenizer, prompts: list[list[int]], group: int, draw: Draw, s
     """`group` answers to each prompt (prompt-major order), at most `batch_rows` decoding at once.
     Greedy when draw.temperature is 0; dropout off while sampling, the model's mode restored after."""
     policy = _Policy(model, tokenizer)
-    eos = eos_ids(model, tokenizer)
+    eos = stop_token_ids(tokenizer, model)
     rows = [Row(list(p), Draw(draw.max_tokens, draw.temperature, draw.top_p, seeds[i][j] if seeds else None), policy, eos,
                 owner=(i, j)) for i, p in enumerate(prompts) for j in range(group)]
     was_training = model.training
