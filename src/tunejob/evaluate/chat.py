@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from tunejob.data.templates import stop_token_ids
 from tunejob.train import checkpoint as ckpt
 from tunejob.errors import ModelError
 from tunejob.train.models import load_tokenizer, resolve_model_path
@@ -30,6 +31,12 @@ def base_model_of(checkpoint_dir: Path) -> str:
     return resolve_model_path(spec.get("model", "default"))
 
 
+def tokenizer_of(checkpoint_dir: Path | None, base_path: str):
+    """The tokenizer a checkpoint trained with: its base's, under the run's `chat_template:` if it named one."""
+    spec = (yaml.safe_load((checkpoint_dir / "config.yaml").read_text()) or {}) if checkpoint_dir is not None else {}
+    return load_tokenizer(base_path, spec.get("chat_template"))
+
+
 def quantization_of(checkpoint_dir: Path) -> str:
     spec = yaml.safe_load((checkpoint_dir / "config.yaml").read_text()) or {}
     return spec.get("quantization", "none")
@@ -44,7 +51,7 @@ def load_for_chat(run_or_ckpt: str | Path | None = None, base: str | None = None
 
     checkpoint_dir = run_checkpoint(run_or_ckpt) if run_or_ckpt is not None else None
     base_path = base or (base_model_of(checkpoint_dir) if checkpoint_dir else resolve_model_path("default"))
-    tokenizer = load_tokenizer(base_path)
+    tokenizer = tokenizer_of(checkpoint_dir, base_path)
     quantization = quantization_of(checkpoint_dir) if checkpoint_dir is not None and not merge else "none"
     model = load_base(base_path, quantization, torch.device("cpu"))
     if checkpoint_dir is not None:
@@ -80,7 +87,7 @@ def answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 160) ->
     with torch.no_grad():
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_token_ids(tokenizer, model)),
         )
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 

@@ -81,6 +81,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     from tunejob.plan.memory import estimate_memory, estimate_seconds, measure_cpu_peak_flops
     from tunejob.train.models import load_tokenizer, resolve_model_path
     from tunejob.data.sequences import encode_examples
+    from tunejob.data.templates import stop_token_ids, template_source
     from tunejob.data.tool_calls import tool_rendering, uses_tools
     from tunejob.train.shapes import shape_from_path
 
@@ -93,7 +94,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     else:
         train, val = split_examples(examples, spec.data.val_fraction, spec.data.seed)
     model_path = resolve_model_path(spec.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, spec.chat_template)
     if spec.method.type == "dpo":  # a pair is two sequences (its tokens count both); the reference pass is forward-only, once
         from tunejob.data.preference import encode_pairs
 
@@ -126,6 +127,8 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     eval_tokens = vstats.tokens * evals
     out = {
         "backend": "local", "model": spec.model, "model_path": model_path, "quantization": spec.quantization,
+        "chat_template": template_source(tokenizer, spec.chat_template),
+        "stop_tokens": tokenizer.convert_ids_to_tokens(sorted(stop_token_ids(tokenizer))),
         "tool_rendering": tool_rendering(tokenizer) if any(uses_tools(ex.get("input", ex)) for ex in train + val) else None,
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs),
         "tokens_per_epoch": tstats.tokens, "trained_tokens_per_epoch": tstats.trained_tokens,

@@ -38,6 +38,7 @@ def render_plan(p: dict) -> str:
         m = p["memory"]
         lines += [
             f"validation       {p['validation_examples']} examples",
+            f"chat template    {p['chat_template']}; answers stop at {' or '.join(p['stop_tokens'])}",
             f"tokens/epoch     {p['tokens_per_epoch']:,} ({p['trained_tokens_per_epoch']:,} trained); per example min {p['tokens_per_example']['min']}, median {p['tokens_per_example']['median']}, max {p['tokens_per_example']['max']}",
         ]
         if p.get("tool_rendering"):
