@@ -135,7 +135,9 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
         "tokens_per_example": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
         "mixed_precision": mixed, "epochs": epochs, "steps": steps, "batch_size": batch, "micro_batch": micro, "gradient_accumulation": hp.gradient_accumulation,
         "evaluations": evals, "trainable_parameters": mem.trainable_parameters, "total_parameters": mem.total_parameters,
-        "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(),
+        "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(), "vocabulary": shape.vocab,
+        # the loss runs the LM head only where a label is trained; over every position it would cost this
+        "logits_all_positions_gb": round(mem.logits_gb * tstats.tokens / max(tstats.trained_tokens, 1), 3),
         "warnings": _warnings(len(train), tstats.truncated + vstats.truncated, tstats.dropped_no_trained_tokens + vstats.dropped_no_trained_tokens, hp.max_seq_len),
     }
     if device == "cpu":

@@ -49,6 +49,9 @@ def render_plan(p: dict) -> str:
             f"trainable        {p['trainable_parameters']:,} of {p['total_parameters']:,} parameters ({p['trainable_percent']}%)",
             f"memory           {m['total_gb']} GB = weights {m['weights_gb']} + adapter/optimizer {m['adapter_gb']} + activations {m['activations_gb']} + logits {m['logits_gb']} + runtime {m['runtime_gb']}",
         ]
+        if p.get("logits_all_positions_gb") is not None and p["logits_all_positions_gb"] > m["logits_gb"]:
+            lines.append(f"LM head          at trained positions only ({p['vocabulary']:,}-token vocabulary): logits {m['logits_gb']} GB, "
+                         f"not the {p['logits_all_positions_gb']} GB of every position")
         if m.get("fits") is not None:
             lines.append(f"fits             {'yes' if m['fits'] else 'NO'}")
             lines += [f"  - {a}" for a in m.get("advice", [])]
