@@ -76,13 +76,12 @@ def test_llama_cpp_and_transformers_read_back_the_merged_models_logits_and_greed
     path, _, reference, tokenizer = exported
     chat = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     prompt = tokenizer(chat, add_special_tokens=False).input_ids
-    vocab = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False, vocab_only=True)
-    assert vocab.tokenize(chat.encode(), add_bos=False, special=True) == prompt
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == prompt
 
     want = logits_of(reference, tokenizer, chat)
     assert want.abs().max() > 1.0
     assert (logits_of(read_back(path), tokenizer, chat) - want).abs().max() < 1e-4  # transformers' GGUF loader
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
     llm.eval(prompt)
     got = torch.from_numpy(np.array(llm.scores[: len(prompt)]))
     assert (got - want).abs().max() < 1e-3 * want.abs().max()
