@@ -9,6 +9,7 @@ Needs the gemma extra (skips without it) and llama-cpp-python (the export extra)
 
 from __future__ import annotations
 
+import re
 from importlib import util
 
 import numpy as np
@@ -105,6 +106,9 @@ def test_ollama_modelfile_speaks_gemma_and_the_file_template_renders_as_the_trai
     assert template_style(tokenizer) == "gemma"  # the packaged template renders exactly as the Go template's format
     text = write_modelfile(tmp_path, tokenizer, "<end_of_turn>", "Be brief.").read_text()
     assert f'TEMPLATE """{GEMMA_TEMPLATE}"""' in text and 'PARAMETER stop "<end_of_turn>"' in text
+    # Go's interpreted string literals end on their line: a raw newline in one breaks `ollama create`
+    actions = re.findall(r"\{\{.*?\}\}", GEMMA_TEMPLATE, flags=re.S)
+    assert actions and not any("\n" in a for a in actions)
     written = gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
     assert "{%- generation" in tokenizer.chat_template and "{%- generation" not in written and "endgeneration" not in written
     chat = CHAT + [{"role": "assistant", "content": "Dan."}]

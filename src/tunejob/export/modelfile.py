@@ -32,7 +32,7 @@ CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system
 GEMMA_TEMPLATE = """{{- $system := "" }}
 {{- range $i, $_ := .Messages }}
 {{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "system" }}{{ $system = printf "%s\n\n" .Content }}
+{{- if eq .Role "system" }}{{ $system = printf "%s\\n\\n" .Content }}
 {{- else if eq .Role "user" }}<start_of_turn>user
 {{ $system }}{{ .Content }}<end_of_turn>
 {{ $system = "" }}
