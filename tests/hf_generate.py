@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from tunejob.engine.batch import eos_ids
+from tunejob.data.templates import stop_token_ids
 from tunejob.engine.chat import ChatRequest, ChatResult, prompt_inputs, to_result
 
 
@@ -24,7 +24,7 @@ def _gen_kwargs(tokenizer, request: ChatRequest, eos: set[int]) -> dict:
 def generate(model, tokenizer, request: ChatRequest) -> ChatResult:
     """One completion by model.generate(), through the same prompt rendering and result parsing."""
     inputs = prompt_inputs(tokenizer, request, model.device)
-    eos = eos_ids(model, tokenizer)
+    eos = stop_token_ids(tokenizer, model)
     with torch.no_grad():
         out = model.generate(**inputs, **_gen_kwargs(tokenizer, request, eos))
     new = out[0, inputs["input_ids"].shape[1]:]

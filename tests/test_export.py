@@ -199,7 +199,7 @@ def test_unsupported_family_and_template_fail_in_one_line(tokenizer_dir):
     from tunejob.export.modelfile import template_style
     from tunejob.export.tensors import family_of
 
-    with pytest.raises(ModelError, match=r"supports model types llama, mistral, qwen2 .*this model is 'gpt2'"):
+    with pytest.raises(ModelError, match=r"supports model types llama, mistral, qwen2, gemma3_text .*this model is 'gpt2'"):
         family_of(GPT2Config())
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     assert template_style(tokenizer) == "chatml"

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from tunejob.engine import ROWS
-from tunejob.engine.batch import Batch, Row, eos_ids
+from tunejob.data.templates import stop_token_ids
+from tunejob.engine.batch import Batch, Row
 from tunejob.engine.chat import ChatRequest, ChatResult, prompt_inputs, to_result
 
 
@@ -59,7 +60,7 @@ def decode(model, rows: list[Row], batch_rows: int = ROWS) -> list[Row]:
 
 def answer_all(model, tokenizer, requests: list[ChatRequest], batch_rows: int = ROWS) -> list[list[ChatResult]]:
     """Each request's choices (n of them, choice i seeded seed + i as serve does), decoded together."""
-    target, eos = Fixed(model, tokenizer), eos_ids(model, tokenizer)
+    target, eos = Fixed(model, tokenizer), stop_token_ids(tokenizer, model)
     rows = []
     for i, request in enumerate(requests):
         prompt = prompt_inputs(tokenizer, request, "cpu")["input_ids"][0].tolist()

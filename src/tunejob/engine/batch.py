@@ -81,13 +81,6 @@ class Row:
             self.finish = "length"
 
 
-def eos_ids(model, tokenizer) -> set[int]:
-    """The tokens that end an answer: the model's generation config's and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = ids if isinstance(ids, (list, tuple)) else [ids]
-    return {int(i) for i in [*ids, tokenizer.eos_token_id] if i is not None}
-
-
 def _joinable(cache) -> bool:
     """Caches that are plain per-layer (batch, heads, length, dim) tensors can be padded and
     joined; sliding-window or other layers cannot, and their batch takes no rows mid-flight."""

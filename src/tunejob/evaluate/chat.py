@@ -30,6 +30,12 @@ def base_model_of(checkpoint_dir: Path) -> str:
     return resolve_model_path(spec.get("model", "default"))
 
 
+def tokenizer_of(checkpoint_dir: Path | None, base_path: str):
+    """The tokenizer a checkpoint trained with: its base's, under the run's `chat_template:` if it named one."""
+    spec = (yaml.safe_load((checkpoint_dir / "config.yaml").read_text()) or {}) if checkpoint_dir is not None else {}
+    return load_tokenizer(base_path, spec.get("chat_template"))
+
+
 def quantization_of(checkpoint_dir: Path) -> str:
     spec = yaml.safe_load((checkpoint_dir / "config.yaml").read_text()) or {}
     return spec.get("quantization", "none")
@@ -44,7 +50,7 @@ def load_for_chat(run_or_ckpt: str | Path | None = None, base: str | None = None
 
     checkpoint_dir = run_checkpoint(run_or_ckpt) if run_or_ckpt is not None else None
     base_path = base or (base_model_of(checkpoint_dir) if checkpoint_dir else resolve_model_path("default"))
-    tokenizer = load_tokenizer(base_path)
+    tokenizer = tokenizer_of(checkpoint_dir, base_path)
     quantization = quantization_of(checkpoint_dir) if checkpoint_dir is not None and not merge else "none"
     model = load_base(base_path, quantization, torch.device("cpu"))
     if checkpoint_dir is not None:

@@ -31,15 +31,14 @@ def load_tuned(spec, checkpoint: Path, device, precision: str = "no"):
         return model.to(device), tokenizer
     from peft import PeftModel
 
-    from tunejob.evaluate.chat import base_model_of
-    from tunejob.train.models import load_tokenizer
+    from tunejob.evaluate.chat import base_model_of, tokenizer_of
     from tunejob.train.adapter import disable_bnb_avx512bf16, load_model
 
     base_path = base_model_of(checkpoint)
     model = PeftModel.from_pretrained(load_model(spec, base_path, device, precision), str(checkpoint))
     disable_bnb_avx512bf16(model)
     model.eval()
-    return model, load_tokenizer(base_path)
+    return model, tokenizer_of(checkpoint, base_path)
 
 
 @contextmanager

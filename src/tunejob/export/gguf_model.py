@@ -53,11 +53,26 @@ def add_hyperparameters(writer, config, kind: str) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
+    if getattr(config, "model_type", None) == "gemma3_text":
+        _add_gemma3(writer, config, head_dim)
+        rope = rope["full_attention"]  # the global layers' base; the sliding ones' is written by _add_gemma3
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type(kind))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_gemma3(writer, config, head_dim: int) -> None:
+    """Gemma 3's extras: the sliding window and its layers' RoPE base. llama.cpp places a global
+    layer every 6th (layer_types' pattern in every Gemma 3 config) and scales queries by
+    1/sqrt(head_dim), so a config that differs would run wrongly there: refused."""
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
+    if list(config.layer_types) != pattern or config.query_pre_attn_scalar != head_dim:
+        raise ModelError("GGUF export: this Gemma 3 config's attention layout (layer_types, query_pre_attn_scalar) is not "
+                         "the one llama.cpp runs Gemma 3 with")
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_rope_freq_base_swa(float(config.rope_parameters["sliding_attention"]["rope_theta"]))
 
 
 def write_gguf(model, tokenizer, tokenizer_dir: Path, out: str | Path, kind: str = "f16", name: str | None = None) -> str | None:

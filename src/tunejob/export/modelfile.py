@@ -1,9 +1,9 @@
 """An Ollama Modelfile for an exported GGUF: `FROM`, a Go `TEMPLATE` equal to the model's chat
 template, `PARAMETER stop` at the end-of-turn token, and the `SYSTEM` prompt the run trained with.
 
-Ollama does not run Jinja: the template is rewritten in Go's text/template. Only ChatML (SmolLM2,
-Qwen2, and any template that renders exactly as ChatML) is rewritten so far; it is recognised by
-rendering a probe conversation with the model's own template, not by reading its source.
+Ollama does not run Jinja: the template is rewritten in Go's text/template. ChatML (SmolLM2, Qwen2,
+and any template that renders exactly as ChatML) and Gemma 3's format are rewritten so far; each is
+recognised by rendering a probe conversation with the model's own template, not by reading its source.
 """
 
 from __future__ import annotations
@@ -28,9 +28,37 @@ CHATML_TEMPLATE = """{{- if .System }}<|im_start|>system
 {{- end }}"""
 
 
+# Gemma 3: the system prompt opens the first user turn; the assistant is "model".
+GEMMA_TEMPLATE = """{{- $system := "" }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "system" }}{{ $system = printf "%s\\n\\n" .Content }}
+{{- else if eq .Role "user" }}<start_of_turn>user
+{{ $system }}{{ .Content }}<end_of_turn>
+{{ $system = "" }}
+{{- if $last }}<start_of_turn>model
+{{ end }}
+{{- else if eq .Role "assistant" }}<start_of_turn>model
+{{ .Content }}{{ if not $last }}<end_of_turn>
+{{ end }}
+{{- end }}
+{{- end }}"""
+
+
 def _chatml(messages: list[dict], generation_prompt: bool) -> str:
     text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return text + ("<|im_start|>assistant\n" if generation_prompt else "")
+
+
+def _gemma(messages: list[dict], generation_prompt: bool) -> str:
+    system = messages[0]["content"] + "\n\n" if messages[0]["role"] == "system" else ""
+    turns = messages[1:] if system else messages
+    text = "<bos>" + "".join(f"<start_of_turn>{'model' if m['role'] == 'assistant' else m['role']}\n"
+                             f"{system if i == 0 else ''}{m['content']}<end_of_turn>\n" for i, m in enumerate(turns))
+    return text + ("<start_of_turn>model\n" if generation_prompt else "")
+
+
+STYLES = {"chatml": (_chatml, CHATML_TEMPLATE), "gemma": (_gemma, GEMMA_TEMPLATE)}
 
 
 def default_system(tokenizer) -> str | None:
@@ -44,14 +72,15 @@ def default_system(tokenizer) -> str | None:
 
 
 def template_style(tokenizer) -> str:
-    """'chatml' when the model's template renders a conversation exactly as ChatML; else an error."""
+    """'chatml' or 'gemma' when the model's template renders a conversation exactly so; else an error."""
     turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
              {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"}]
     rendered = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    if rendered == _chatml(turns, True):
-        return "chatml"
-    raise ModelError("--ollama: this model's chat template is not ChatML; tunejob writes Ollama templates for ChatML models "
-                     "(SmolLM2, Qwen2) so far; use --gguf and give Ollama your own TEMPLATE")
+    for style, (render, _) in STYLES.items():
+        if rendered == render(turns, True):
+            return style
+    raise ModelError("--ollama: this model's chat template is not ChatML or Gemma 3's; tunejob writes Ollama templates for "
+                     "ChatML models (SmolLM2, Qwen2) and Gemma 3 so far; use --gguf and give Ollama your own TEMPLATE")
 
 
 def training_system_prompt(examples: list[dict]) -> str | None:
@@ -75,10 +104,10 @@ def modelfile_text(gguf_name: str, template: str, stops: list[str], system: str 
 
 
 def write_modelfile(out_dir: Path, tokenizer, eot: str | None, system: str | None, gguf_name: str = "model.gguf") -> Path:
-    template_style(tokenizer)
+    template = STYLES[template_style(tokenizer)][1]
     stops = [eot] if eot else []
     path = out_dir / "Modelfile"
-    path.write_text(modelfile_text(gguf_name, CHATML_TEMPLATE, stops, system or default_system(tokenizer)), encoding="utf-8")
+    path.write_text(modelfile_text(gguf_name, template, stops, system or default_system(tokenizer)), encoding="utf-8")
     return path
 
 

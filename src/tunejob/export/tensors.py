@@ -22,6 +22,7 @@ from tunejob.errors import ModelError
 class Family:
     arch: str            # gguf.MODEL_ARCH member name
     permute_qk: bool     # llama.cpp's LLAMA arch rotates interleaved pairs; HF rotates halves
+    norm_offset: float = 0.0  # added to every *norm.weight: Gemma's RMSNorm scales by (1 + w), llama.cpp's by w
 
 
 # model_type -> how llama.cpp runs it. Mistral runs as LLAMA, as convert_hf_to_gguf.py maps it
@@ -30,6 +31,9 @@ FAMILIES = {
     "llama": Family("LLAMA", True),
     "mistral": Family("LLAMA", True),
     "qwen2": Family("QWEN2", False),  # QWEN2 uses NEOX rope: the HF halves layout as is
+    # Gemma 3 as convert_hf_to_gguf.py's Gemma3Model writes it (NEOX rope, norms + 1), which is
+    # what transformers' GGUF loader undoes (Gemma2TensorProcessor: norm.weight - 1)
+    "gemma3_text": Family("GEMMA3", False, norm_offset=1.0),
 }
 TYPES = ("f32", "f16", "q8_0")
 
@@ -38,12 +42,13 @@ def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ModelError(
-            f"GGUF export supports model types {', '.join(FAMILIES)} (Llama, SmolLM2, Mistral, Qwen2); "
+            f"GGUF export supports model types {', '.join(FAMILIES)} (Llama, SmolLM2, Mistral, Qwen2, Gemma 3); "
             f"this model is {model_type!r}"
         )
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ModelError(f"GGUF export supports default RoPE only; this model uses rope_type {rope['rope_type']!r}")
+    for part in [rope, *(v for v in rope.values() if isinstance(v, dict))]:  # Gemma 3: one per attention type
+        if part.get("rope_type", "default") != "default":
+            raise ModelError(f"GGUF export supports default RoPE only; this model uses rope_type {part['rope_type']!r}")
     return FAMILIES[model_type]
 
 
@@ -88,6 +93,8 @@ def gguf_tensors(state_dict: dict, config, kind: str):
         if name is None:
             raise ModelError(f"{hf_name}: no llama.cpp tensor for this weight; GGUF export supports {', '.join(FAMILIES)} layouts")
         data = tensor.detach().to("cpu").float().numpy()
+        if fam.norm_offset and hf_name.endswith("norm.weight"):
+            data = data + np.float32(fam.norm_offset)
         if fam.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute(data, n_head, n_head)
         elif fam.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -10,9 +10,11 @@ as that converter's files; merges, special ids, add_bos/add_eos and the template
 from __future__ import annotations
 
 import json
+import re
 from hashlib import sha256
 from pathlib import Path
 
+from tunejob.data.templates import end_of_turn
 from tunejob.errors import ModelError
 
 # llama.cpp names each BPE pre-tokenizer (its split regex) by the sha256 of how the tokenizer
@@ -91,27 +93,49 @@ def tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def end_of_turn(tokenizer) -> str | None:
-    """The special token the chat template closes an assistant turn with (<|im_end|> for ChatML,
-    <|eot_id|> for Llama 3), found by rendering one: generation must stop there."""
-    marker = "tunejob-end-of-turn-probe"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
-    after = text[text.rindex(marker) + len(marker):]
-    specials = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
-    return next((s for s in specials if after.startswith(s)), None)
+def runtime_template(template: str | None) -> str | None:
+    """The chat template without transformers' {% generation %} marks (training-only: they mark
+    the assistant's tokens), which llama.cpp's Jinja engine does not know; what it renders is unchanged."""
+    if template is None:
+        return None
+    template = re.sub(r"\{%(-?)\s*endgeneration\s*(-?)%\}", r"{%\1 endif \2%}", template)
+    return re.sub(r"\{%(-?)\s*generation\s*(-?)%\}", r"{%\1 if true \2%}", template)
+
+
+def _spm_scores_and_types(tokens: list[str], types: list[int]) -> tuple[list[float], list[int]]:
+    """SentencePiece-style (`tokenizer.ggml.model` llama) scores and byte types, as
+    convert_hf_to_gguf.py's _create_vocab_sentencepiece writes them: <0xNN> pieces are BYTE (score
+    0), added ones -1000, and a normal piece's score falls with its id. llama.cpp merges the
+    highest-scoring pair first; a SentencePiece BPE model's pieces are stored in merge order, so
+    -id keeps the order of the scores its .model file holds (Gemma 3's GGUF: strictly falling by id)."""
+    import gguf
+
+    scores, out = [], []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind == gguf.TokenType.NORMAL and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            scores.append(0.0)
+            out.append(gguf.TokenType.BYTE)
+        else:
+            scores.append(-float(i) if kind == gguf.TokenType.NORMAL else -1000.0)
+            out.append(kind)
+    return scores, out
 
 
 def tokenizer_kind(tokenizer_dir: Path) -> str:
+    """llama.cpp's tokenizer model for this folder: gpt2 (byte-level BPE) or llama (SentencePiece
+    BPE with byte fallback: Gemma, Llama 2, Mistral v0.1)."""
     spec = tokenizer_dir / "tokenizer.json"
     if not spec.is_file():
         raise ModelError(f"{tokenizer_dir}: no tokenizer.json; GGUF export reads a fast (tokenizers) tokenizer")
-    model = json.loads(spec.read_text(encoding="utf-8"))["model"]
+    data = json.loads(spec.read_text(encoding="utf-8"))
+    model = data["model"]
     if model.get("type") == "BPE" and not model.get("byte_fallback"):
         return "gpt2"
+    if model.get("type") == "BPE" and (data.get("normalizer") or {}).get("content") == "▁":
+        return "llama"  # spaces as ▁ (Gemma's normalizer), bytes by fallback: SentencePiece's way
     raise ModelError(
-        f"{tokenizer_dir}: a {model.get('type')} tokenizer{' with byte fallback (SentencePiece-style)' if model.get('byte_fallback') else ''}; "
-        "GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2) so far"
+        f"{tokenizer_dir}: a {model.get('type')} tokenizer with this normalizer is not one GGUF export writes; "
+        "supported: byte-level BPE (SmolLM2, Llama 3, Qwen2) and SentencePiece BPE with byte fallback (Gemma 3)"
     )
 
 
@@ -119,14 +143,20 @@ def add_vocab(writer, tokenizer, tokenizer_dir: Path, vocab_size: int) -> str | 
     """Write the vocabulary, special tokens and chat template; return the end-of-turn token."""
     import gguf
 
-    tokenizer_kind(tokenizer_dir)
+    kind = tokenizer_kind(tokenizer_dir)
     tokens, types = tokens_and_types(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
+    writer.add_tokenizer_model(kind)
+    if kind == "gpt2":
+        writer.add_tokenizer_pre(pre_tokenizer(tokenizer))
+    else:
+        scores, types = _spm_scores_and_types(tokens, types)
+        writer.add_tokenizer_pre("default")
+        writer.add_token_scores(scores)
+        writer.add_add_space_prefix(False)  # the normalizer only replaces spaces; it prepends none
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size)
-    special.chat_template = tokenizer.chat_template  # the one tunejob trained with, whatever file it came from
+    special = gguf.SpecialVocab(tokenizer_dir, load_merges=kind == "gpt2", n_vocab=vocab_size)
+    special.chat_template = runtime_template(tokenizer.chat_template)  # the one tunejob trained with
     special.add_to_gguf(writer, quiet=True)
     eot = end_of_turn(tokenizer)
     if eot is not None:

@@ -81,6 +81,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     from tunejob.plan.memory import estimate_memory, estimate_seconds, measure_cpu_peak_flops
     from tunejob.train.models import load_tokenizer, resolve_model_path
     from tunejob.data.sequences import encode_examples
+    from tunejob.data.templates import stop_token_ids, template_source
     from tunejob.data.tool_calls import tool_rendering, uses_tools
     from tunejob.train.shapes import shape_from_path
 
@@ -93,7 +94,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     else:
         train, val = split_examples(examples, spec.data.val_fraction, spec.data.seed)
     model_path = resolve_model_path(spec.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, spec.chat_template)
     if spec.method.type == "dpo":  # a pair is two sequences (its tokens count both); the reference pass is forward-only, once
         from tunejob.data.preference import encode_pairs
 
@@ -126,13 +127,17 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     eval_tokens = vstats.tokens * evals
     out = {
         "backend": "local", "model": spec.model, "model_path": model_path, "quantization": spec.quantization,
+        "chat_template": template_source(tokenizer, spec.chat_template),
+        "stop_tokens": tokenizer.convert_ids_to_tokens(sorted(stop_token_ids(tokenizer))),
         "tool_rendering": tool_rendering(tokenizer) if any(uses_tools(ex.get("input", ex)) for ex in train + val) else None,
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs),
         "tokens_per_epoch": tstats.tokens, "trained_tokens_per_epoch": tstats.trained_tokens,
         "tokens_per_example": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
         "mixed_precision": mixed, "epochs": epochs, "steps": steps, "batch_size": batch, "micro_batch": micro, "gradient_accumulation": hp.gradient_accumulation,
         "evaluations": evals, "trainable_parameters": mem.trainable_parameters, "total_parameters": mem.total_parameters,
-        "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(),
+        "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(), "vocabulary": shape.vocab,
+        # the loss runs the LM head only where a label is trained; over every position it would cost this
+        "logits_all_positions_gb": round(mem.logits_gb * tstats.tokens / max(tstats.trained_tokens, 1), 3),
         "warnings": _warnings(len(train), tstats.truncated + vstats.truncated, tstats.dropped_no_trained_tokens + vstats.dropped_no_trained_tokens, hp.max_seq_len),
     }
     if spec.distributed.world_size > 1:  # every worker holds the whole model and its share of each step's batch

@@ -38,6 +38,7 @@ def render_plan(p: dict) -> str:
         m = p["memory"]
         lines += [
             f"validation       {p['validation_examples']} examples",
+            f"chat template    {p['chat_template']}; answers stop at {' or '.join(p['stop_tokens'])}",
             f"tokens/epoch     {p['tokens_per_epoch']:,} ({p['trained_tokens_per_epoch']:,} trained); per example min {p['tokens_per_example']['min']}, median {p['tokens_per_example']['median']}, max {p['tokens_per_example']['max']}",
         ]
         if p.get("tool_rendering"):
@@ -53,6 +54,9 @@ def render_plan(p: dict) -> str:
             lines.append(f"placement        {w['workers']} workers = {w['processes_per_node']} per node x {w['nodes']} node(s) (Ray Train with "
                          f"--ray-address: placement {w['ray_strategy']}); each: {w['batch_per_worker']} example(s) of every step "
                          f"({w['micro_batch']} per forward pass), ~{w['memory_per_worker_gb']} GB")
+        if p.get("logits_all_positions_gb") is not None and p["logits_all_positions_gb"] > m["logits_gb"]:
+            lines.append(f"LM head          at trained positions only ({p['vocabulary']:,}-token vocabulary): logits {m['logits_gb']} GB, "
+                         f"not the {p['logits_all_positions_gb']} GB of every position")
         if m.get("fits") is not None:
             lines.append(f"fits             {'yes' if m['fits'] else 'NO'}")
             lines += [f"  - {a}" for a in m.get("advice", [])]

@@ -212,7 +212,10 @@ class BedrockSettings(_Section):
 class JobSpec(_Section):
     name: str = Field("job", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     backend: Literal["local", "openai", "bedrock"] = "local"
-    model: str = Field("default", min_length=1, description="'default' (embedded SmolLM2-135M), a path, or an API model id.")
+    model: str = Field("default", min_length=1, description="'default' (embedded SmolLM2-135M), 'gemma-3-270m', a path, or an API model id.")
+    chat_template: str | None = Field(
+        None, min_length=1, description="Local: the chat template, for a model without one or to replace its own: a Jinja "
+        "file (relative to the spec) or a packaged name: chatml, gemma, llama3.")
     data: DataSpec
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     method: MethodSpec = Field(default_factory=MethodSpec)

@@ -62,6 +62,9 @@ def parse_spec(
         spec.data.train = _resolve(base_dir, spec.data.train)
         if spec.data.validation is not None:
             spec.data.validation = _resolve(base_dir, spec.data.validation)
+        template = _resolve(base_dir, Path(spec.chat_template).expanduser()) if spec.chat_template else None
+        if template is not None and template.is_file():  # else a packaged name (chatml, gemma, llama3) or an error at load
+            spec.chat_template = str(template)
     return spec
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunejob.data.templates import stop_token_ids
 from tunejob.engine.answers import Fixed, decode
-from tunejob.engine.batch import Row, eos_ids
+from tunejob.engine.batch import Row
 from tunejob.train.batches import autocast
 
 
@@ -41,7 +42,7 @@ def sample(model, tokenizer, prompts: list[list[int]], group: int, draw: Draw, s
     """`group` answers to each prompt (prompt-major order), at most `batch_rows` decoding at once.
     Greedy when draw.temperature is 0; dropout off while sampling, the model's mode restored after."""
     target = Fixed(model, tokenizer)
-    eos = eos_ids(model, tokenizer)
+    eos = stop_token_ids(tokenizer, model)
     rows = [Row(list(p), Draw(draw.max_tokens, draw.temperature, draw.top_p, seeds[i][j] if seeds else None), target, eos,
                 owner=(i, j)) for i, p in enumerate(prompts) for j in range(group)]
     with autocast(next(model.parameters()).device, bf16):

@@ -120,7 +120,7 @@ def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, co
     torch.manual_seed(hp.seed)
     random.seed(hp.seed)
     model_path = model_path or resolve_model_path(spec.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, spec.chat_template)
     train_seqs, val_seqs = _encode(spec, tokenizer, say)
     batch_size, epochs = spec.resolved_batch_size(), spec.resolved_epochs()
     order = EpochOrder([_length(s) for s in train_seqs], batch_size, hp.seed)

@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 
 from tunejob.errors import TunejobError
-from tunejob.engine.batch import Batch, Row, eos_ids
+from tunejob.data.templates import stop_token_ids
+from tunejob.engine.batch import Batch, Row
 from tunejob.engine.chat import ChatRequest, ChatResult, openai_logprobs, prompt_inputs, to_result
 from tunejob.engine.text import TextStream
 from tunejob.server import config
@@ -233,7 +234,7 @@ class Engine:
         try:
             model, _ = self.weights.forward_model(target, [])
             prompt = prompt_inputs(target.tokenizer, gen.request, "cpu")["input_ids"][0].tolist()
-            eos = eos_ids(model, target.tokenizer)
+            eos = stop_token_ids(target.tokenizer, model)
             rows = [Row(prompt, gen.request.choice(i), target, eos, gen.cancel_flag.is_set, owner=(gen, i)) for i in range(gen.request.n)]
         except Exception:
             self.weights.release(target)
