@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ except ImportError:
 from conftest import run_cli, write_chat_data  # noqa: E402
 from ray_nodes import start_cluster  # noqa: E402
 from test_distributed import losses  # noqa: E402
+from tunejob.monitor.metrics import read_metrics  # noqa: E402
 from tunejob.train.ray_train import read_placement  # noqa: E402
 
 NODES = {"n1": (1, {}), "n2": (1, {}), "n3": (1, {})}
@@ -130,4 +132,63 @@ def test_a_killed_node_restarts_the_group_from_its_checkpoint(tmp_path, tiny_mod
     train = [s for s, _ in losses(tmp_path / "run", "train")]
     assert train == list(range(1, steps + 1)), "every step reported once"
     assert [s for s, _ in losses(tmp_path / "run", "eval")] == list(range(3, steps + 1, 3))
+    assert summary["steps"] == steps and summary["stop_reason"] == "completed"
+
+
+def _train_steps(run: Path) -> list[int]:
+    return [s for s, _ in losses(run, "train")] if (run / "metrics.jsonl").is_file() else []
+
+
+def test_sigterm_stops_the_group_after_the_step_in_flight_and_a_rerun_resumes(tmp_path, tiny_model, cluster):
+    """serve's pause and cancel send SIGTERM to the driver: as a single-node run (test_train.py's
+    sigterm test), the workers checkpoint the step in flight and stop, the driver exits 143 with no
+    summary, no Ray Train worker outlives it, and the same command resumes from that checkpoint."""
+    from ray.util.state import list_actors
+
+    data = write_chat_data(tmp_path / "d.jsonl", 32)
+    steps, out = 30, tmp_path / "run"  # 5 epochs of 6 steps (0.1-0.3 s each): the stop lands well before the end
+    # evaluations (each new best is saved) and checkpoints every 12 steps: the stop's checkpoint is its own
+    job = tmp_path / "job.yaml"
+    job.write_text(spec_text(tiny_model, data, out, epochs=5).replace("eval_steps: 3, save_steps: 3", "eval_steps: 12, save_steps: 12")
+                   + "distributed: {processes: 1, nodes: 2}\n")
+    command = [sys.executable, "-m", "tunejob", "run", str(job), "--ray-address", gcs(cluster)]
+    with (tmp_path / "driver.log").open("w") as log:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and max(_train_steps(out), default=0) < 4:
+            time.sleep(0.05)
+        assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = (tmp_path / "driver.log").read_text()
+    assert proc.returncode == 143, stderr[-4000:]
+    assert "stopped on request (SIGTERM)" in stderr
+    stopped_at = max(_train_steps(out))
+    saved = sorted(int(p.name.split("-")[-1]) for p in (out / "checkpoints").glob("step-*"))
+    assert 4 <= stopped_at < steps and saved[-1] == stopped_at, (stopped_at, saved)  # no trained step lost
+    events = [r["message"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] in ("event", "end")]
+    assert events[-1].startswith(f"stopped on request after step {stopped_at}") and not (out / "summary.json").exists()
+
+    # the group is gone: Ray's state API shows none of its workers alive (the actors' end is reported within seconds)
+    (group,) = read_placement(out)
+    pids = {w["pid"] for w in group["workers"]}
+    gone_by = time.time() + 10
+    while alive := [a.pid for a in list_actors(address=cluster.address, filters=[("class_name", "=", "RayTrainWorker"),
+                                                                                   ("state", "=", "ALIVE")], limit=1000) if a.pid in pids]:
+        assert time.time() < gone_by, f"Ray Train workers {alive} outlived the stopped driver"
+        time.sleep(0.5)
+
+    res = run_cli(*command[3:])
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads(res.stdout)
+    groups = read_placement(out)
+    print(f"\nSIGTERM after step 4 was recorded: stopped at step {stopped_at} with its checkpoint (saved {saved}), exit "
+          f"{proc.returncode}; the rerun resumed at step {groups[-1]['resumes_step']} and ran {steps - groups[-1]['resumes_step']} steps")
+    assert len(groups) == 2 and groups[1]["resumes_step"] == stopped_at
+    assert _train_steps(out) == list(range(1, steps + 1)), "every step reported once"
     assert summary["steps"] == steps and summary["stop_reason"] == "completed"

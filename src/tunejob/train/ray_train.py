@@ -162,13 +162,16 @@ def run_on_ray(spec, spec_path: Path, overrides: list[str], resume: bool | None,
     run, started = uuid.uuid4().hex[:12], time.time()
     stopping = _StopOnSigterm(run_dir / STOP_FILE)
     # stdout carries the summary alone: Ray prints the cluster's log lines to the driver's stdout
-    with contextlib.redirect_stdout(sys.stderr), stopping:
+    with contextlib.redirect_stdout(sys.stderr):
         ray = _connect(address)
         try:
             use_gpu, cpus = _worker_resources(ray, spec)
             where = placement(spec, use_gpu, cpus)
             say(f"placing {where.describe()} on the Ray cluster; effective batch {spec.hyperparameters.batch_size}")
-            _trainer(spec, spec_path, overrides, run_dir, run, where).fit()
+            # after ray.init, which sets its own SIGTERM handler (sys.exit): before it, a SIGTERM ended
+            # the driver at once (exit 1) and the workers died with it, without their checkpoint
+            with stopping:
+                _trainer(spec, spec_path, overrides, run_dir, run, where).fit()
         except Exception as exc:  # TrainingFailedError: the workers' own messages are in their logs above
             raise BackendError(f"the Ray Train run stopped before finishing ({str(exc).splitlines()[0][:300]}); "
                                f"run the same command again to resume from the last checkpoint in {run_dir}") from None
