@@ -12,7 +12,7 @@ One run:
   3. chat with that checkpoint `--requests` times through the SDK (greedy, `--max-tokens`), the
      first request apart (it loads base + adapter: cold);
   4. load the same base + adapter in this process and call the server's own generation function
-     (server/inference.complete) with the same messages and settings: the direct baseline.
+     (server/inference/completion.complete) with the same messages and settings: the direct baseline.
 The difference between 3 and 4 is what HTTP, JSON and the server add per request.
 
 Concurrent streams (`--streams 1,4,8`; replaces the steps above): for each N, N clients stream
@@ -250,7 +250,7 @@ def latency_report(args, model: str) -> dict:
 
         # the direct baseline: the same base + adapter, the server's generation function, no HTTP
         from tunejob.evaluate.chat import ModelCache
-        from tunejob.server.inference import completion as inference
+        from tunejob.server.inference import completion
 
         t = time.perf_counter()
         m, tok = ModelCache().get(model, adapter)
@@ -258,7 +258,7 @@ def latency_report(args, model: str) -> dict:
         direct, direct_text = [], None
         for _ in range(args.requests + 1):
             t = time.perf_counter()
-            out = inference.complete(m, tok, MESSAGES, "direct", max_tokens=args.max_tokens, temperature=0)
+            out = completion.complete(m, tok, MESSAGES, "direct", max_tokens=args.max_tokens, temperature=0)
             direct.append(time.perf_counter() - t)
             direct_text = out["choices"][0]["message"]["content"]
         direct = direct[1:]  # the first call warms up like the server's cold one

@@ -92,10 +92,10 @@ def main() -> None:
 def _local_answer(model: str, adapter: Path) -> str:
     """tunejob's local engine's greedy answer for the same adapter (fp32), beside vLLM's."""
     from tunejob.evaluate.chat import load_for_chat
-    from tunejob.server.inference import completion as inference
+    from tunejob.server.inference import completion
 
     m, tok = load_for_chat(adapter, base=model)
-    return inference.complete(m, tok, MESSAGES, "local", max_tokens=48, temperature=0)["choices"][0]["message"]["content"]
+    return completion.complete(m, tok, MESSAGES, "local", max_tokens=48, temperature=0)["choices"][0]["message"]["content"]
 
 
 if __name__ == "__main__":
