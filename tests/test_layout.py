@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tunejob"
@@ -47,83 +48,84 @@ def graph() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
 
 
-def stage_of(module: str) -> str:
-    """'tunejob.train.trainer' -> 'train'; 'tunejob.spec' -> 'spec'; 'tunejob' -> '__init__'."""
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "__init__"
+@dataclass(frozen=True)
+class Layers:
+    """An import order: `order` lowest first, a `foundation` every layer may import (which imports
+    only itself), a `top` that may import anything and that nothing below imports. A module's
+    layer is the `depth`-th part of its dotted name ('__init__' where it has none)."""
+
+    foundation: frozenset[str]
+    order: tuple[str, ...]
+    top: frozenset[str]
+    depth: int
+
+    def of(self, module: str) -> str:
+        parts = module.split(".")
+        return parts[self.depth] if len(parts) > self.depth else "__init__"
+
+    def rank(self, layer: str) -> int:
+        if layer in self.foundation:
+            return -1
+        if layer in self.top:
+            return len(self.order)
+        return self.order.index(layer)
+
+    def declared(self) -> set[str]:
+        return set(self.foundation | self.top) | set(self.order)
+
+    def violations(self, edges: dict[str, set[str]], foundation_note: str, top_note: str) -> list[str]:
+        wrong = []
+        for module, targets in edges.items():
+            src = self.of(module)
+            for target in targets:
+                dst = self.of(target)
+                if src in self.foundation and dst not in self.foundation:
+                    wrong.append(f"{module} -> {target} ({foundation_note})")
+                elif dst in self.top and src not in self.top:
+                    wrong.append(f"{module} -> {target} ({top_note})")
+                elif self.rank(dst) > self.rank(src):
+                    wrong.append(f"{module} -> {target} ({src} sits below {dst})")
+        return sorted(wrong)
 
 
-def rank(stage: str) -> int:
-    if stage in FOUNDATION:
-        return -1
-    if stage in TOP:
-        return len(STAGES)
-    return STAGES.index(stage)
+STAGE_LAYERS = Layers(frozenset(FOUNDATION), tuple(STAGES), frozenset(TOP), depth=1)
+stage_of, rank = STAGE_LAYERS.of, STAGE_LAYERS.rank  # 'tunejob.train.trainer' -> 'train'; 'tunejob' -> '__init__'
 
 
 def test_every_module_belongs_to_a_declared_stage():
-    unknown = {m for m in graph() if stage_of(m) not in FOUNDATION | TOP | set(STAGES)}
+    unknown = {m for m in graph() if stage_of(m) not in STAGE_LAYERS.declared()}
     assert not unknown, f"place these in a stage (and declare it in STAGES): {sorted(unknown)}"
 
 
 def test_imports_follow_the_stage_order():
-    wrong = []
-    for module, targets in graph().items():
-        src = stage_of(module)
-        for target in targets:
-            dst = stage_of(target)
-            if src in FOUNDATION and dst not in FOUNDATION:
-                wrong.append(f"{module} -> {target} (the foundation imports only errors/spec/catalog)")
-            elif dst in TOP and src not in TOP:
-                wrong.append(f"{module} -> {target} (nothing below the CLI imports the orchestration modules)")
-            elif rank(dst) > rank(src):
-                wrong.append(f"{module} -> {target} ({src} sits below {dst})")
-    assert not wrong, "imports against the stage order:\n" + "\n".join(sorted(wrong))
+    wrong = STAGE_LAYERS.violations(graph(), "the foundation imports only errors/spec/catalog",
+                                    "nothing below the CLI imports the orchestration modules")
+    assert not wrong, "imports against the stage order:\n" + "\n".join(wrong)
 
 
 # The server's rooms, lowest first (server/__init__.py): job execution knows nothing of HTTP; the
 # chat engine's serve side nothing of routes; the API puts jobs and chat behind OpenAI's routes;
 # the dashboard reads runs and calls the API's code in-process. config and errors are the
 # server's foundation; app (the factory) and run (the start) put the rooms together.
-SERVER_FOUNDATION = {"__init__", "config", "errors"}
-SERVER_ROOMS = ["jobs", "inference", "api", "dashboard"]
-SERVER_TOP = {"app", "run"}
+SERVER_LAYERS = Layers(frozenset({"__init__", "config", "errors"}), ("jobs", "inference", "api", "dashboard"),
+                       frozenset({"app", "run"}), depth=2)
+room_of, room_rank = SERVER_LAYERS.of, SERVER_LAYERS.rank  # 'tunejob.server.api.chat' -> 'api'
 
 
-def room_of(module: str) -> str:
-    """'tunejob.server.api.chat' -> 'api'; 'tunejob.server.config' -> 'config'; 'tunejob.server' -> '__init__'."""
-    parts = module.split(".")
-    return parts[2] if len(parts) > 2 else "__init__"
-
-
-def room_rank(room: str) -> int:
-    if room in SERVER_FOUNDATION:
-        return -1
-    if room in SERVER_TOP:
-        return len(SERVER_ROOMS)
-    return SERVER_ROOMS.index(room)
+def server_graph() -> dict[str, set[str]]:
+    """The server's modules and the server modules each imports."""
+    return {m: {t for t in targets if stage_of(t) == "server"} for m, targets in graph().items() if stage_of(m) == "server"}
 
 
 def test_every_server_module_belongs_to_a_declared_room():
-    unknown = {m for m in graph() if stage_of(m) == "server" and room_of(m) not in SERVER_FOUNDATION | SERVER_TOP | set(SERVER_ROOMS)}
-    assert not unknown, f"place these in a room of the server (and declare it in SERVER_ROOMS): {sorted(unknown)}"
+    unknown = {m for m in server_graph() if room_of(m) not in SERVER_LAYERS.declared()}
+    assert not unknown, f"place these in a room of the server (and declare it in SERVER_LAYERS): {sorted(unknown)}"
 
 
 def test_server_rooms_import_only_rooms_below():
-    wrong = []
-    for module, targets in graph().items():
-        if stage_of(module) != "server":
-            continue
-        src = room_of(module)
-        for target in (t for t in targets if stage_of(t) == "server"):
-            dst = room_of(target)
-            if src in SERVER_FOUNDATION and dst not in SERVER_FOUNDATION:
-                wrong.append(f"{module} -> {target} (the server's foundation imports only config and errors)")
-            elif dst in SERVER_TOP and src not in SERVER_TOP:
-                wrong.append(f"{module} -> {target} (only run.py imports the app)")
-            elif room_rank(dst) > room_rank(src):
-                wrong.append(f"{module} -> {target} ({src} sits below {dst})")
-    assert not wrong, "server imports against the rooms' order:\n" + "\n".join(sorted(wrong))
+    wrong = SERVER_LAYERS.violations(server_graph(), "the server's foundation imports only config and errors",
+                                     "only run.py imports the app")
+    assert not wrong, "server imports against the rooms' order:\n" + "\n".join(wrong)
 
 
 def test_no_import_cycles():
