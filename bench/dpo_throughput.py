@@ -1,13 +1,24 @@
 """DPO throughput: seconds per 1,000 preference pairs, tunejob's local DPO vs TRL's DPOTrainer.
 
-    python bench/dpo_throughput.py --steps 25 --out bench/results/dpo_throughput.json
-    python bench/dpo_throughput.py --model /path/to/tiny --steps 2 --pairs 16   # smoke size
+    python bench/dpo_throughput.py --steps 12 --seeds 3 --out bench/results/dpo_throughput.json
+    python bench/dpo_throughput.py --model /path/to/tiny --steps 2 --seeds 1   # smoke size
 
 Same base model (embedded SmolLM2-135M-Instruct by default), same pairs, same LoRA (r=16, alpha=32,
 q_proj+v_proj, dropout 0.05), 4 pairs per step, learning rate 5e-6, beta 0.1, sigmoid loss,
 reference = the base with the adapter disabled on both sides, no gradient checkpointing on either
-side, fp32. Each side runs in its own process (its peak RSS is its own) and sees each pair at most
-once (steps x 4 <= pairs), so tunejob's cache of reference log-probabilities saves nothing here.
+side, fp32. Each side runs in its own process (its peak RSS is its own) and trains on the same
+steps x 4 pairs, each once, so tunejob's cache of reference log-probabilities saves nothing here.
+Each child counts the tokens it forwards per pair (prompt + chosen and prompt + rejected, from its
+own tokenization); the script asserts that every configuration trained the same total.
+
+Configurations (`--configs`), each `--seeds` times, seed-major (slow drift of the machine touches
+every configuration alike); figures are the mean and spread (half of max - min) over seeds:
+  trl        DPOTrainer as its docs show it: 4 pairs a step, padded to the longest (TRL's default)
+  trl-bs1    per_device_train_batch_size=1, gradient_accumulation_steps=4: one unpadded pair per
+             forward pass, what tunejob does on CPU
+  tunejob    method: dpo, mixed_precision: 'no'
+TRL 1.16's `padding_free=True` for DPO is disabled in the trainer itself ("temporarily unavailable
+after a refactor"; it warns and pads), so there is no padding-free row; the report says so.
 
 Pairs: each Sales Companion conversation up to its last assistant turn is the prompt; that turn is
 preferred, and the last assistant turn of another conversation (fixed by the seed) is not.
@@ -26,6 +37,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -56,7 +68,7 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path) -> dict:
+def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path, seed: int, micro: int = BATCH) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -72,19 +84,25 @@ def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: P
 
     tok = AutoTokenizer.from_pretrained(model_path)
     rows = [{"prompt": p["input"]["messages"], "chosen": p["preferred_output"], "rejected": p["non_preferred_output"]} for p in pairs]
-    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, beta=BETA,
+    args = DPOConfig(output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=BATCH // micro,
+                     max_steps=steps, learning_rate=LR, beta=BETA,
                      max_length=max_len, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
-                     seed=42, dataloader_num_workers=0, bf16=False, use_cpu=not torch.cuda.is_available())
+                     seed=seed, dataloader_num_workers=0, bf16=False, use_cpu=not torch.cuda.is_available())
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"], task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, peft_config=lora, callbacks=[StepEnds()])
+    # the tokens each pair puts through the model (prompt twice: once before each answer)
+    tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
     t = time.perf_counter()
     trainer.train()
-    return {"first_step_s": ends[0] - t, "seconds": ends[-1] - ends[0], "pairs": (steps - 1) * BATCH}
+    return {"first_step_s": ends[0] - t, "seconds": ends[-1] - ends[0], "pairs": (steps - 1) * BATCH, "tokens": tokens}
 
 
-def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path) -> dict:
+def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path, seed: int) -> dict:
+    from transformers import AutoTokenizer
+
     from tunejob.data.dataset import write_jsonl
+    from tunejob.data.preference import encode_pairs
     from tunejob.monitor.metrics import read_metrics
     from tunejob.spec import parse_spec
     from tunejob.train.trainer import train
@@ -94,56 +112,81 @@ def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, ou
     spec = parse_spec(
         f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"
         f"method: {{type: dpo, beta: {BETA}}}\n"
-        f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, max_steps: {steps}, max_seq_len: {max_len}, warmup: 0, mixed_precision: 'no'}}\n"
+        f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, max_steps: {steps}, max_seq_len: {max_len}, warmup: 0, mixed_precision: 'no', seed: {seed}}}\n"
         f"lora: {{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}, target_modules: [q_proj, v_proj]}}\n"
         f"checkpointing: {{eval_steps: {steps}, save_steps: {steps}, early_stopping_patience: null}}\n")
+    encoded, _ = encode_pairs(AutoTokenizer.from_pretrained(model_path), pairs, max_len)
     train(spec, say=lambda m: None)
     trains = [r for r in read_metrics(out / "run" / "metrics.jsonl") if r["kind"] == "train"]
     # elapsed_s of a step's record includes the evaluation of the step before it when there was one;
     # eval_steps = steps puts the only evaluation after the last record
-    return {"first_step_s": trains[0]["elapsed_s"], "seconds": trains[-1]["elapsed_s"] - trains[0]["elapsed_s"], "pairs": (steps - 1) * BATCH}
+    return {"first_step_s": trains[0]["elapsed_s"], "seconds": trains[-1]["elapsed_s"] - trains[0]["elapsed_s"], "pairs": (steps - 1) * BATCH,
+            "tokens": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in encoded)}
 
 
-def child(config: str, model_path: str, steps: int, max_len: int, n: int, out: Path) -> None:
-    pairs = make_pairs(n)
-    r = (run_tunejob if config == "tunejob" else run_trl)(model_path, pairs, steps, max_len, out)
+CONFIGS = {"trl": lambda *a: run_trl(*a, micro=BATCH), "trl-bs1": lambda *a: run_trl(*a, micro=1), "tunejob": run_tunejob}
+
+
+def child(config: str, model_path: str, steps: int, max_len: int, seed: int, out: Path) -> None:
+    pairs = make_pairs(steps * BATCH)
+    r = CONFIGS[config](model_path, pairs, steps, max_len, out, seed)
     r["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print("RESULT " + json.dumps(r))
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean and spread (half of max - min) over seeds."""
+    def ms(vals):
+        return {"mean": round(statistics.fmean(vals), 1), "spread": round((max(vals) - min(vals)) / 2, 1), "runs": vals}
+
+    return {"seconds_per_1k_pairs": ms([round(1000 * r["seconds"] / r["pairs"], 1) for r in runs]),
+            "peak_rss_mb": ms([r["peak_rss_mb"] for r in runs]), "first_step_s": ms([round(r["first_step_s"], 1) for r in runs]),
+            "tokens": runs[0]["tokens"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--pairs", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps of 4 pairs; each side trains the same steps x 4 pairs")
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--max-len", type=int, default=1024)
-    ap.add_argument("--configs", default="trl,tunejob")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"any of {', '.join(CONFIGS)}")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2: the figure is from the end of step 1 to the end of the last")
-    if args.steps * BATCH > args.pairs:
-        raise SystemExit(f"--steps {args.steps} x {BATCH} pairs is more than --pairs {args.pairs}: each pair is to be seen once")
     if args.model is None:
         from tunejob.train.models import default_model_path
 
         args.model = str(default_model_path())
     if args.child:
-        child(args.child, args.model, args.steps, args.max_len, args.pairs, args.workdir)
+        child(args.child, args.model, args.steps, args.max_len, args.seed, args.workdir)
         return
-    results = {}
-    for config in args.configs.split(","):
-        r = child_result(__file__, config, ["--model", args.model, "--steps", str(args.steps), "--pairs", str(args.pairs), "--max-len", str(args.max_len)])
-        r["seconds_per_1k_pairs"] = round(1000 * r["seconds"] / r["pairs"], 1)
-        results[config] = r
-        print(config, json.dumps(r), flush=True)
-    if "trl" in results and "tunejob" in results:
-        results["tunejob"]["speedup_vs_trl"] = round(results["trl"]["seconds_per_1k_pairs"] / results["tunejob"]["seconds_per_1k_pairs"], 2)
+    configs = args.configs.split(",")
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for i in range(args.seeds):
+        for config in configs:
+            r = child_result(__file__, config, ["--model", args.model, "--steps", str(args.steps), "--max-len", str(args.max_len),
+                                                "--seed", str(42 + i)])
+            runs[config].append(r)
+            print(config, 42 + i, json.dumps(r), flush=True)
+    tokens = {c: {r["tokens"] for r in rs} for c, rs in runs.items()}
+    assert len(set().union(*tokens.values())) == 1, f"the configurations trained different token counts: {tokens}"
+    results = {c: summarise(rs) for c, rs in runs.items()}
+    trl = [c for c in results if c.startswith("trl")]
+    best = min(trl, key=lambda c: results[c]["seconds_per_1k_pairs"]["mean"], default=None)
+    if best:
+        for r in results.values():
+            r["speed_vs_best_trl"] = round(results[best]["seconds_per_1k_pairs"]["mean"] / r["seconds_per_1k_pairs"]["mean"], 2)
+            r["memory_vs_best_trl"] = round(r["peak_rss_mb"]["mean"] / results[best]["peak_rss_mb"]["mean"], 2)
     publish({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}", "model": args.model,
-             "versions": versions(), "steps": args.steps, "pairs": args.pairs, "batch_pairs": BATCH, "learning_rate": LR, "beta": BETA,
-             "max_len": args.max_len, "lora": LORA, "gradient_checkpointing": False, "results": results}, args.out)
+             "versions": versions(), "steps": args.steps, "pairs": args.steps * BATCH, "batch_pairs": BATCH, "learning_rate": LR,
+             "beta": BETA, "seeds": args.seeds, "max_len": args.max_len, "lora": LORA, "gradient_checkpointing": False,
+             "skipped": {"trl-padding-free": "TRL 1.16 disables padding_free for DPO (it warns and pads)"},
+             "best_trl": best, "results": results}, args.out)
 
 
 if __name__ == "__main__":
