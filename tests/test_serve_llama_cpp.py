@@ -129,6 +129,33 @@ def test_concurrent_clients_share_steps_and_each_gets_its_own_answer(served):
     assert got == {pair: local[pair].content for pair in asks}
 
 
+def test_rows_of_the_base_and_the_adapter_share_steps_and_answer_as_alone(served, tiny_model):
+    """In process, on the server's cached files: a base row and an adapter row in one LlamaBatch
+    (one decode per adapter each step, the adapter set and unset on the one context)."""
+    from tunejob.engine.batch import Row
+    from tunejob.engine.chat import ChatRequest, prompt_inputs
+    from tunejob.server.inference.gguf_files import GgufFiles
+    from tunejob.server.inference.llama import LlamaBatch, LlamaWeights
+
+    server, ckpt, local = served
+    weights = LlamaWeights(GgufFiles(server.data_dir / "gguf", "f32", log=lambda m: None), 4, log=lambda m: None)
+    weights.use_threads(1)
+    rows = []
+    for name, adapter, prompt in (("default", None, "zeta"), (FT, ckpt, "gamma delta epsilon")):
+        target = weights.target(str(tiny_model), adapter)
+        request = ChatRequest(messages=[{"role": "user", "content": prompt}], max_tokens=ASK["max_tokens"], temperature=0.0)
+        rows.append(Row(prompt_inputs(target.tokenizer, request, "cpu")["input_ids"][0].tolist(), request, target, weights.stop_ids(target),
+                        owner=(name, prompt)))
+    batch = LlamaBatch(weights, rows[0].target.key, 4)
+    batch.join(rows)
+    assert batch.rows == rows  # both decode in the same steps
+    while batch.rows:
+        batch.step()
+        batch.finished()
+    for row in rows:
+        assert row.target.tokenizer.decode(row.tokens, skip_special_tokens=True).strip() == local[row.owner].content, row.owner
+
+
 def test_the_gguf_is_converted_once_and_again_when_the_model_changes(served, tmp_path):
     from tunejob.server.inference.gguf_files import fingerprint
 
