@@ -23,10 +23,14 @@ tokens/s (all tokens / wall time), time to first token and whole-request latency
 OpenAI-compatible server; fp32 on CPU, as tunejob's default) and its `--continuous-batching`.
 Each step's effect: `--serve-arg=--chat-batch=1` (one request at a time), `--fine-tuned` (an
 adapter, merged from its 2nd request) with and without `--serve-arg=--chat-merge-mb=0`,
-`--chat-dtype bfloat16`, `--serve-arg=--chat-compile`:
+`--chat-dtype bfloat16`, `--serve-arg=--chat-compile`. `--llama-cpp f16,q8_0` adds a row per GGUF type for
+`tunejob serve --engine llama.cpp` (the model converted once by the server, in the warm-up request;
+llama-cpp-python should be built for the machine's CPU, see the README):
 
     python bench/serve_latency.py --streams 1,4,8 --stream-requests 4 --max-tokens 128 --transformers-serve \
         --out bench/results/serve_streams.json
+    python bench/serve_latency.py --streams 1,8 --stream-requests 4 --max-tokens 128 --llama-cpp f16,q8_0 \
+        --out bench/results/serve_streams_llama_cpp.json
     python bench/serve_latency.py --model /path/to/tiny --streams 1,2 --stream-requests 1 --max-tokens 4 --transformers-serve  # smoke
 """
 
@@ -118,18 +122,20 @@ def stream_load(base_url: str, api_key: str, model: str, streams: int, requests:
 def streams_report(args, model: str) -> dict:
     """The concurrent-streams figures for tunejob serve and (with --transformers-serve) transformers serve."""
     counts = [int(n) for n in args.streams.split(",")]
-    servers = {"tunejob_serve": None}
+    servers: dict[str, list[str] | None] = {"tunejob_serve": None}
+    for kind in filter(None, args.llama_cpp.split(",")):  # the same server, chat's forward passes in llama.cpp
+        servers[f"tunejob_serve_llama_cpp_{kind}"] = ["--engine", "llama.cpp", "--chat-gguf-type", kind]
     if args.transformers_serve:
         servers.update({"transformers_serve": [], "transformers_serve_continuous_batching": ["--continuous-batching"]})
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "model": model, "max_tokens": args.max_tokens,
               "requests_per_stream": args.stream_requests, "chat_dtype": args.chat_dtype, "serve_args": args.serve_arg,
-              "fine_tuned": args.fine_tuned}
+              "fine_tuned": args.fine_tuned, "llama_cpp": _llama_cpp_build() if args.llama_cpp else None}
     for name, flags in servers.items():
         with tempfile.TemporaryDirectory() as tmp:
             port, log = free_port(), Path(tmp) / "server.log"
-            if flags is None:
+            if name.startswith("tunejob_serve"):
                 proc = start_server(Path(tmp) / "data", model, port, log,
-                                    ["--chat-queue", str(max(counts)), "--chat-dtype", args.chat_dtype, *args.serve_arg])
+                                    ["--chat-queue", str(max(counts)), "--chat-dtype", args.chat_dtype, *(flags or []), *args.serve_arg])
                 url, key, name_in_api = f"http://127.0.0.1:{port}/v1", KEY, "default"
                 if args.fine_tuned:
                     name_in_api = _fine_tuned(url)
@@ -149,6 +155,14 @@ def streams_report(args, model: str) -> dict:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     return report
+
+
+def _llama_cpp_build() -> dict:
+    """Which llama-cpp-python the llama.cpp rows ran: a generic -O1 build (the Makefile's, for tests) is
+    several times slower than one built for the CPU, so the report says which it was."""
+    import llama_cpp
+
+    return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
 
 
 def _fine_tuned(url: str) -> str:
@@ -189,6 +203,7 @@ def main() -> None:
     ap.add_argument("--streams", default="", help="concurrent streams to measure, e.g. 1,4,8 (replaces the job and latency steps)")
     ap.add_argument("--stream-requests", type=int, default=4, help="requests each stream sends, one after the other")
     ap.add_argument("--transformers-serve", action="store_true", help="the same load against `transformers serve` (+ continuous batching)")
+    ap.add_argument("--llama-cpp", default="", help="GGUF types to run `tunejob serve --engine llama.cpp` with, a row each, e.g. f16,q8_0")
     ap.add_argument("--fine-tuned", action="store_true", help="streams chat with a fine-tuned model (a 2-step job) instead of the base")
     ap.add_argument("--serve-arg", action="append", default=[], help="an extra `tunejob serve` option, e.g. --serve-arg=--chat-batch=1 "
                     "(one at a time), --serve-arg=--chat-merge-mb=0 (unmerged), --serve-arg=--chat-compile")

@@ -47,6 +47,18 @@ def test_serve_latency_smoke(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
+def test_serve_streams_llama_cpp_smoke(tmp_path, tiny_model):
+    """The streams load against the local engine and a --engine llama.cpp row, in one run."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the export extra: make setup / pip install -e .[export]")
+    r = json.loads(run_bench("serve_latency.py", tmp_path / "s.json", "--model", str(tiny_model), "--streams", "1,2", "--stream-requests", "1",
+                             "--max-tokens", "4", "--llama-cpp", "f32", "--serve-arg=--chat-threads=1"))
+    assert r["llama_cpp"]["version"] and "tunejob_serve_llama_cpp_f32" in r
+    for name in ("tunejob_serve", "tunejob_serve_llama_cpp_f32"):
+        assert [row["streams"] for row in r[name]] == [1, 2] and all(row["requests"] == row["streams"] and not row["failures"] for row in r[name])
+        assert all(row["completion_tokens"] == 4 * row["streams"] for row in r[name])
+
+
+@pytest.mark.slow
 def test_serve_load_smoke(tmp_path, tiny_model):
     r = json.loads(run_bench("serve_load.py", tmp_path / "l.json", "--model", str(tiny_model), "--clients", "2", "--seconds", "3",
                              "--max-seq-len", "128", "--stream-tokens", "8", "--chat-tokens", "2"))

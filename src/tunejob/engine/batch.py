@@ -110,6 +110,11 @@ class Batch:
             return 0
         return self.limit - len(self.rows)
 
+    def admits(self, rows: list[Row]) -> bool:
+        """Whether `rows` may join now besides the rows in the batch: always, as the KV cache grows with
+        them (a fixed pool of cells, as llama.cpp's in server/inference/llama.py, may say no)."""
+        return True
+
     def _forward(self, rows: list[Row], ids, mask, cache):
         model, names = self.weights.forward_model(rows[0].target, [r.target.adapter for r in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]

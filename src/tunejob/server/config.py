@@ -52,7 +52,8 @@ class ServerConfig:
     chat_merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (server/inference/weights.py); 0: never
     chat_merge_mb: int | None = None  # an optional memory cap on those copies as well (the budget before --chat-merged-copies)
     chat_compile: bool = False  # torch.compile chat's forward (server/inference/weights.py); off until measured to pay
-    engine: str = "local"  # "local" (this process) or "vllm" (chat forwarded to a vLLM server: server/inference/vllm.py)
+    engine: str = "local"  # "local" (this process), "llama.cpp" (this process, llama.cpp's forward: server/inference/llama.py) or "vllm" (chat forwarded to a vLLM server: server/inference/vllm.py)
+    chat_gguf_type: str = "f16"  # engine llama.cpp: the GGUF type the base is converted to (f16, q8_0 or f32)
     vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
     aliases: dict[str, str] = field(default_factory=dict)  # old model name -> run dir (server/api/aliases.py)
     # This server's own API, e.g. http://127.0.0.1:8000/v1 (run.serve sets it): score_model graders

@@ -64,6 +64,11 @@ def serve(host: str, port: int, data_dir: Path, keys: list[str], keys_file: Path
     if (caps or {}).get("engine") == "vllm" and not (caps or {}).get("vllm_url"):
         raise TunejobError("--engine vllm: give --vllm-url, the base URL of a vLLM server started with --enable-lora "
                            "(e.g. --vllm-url http://127.0.0.1:8001)")
+    if (caps or {}).get("engine") == "llama.cpp":
+        try:
+            import llama_cpp  # noqa: F401  (checked before the server starts, not at the first chat)
+        except ImportError:
+            raise TunejobError("--engine llama.cpp needs llama-cpp-python: install the export extra: make setup / pip install -e .[export]") from None
     if aliases and (caps or {}).get("engine") == "vllm":
         raise TunejobError("--alias answers with adapters this process loads; use it with --engine local")
     from tunejob.server.api.aliases import parse_aliases

@@ -152,14 +152,26 @@ def _ending(gen: Generation, result: ChatResult, chunk) -> list[str]:
     return out
 
 
+def _llama_cpp(config, log) -> dict:
+    """The Engine's weights and batch for --engine llama.cpp (forward passes in llama.cpp); none otherwise."""
+    if config.engine != "llama.cpp":
+        return {}
+    from tunejob.server.inference.gguf_files import GgufFiles
+    from tunejob.server.inference.llama import LlamaBatch, LlamaWeights
+
+    files = GgufFiles(config.data_dir / "gguf", config.chat_gguf_type, log=log)
+    return {"weights": LlamaWeights(files, config.chat_batch, log=log), "batch": LlamaBatch}
+
+
 def router(state: ServerState) -> APIRouter:
     api = APIRouter()
     config = state.config
     budget = threads.budget(config.train_threads, config.chat_threads)
     options = EngineOptions(max_batch=config.chat_batch, dtype=config.chat_dtype, merged_copies=config.chat_merged_copies,
                             merge_mb=config.chat_merge_mb, compile=config.chat_compile)
-    engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue,
-                    log=lambda m: print(m, file=sys.stderr, flush=True), options=options)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue, log=log, options=options,
+                    **_llama_cpp(config, log))
     api.add_event_handler("shutdown", engine.stop)
     forward = None
     if config.engine == "vllm":
@@ -175,6 +187,7 @@ def router(state: ServerState) -> APIRouter:
         base_path, adapter = resolve_chat_model(state, owner(request), name)
         if forward is not None:  # the vLLM engine: the model is resolved for this key here, generated there
             return await forward.chat(body, name, adapter)
+        await run_in_threadpool(engine.weights.check, base_path, adapter)  # llama.cpp's 400 for a model it cannot run
         chat = await run_in_threadpool(context.fit, base_path, chat, body)  # OpenAI's 400 context_length_exceeded
         gen = Generation(base_path, adapter, chat, stream, asyncio.get_running_loop())
         try:

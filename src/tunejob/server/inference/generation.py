@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 
 from tunejob.errors import TunejobError
-from tunejob.data.templates import stop_token_ids
 from tunejob.engine.batch import Batch, Row
 from tunejob.engine.chat import ChatRequest, ChatResult, openai_logprobs, prompt_inputs, to_result
 from tunejob.engine.text import TextStream
@@ -141,13 +140,18 @@ class EngineOptions:
 
 
 class Engine:
+    """`weights` and `batch` are where forward passes run: torch by default (weights.py, engine/batch.py),
+    or llama.cpp (llama.py's LlamaWeights and LlamaBatch, the same interfaces)."""
+
     def __init__(self, budget: threads.Budget, training: Callable[[], bool] = lambda: False,
-                 max_pending: int = MAX_PENDING, log=print, options: EngineOptions = EngineOptions()):
+                 max_pending: int = MAX_PENDING, log=print, options: EngineOptions = EngineOptions(), weights=None, batch=Batch):
         self.budget, self.training, self.max_pending, self.log, self.options = budget, training, max_pending, log, options
-        if options.dtype == "auto":
-            log(f"chat: weights in {options.torch_dtype()} (--chat-dtype auto)")
-        self.weights = Weights(options.torch_dtype(), merged_copies=options.merged_copies, merge_after=options.merge_after, log=log,
-                               compile=options.compile, merge_bytes=None if options.merge_mb is None else options.merge_mb * 2**20)
+        if weights is None:
+            if options.dtype == "auto":
+                log(f"chat: weights in {options.torch_dtype()} (--chat-dtype auto)")
+            weights = Weights(options.torch_dtype(), merged_copies=options.merged_copies, merge_after=options.merge_after, log=log,
+                              compile=options.compile, merge_bytes=None if options.merge_mb is None else options.merge_mb * 2**20)
+        self.weights, self.batch_type = weights, batch
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._pending = 0  # queued + generating
         self._lock = threading.Lock()
@@ -194,7 +198,7 @@ class Engine:
         waiting: deque[Row] = deque()
         while self._take(block=not batches and not waiting, waiting=waiting):
             try:
-                threads.apply(self.budget.chat if self.training() else self.budget.chat_alone)
+                self.weights.use_threads(self.budget.chat if self.training() else self.budget.chat_alone)
                 self._join(batches, waiting)
                 for key, batch in list(batches.items()):
                     if batch.rows:
@@ -232,9 +236,8 @@ class Engine:
         """The request's n choices as rows on one target (released once, by the last to leave)."""
         target = self.weights.target(gen.base_path, gen.adapter)
         try:
-            model, _ = self.weights.forward_model(target, [])
             prompt = prompt_inputs(target.tokenizer, gen.request, "cpu")["input_ids"][0].tolist()
-            eos = stop_token_ids(target.tokenizer, model)
+            eos = self.weights.stop_ids(target)
             rows = [Row(prompt, gen.request.choice(i), target, eos, gen.cancel_flag.is_set, owner=(gen, i)) for i in range(gen.request.n)]
         except Exception:
             self.weights.release(target)
@@ -247,8 +250,8 @@ class Engine:
         joining: dict[tuple, list[Row]] = {}
         for row in list(waiting):
             key = row.target.key
-            batch = batches.get(key) or batches.setdefault(key, Batch(self.weights, key, self.options.max_batch))
-            if len(joining.get(key, [])) < batch.room():
+            batch = batches.get(key) or batches.setdefault(key, self.batch_type(self.weights, key, self.options.max_batch))
+            if len(joining.get(key, [])) < batch.room() and batch.admits(joining.get(key, []) + [row]):
                 joining.setdefault(key, []).append(row)
                 waiting.remove(row)
         for key, rows in joining.items():

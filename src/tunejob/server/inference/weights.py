@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from tunejob.train import threads
+
 BASE_ROWS = "__base__"  # peft's name for rows of a mixed batch that use no adapter
 MAX_ADAPTERS = 16  # unmerged adapters kept per base (r 16 on all of a 7B model's linear layers: ~80 MB each)
 
@@ -84,6 +86,20 @@ class Weights:
         with self._lock:
             if target.adapter is not None:
                 self._in_use[target.adapter] -= 1
+
+    def stop_ids(self, target: Target) -> set[int]:
+        """The tokens a row on `target` stops at (data.templates.stop_token_ids: the one stop set)."""
+        from tunejob.data.templates import stop_token_ids
+
+        return stop_token_ids(target.tokenizer, self.forward_model(target, [])[0])
+
+    def use_threads(self, n: int) -> None:
+        """Chat's thread budget now (train/threads.py), applied to torch's forward passes."""
+        threads.apply(n)
+
+    @staticmethod
+    def check(base_path: str, adapter: Path | None) -> None:
+        """Every model that loads runs here; the llama.cpp engine refuses some (llama.py)."""
 
     def forward_model(self, target: Target, adapters: list[str | None]):
         """(model, adapter_names or None) for one forward pass over rows of `target.key` with these
