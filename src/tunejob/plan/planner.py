@@ -114,7 +114,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     # the trainer's own rule: one sequence per forward pass on CPU, batch / accumulation on GPUs
     import torch
 
-    from tunejob.train.batches import micro_batch_size
+    from tunejob.train.batches import PACK_TOKENS, micro_batch_size
 
     micro = micro_batch_size(batch, hp.gradient_accumulation, spec.distributed.world_size, torch.device(device))
     mixed = _precision(hp.mixed_precision, device, spec.quantization)
@@ -134,6 +134,8 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
         "tokens_per_epoch": tstats.tokens, "trained_tokens_per_epoch": tstats.trained_tokens,
         "tokens_per_example": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
         "mixed_precision": mixed, "epochs": epochs, "steps": steps, "batch_size": batch, "micro_batch": micro, "gradient_accumulation": hp.gradient_accumulation,
+        # the trainer's rule (train.packing.choose_packing): it keeps packing only if the model passes its check
+        "packing": PACK_TOKENS if device == "cpu" and hp.packing == "auto" and spec.method.type == "supervised" else 0,
         "evaluations": evals, "trainable_parameters": mem.trainable_parameters, "total_parameters": mem.total_parameters,
         "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(), "vocabulary": shape.vocab,
         # the loss runs the LM head only where a label is trained; over every position it would cost this

@@ -49,6 +49,9 @@ def render_plan(p: dict) -> str:
             f"trainable        {p['trainable_parameters']:,} of {p['total_parameters']:,} parameters ({p['trainable_percent']}%)",
             f"memory           {m['total_gb']} GB = weights {m['weights_gb']} + adapter/optimizer {m['adapter_gb']} + activations {m['activations_gb']} + logits {m['logits_gb']} + runtime {m['runtime_gb']}",
         ]
+        if p.get("packing"):
+            lines.append(f"packing          short sequences share a forward pass, up to {p['packing']} tokens (if the model's packed "
+                         "losses match one sequence at a time on the first pack; hyperparameters.packing: off to disable)")
         if p.get("placement"):
             w = p["placement"]
             lines.append(f"placement        {w['workers']} workers = {w['processes_per_node']} per node x {w['nodes']} node(s) (Ray Train with "

@@ -63,6 +63,11 @@ class Hyperparameters(_Section):
         "'auto' (the default) picks bf16 where the device multiplies bf16 fast (CUDA, CPUs with AMX / AVX512-BF16 whose "
         "measured bf16 matmul beats fp32 1.5x), else 'no' (fp32). API backends take 'auto' and send nothing for it.",
     )
+    packing: Literal["auto", "off"] = Field(
+        "auto", description="Local backend, supervised: 'auto' (the default) packs short sequences into one forward pass "
+        "of up to 512 tokens on CPU, once a check on the first pack shows the model keeps them apart (same losses as one "
+        "at a time); 'off' runs one sequence per forward pass. GPUs batch instead; DPO and reinforcement never pack.",
+    )
     seed: int = Field(42, description="Training seed (initialisation, shuffling, dropout).")
     train_on: Literal["assistant", "all"] = Field(
         "assistant", description="Compute the loss on assistant tokens only, or on every token."
@@ -73,6 +78,11 @@ class Hyperparameters(_Section):
     @classmethod
     def _yaml_no(cls, v):
         return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
 
 
 DPO_DEFAULT_BETA = 0.1  # TRL's DPOConfig default
@@ -309,6 +319,8 @@ def _combination_problems(spec: JobSpec) -> list[str]:
             problems.append("hyperparameters.learning_rate: OpenAI takes learning_rate_multiplier instead; set that (or 'auto')")
         if hp.mixed_precision == "bf16":
             problems.append(f"hyperparameters.mixed_precision: the {spec.backend} service picks its own precision; use 'auto' or backend 'local'")
+        if hp.packing == "off":
+            problems.append(f"hyperparameters.packing: the {spec.backend} service batches its own way; use 'auto' or backend 'local'")
         if spec.model == "default":
             example = "gpt-4o-mini-2024-07-18" if spec.backend == "openai" else "amazon.nova-micro-v1:0:128k"
             problems.append(f"model: name the {spec.backend} base model to fine-tune, e.g. {example}")

@@ -1,9 +1,12 @@
 """Batches: which examples each optimizer step trains on, how a step is split into forward
-passes, and the collated tensors. trl is imported here and nowhere else (its batch collator)."""
+passes (micro-batches, or packs of short sequences in one row), and the collated tensors. trl is
+imported here and nowhere else (its batch collator)."""
 
 from __future__ import annotations
 
 import torch
+
+from tunejob.data.sequences import IGNORE
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -68,6 +71,52 @@ def as_batch(collate, seqs, device) -> dict:
     if len(seqs) == 1:
         batch.pop("attention_mask", None)  # all ones: without it attention runs the causal fast path
     return batch
+
+
+# Tokens per packed row. The packed mask is dense (T x T per head, masked_fill'ed block-diagonal),
+# so attention grows with T^2 while the matmuls grow with T: at 512 tokens SmolLM2-135M's
+# attention scores are 9 heads x 512^2 = 2.4M per layer, still small beside its 512 x 576 x 1536
+# MLP GEMMs, and 7 demo-sized sequences (~68 tokens) share one pass. Longer packs add little:
+# the GEMMs are already wide enough to run near peak.
+PACK_TOKENS = 512
+
+
+def packs(seqs: list, budget: int = PACK_TOKENS) -> list[list]:
+    """Consecutive sequences grouped into packs of at most `budget` tokens (a longer sequence goes
+    alone). A step's sequences come length-grouped (batch_order), so greedy in order packs well."""
+    out, current, tokens = [], [], 0
+    for s in seqs:
+        n = len(s.input_ids)
+        if current and tokens + n > budget:
+            out.append(current)
+            current, tokens = [], 0
+        current.append(s)
+        tokens += n
+    return out + [current] if current else out
+
+
+def packed_batch(seqs: list, device) -> dict:
+    """Sequences concatenated into one (1, T) row with no padding and no attention mask;
+    position_ids restart at 0 for each, which is how transformers (masking_utils.
+    find_packed_sequence_indices) finds them and keeps each from attending to the others. Each
+    sequence's first label is IGNORE so the last token of one never learns to predict the next
+    sequence's first (TRL's padding_free collator does the same)."""
+    ids, labels, positions = [], [], []
+    for s in seqs:
+        ids += s.input_ids
+        labels += [IGNORE] + list(s.labels[1:])
+        positions += range(len(s.input_ids))
+    row = lambda xs: torch.tensor([xs], dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions)}
+
+
+def forward_batches(collate, seqs: list, micro: int, device, pack_tokens: int = 0):
+    """The forward passes of `seqs`, one at a time: packs of up to pack_tokens tokens, or (0)
+    micro-batches of `micro`."""
+    if pack_tokens:
+        yield from (packed_batch(group, device) for group in packs(seqs, pack_tokens))
+    else:
+        yield from (as_batch(collate, seqs[i : i + micro], device) for i in range(0, len(seqs), micro))
 
 
 def autocast(device, bf16: bool):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from tunejob.train import distributed
-from tunejob.train.batches import as_batch, autocast
+from tunejob.train.batches import autocast, forward_batches
 
 IGNORE = -100
 PATHS = ("keep", "transform", "fast", "full")
@@ -93,14 +93,17 @@ def _logits(model, batch, mask: torch.Tensor, path: str) -> tuple[torch.Tensor, 
     if path not in PATHS:
         raise ValueError(f"unknown loss path {path!r}; one of {PATHS}")
     ids, attn = batch["input_ids"], batch.get("attention_mask")
+    # a packed row (batches.packed_batch) carries position_ids restarting per sequence; without a
+    # KV cache (use_cache=False) transformers then masks each sequence from the others
+    pos = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
     if path == "keep":
         keep = F.pad(mask, (0, 1), value=False)  # (B, T): the last position predicts nothing
-        out = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep, use_cache=False)
+        out = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep, use_cache=False, **pos)
         if out.logits.dim() != 2 or out.logits.shape[0] != int(mask.sum()):
             raise ValueError(f"logits_to_keep=<bool mask> gave logits of shape {tuple(out.logits.shape)}")
         return out.logits, getattr(out, "aux_loss", None)
     if path == "full":
-        out = model(input_ids=ids, attention_mask=attn, use_cache=False)
+        out = model(input_ids=ids, attention_mask=attn, use_cache=False, **pos)
         return out.logits[:, :-1][mask], getattr(out, "aux_loss", None)
     base = base_of(model)
     decoder, head = getattr(base, "model", None), base.get_output_embeddings()
@@ -109,7 +112,7 @@ def _logits(model, batch, mask: torch.Tensor, path: str) -> tuple[torch.Tensor, 
     pre, post = TRANSFORMS.get(type(base).__name__, (None, None)) if path == "transform" else (None, None)
     if path == "transform" and pre is None and post is None:
         raise ValueError(f"{type(base).__name__}: no known logit transform")
-    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1][mask]
+    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False, **pos).last_hidden_state[:, :-1][mask]
     if pre is not None:
         hidden = pre(base, hidden)
     logits = head(hidden)
@@ -264,9 +267,10 @@ def describe(model, choice: Choice) -> str:
 
 
 def evaluate(model, sequences, collate, micro_batch: int, device, world: distributed.World | None = None,
-             bf16: bool = False, loss_path: LossPath | None = None) -> tuple[float, float]:
+             bf16: bool = False, loss_path: LossPath | None = None, pack_tokens: int = 0) -> tuple[float, float]:
     """(token-mean loss, token accuracy) over the whole split; with several processes each rank
-    takes every world.size-th example and the sums are all-reduced, so every rank gets the total."""
+    takes every world.size-th example and the sums are all-reduced, so every rank gets the total.
+    pack_tokens > 0 (a model train.packing checked): short sequences share a forward pass."""
     world = world or distributed.World(device=device)
     loss_path = loss_path or LossPath()
     was_training = model.training  # restored on the way out: callers need not know eval() ran
@@ -275,8 +279,8 @@ def evaluate(model, sequences, collate, micro_batch: int, device, world: distrib
     mine = sequences[world.rank :: world.size]
     try:
         with torch.no_grad(), autocast(device, bf16 or stored_bf16(model)):
-            for i in range(0, len(mine), micro_batch):
-                loss, tokens, correct = loss_path(model, as_batch(collate, mine[i : i + micro_batch], device))
+            for batch in forward_batches(collate, mine, micro_batch, device, pack_tokens):
+                loss, tokens, correct = loss_path(model, batch)
                 total_loss += loss.item()
                 total_tokens += tokens
                 total_correct += correct

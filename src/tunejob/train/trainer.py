@@ -37,8 +37,9 @@ from tunejob.train import resume as saved
 from tunejob.train import threads
 from tunejob.train.stop import StopRequest
 from tunejob.train.adapter import add_lora, count_parameters, load_model
-from tunejob.train.batches import EpochOrder, as_batch, autocast, make_collator, micro_batch_size
+from tunejob.train.batches import EpochOrder, autocast, forward_batches, make_collator, micro_batch_size
 from tunejob.train.loss import LossPath, evaluate
+from tunejob.train.packing import choose_packing
 from tunejob.train.models import load_tokenizer, resolve_model_path
 from tunejob.train.preference import Dpo, means
 from tunejob.train.reinforcement import Grpo, make_grpo
@@ -77,6 +78,7 @@ class Run:
     trainable: int
     total: int
     bf16: bool = False
+    pack_tokens: int = 0  # > 0: short sequences share a forward pass (packing.choose_packing), else `micro` per pass
     dpo: Dpo | None = None  # method dpo: train/val seqs are PairSequences and this is the objective
     rl: Grpo | None = None  # method reinforcement: train/val seqs are PromptSequences and this is the objective
     stop: "StopRequest | None" = None
@@ -140,13 +142,14 @@ def _prepare(spec: JobSpec, world: distributed.World, model_path: str | None, co
     optimizer = torch.optim.AdamW(params, lr=spec.resolved_learning_rate(), weight_decay=hp.weight_decay)
     collate, loss_path = make_collator(tokenizer.pad_token_id), LossPath(say=say)
     micro = micro_batch_size(batch_size, hp.gradient_accumulation, world.size, world.device)
+    pack_tokens = choose_packing(hp.packing, spec.method.type, model, train_seqs, world.device, loss_path, say)
     dpo = Dpo(spec.method.resolved_beta, loss_path, collate, micro, world.device, mixed == "bf16") if spec.method.type == "dpo" else None
     rl = make_grpo(spec, tokenizer, loss_path, world.device, mixed == "bf16", say) if spec.method.type == "reinforcement" else None
     return Run(spec=spec, world=world, say=say, config_yaml=config_yaml, train_seqs=train_seqs, val_seqs=val_seqs, model=model,
                params=params, optimizer=optimizer, scheduler=get_cosine_schedule_with_warmup(optimizer, warmup, total_steps),
                # the effective batch stays batch_size however many processes share it (the spec checks divisibility)
                collate=collate, micro=micro, batch_size=batch_size, total_steps=total_steps, order=order, loss_path=loss_path,
-               trainable=trainable, total=total, bf16=mixed == "bf16", dpo=dpo, rl=rl)
+               trainable=trainable, total=total, bf16=mixed == "bf16", pack_tokens=pack_tokens, dpo=dpo, rl=rl)
 
 
 def _length(seq) -> int:
@@ -162,7 +165,8 @@ def _open_stream(run: Run, resuming: bool) -> Stream:
         make_console_sink(run.total_steps),
     ] if run.world.is_main else [])
     world = run.world
-    per_step = f"{run.batch_size // world.size} per process, {run.micro} per forward pass" if world.distributed else f"{run.micro} per forward pass"
+    per_pass = f"packed: up to {run.pack_tokens} tokens per forward pass" if run.pack_tokens else f"{run.micro} per forward pass"
+    per_step = f"{run.batch_size // world.size} per process, {per_pass}" if world.distributed else per_pass
     plan_line = (f"training {len(run.train_seqs)} examples, validating on {len(run.val_seqs)}: {run.total_steps} steps of "
                  f"{run.batch_size} ({per_step}), {run.spec.resolved_epochs()} epoch(s), on {run.device} in {'bf16' if run.bf16 else 'fp32'}")
     run.say(plan_line)
@@ -188,9 +192,8 @@ def _train_step(run: Run, step: int) -> dict | None:
     n_trained = sum(s.trained_tokens for s in seqs)  # of the global batch: every rank knows it
     mine = seqs[world.rank :: world.size]
     loss_sum, correct, processed = 0.0, 0, 0
-    for j in range(0, len(mine), run.micro):
-        batch = as_batch(run.collate, mine[j : j + run.micro], run.device)
-        processed += int(batch["input_ids"].numel())  # padding included
+    for batch in forward_batches(run.collate, mine, run.micro, run.device, run.pack_tokens):
+        processed += int(batch["input_ids"].numel())  # padding included (a pack has none)
         with autocast(run.device, run.bf16):
             loss, _, c = run.loss_path(run.model, batch)
         (loss / n_trained).backward()  # token-mean over the whole global step, however it is split
@@ -231,7 +234,8 @@ def _evaluate(run: Run, step: int, stream: Stream, started: float) -> bool:
     elif run.dpo is not None:
         fields = run.dpo.evaluate(run.model, run.val_seqs)
     else:
-        valid_loss, valid_acc = evaluate(run.model, run.val_seqs, run.collate, run.micro, run.device, run.world, run.bf16, run.loss_path)
+        valid_loss, valid_acc = evaluate(run.model, run.val_seqs, run.collate, run.micro, run.device, run.world, run.bf16, run.loss_path,
+                                         run.pack_tokens)
         fields = {"valid_loss": valid_loss, "valid_mean_token_accuracy": valid_acc}
     full = {} if run.rl else {"full_valid_loss": fields["valid_loss"], "full_valid_mean_token_accuracy": fields["valid_mean_token_accuracy"]}
     stream.emit({"kind": "eval", "step": step, "epoch": round(step / run.steps_per_epoch, 4), **fields, **full,
@@ -305,7 +309,7 @@ def _summary(run: Run, stop_reason: str, wall: float) -> dict:
         "peak_memory_mb": round(peak_memory_mb(run.device), 1), "trainable_parameters": run.trainable, "total_parameters": run.total,
         "train_examples": len(run.train_seqs), "validation_examples": len(run.val_seqs), "device": str(run.device),
         "mixed_precision": "bf16" if run.bf16 else "no",
-        "loss_path": run.loss_path.choice.path if run.loss_path.choice else None,
+        "loss_path": run.loss_path.choice.path if run.loss_path.choice else None, "pack_tokens": run.pack_tokens or None,
     }
     if run.rl is not None:  # its best is the highest held-out reward, kept negated as a loss while training
         best_loss = summary.pop("best_valid_loss")
