@@ -62,19 +62,25 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                    dict(final_logit_softcapping=4.0, sliding_window=8, query_pre_attn_scalar=16)),
 }
 
+# families that carry state along the row (LFM2's short convolutions look 2 tokens back, across
+# a packed sequence's start): packing must be refused for them (tests/test_packing.py)
+ROW_STATE: dict[str, tuple[str, str, dict]] = {
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
+}
+
 # families whose *ForCausalLM.forward changes the logits after the head (so tunejob's fast path,
 # decoder + head only, gets the loss wrong)
 TRANSFORMED = {"gemma2", "gemma3_softcap", "cohere", "cohere2", "granite", "granitemoe", "vaultgemma"}
 
 
 def config_for(name: str):
-    cfg_cls, _, extra = FAMILIES[name]
+    cfg_cls, _, extra = {**FAMILIES, **ROW_STATE}[name]
     return getattr(transformers, cfg_cls)(**{**COMMON, **extra})
 
 
 @torch.no_grad()
 def build(name: str, seed: int = 0, logit_std: float = 8.0):
-    _, model_cls, _ = FAMILIES[name]
+    _, model_cls, _ = {**FAMILIES, **ROW_STATE}[name]
     torch.manual_seed(seed)
     cfg = config_for(name)
     cfg._attn_implementation = "eager" if name.startswith(("gemma2", "gemma3", "vaultgemma")) else "sdpa"
