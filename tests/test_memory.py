@@ -75,11 +75,12 @@ def test_plan_local_cli(tmp_path, tiny_model):
     assert res.returncode == 0, res.stderr
     p = json.loads(res.stdout)
     assert p["train_examples"] == 27 and p["validation_examples"] == 3
-    assert p["steps"] == 2 * 7 and p["micro_batch"] == 4
+    assert p["steps"] == 2 * 7 and p["micro_batch"] == 4 and p["packing"] == 0  # GPUs batch: no packing
     assert p["memory"]["fits"] is False and p["memory"]["advice"]
     assert p["trainable_parameters"] > 0 and p["warnings"]
     text = run_cli("plan", str(spec))
     assert text.returncode == 0 and "trainable" in text.stdout and "time" in text.stdout
+    assert "short sequences share a forward pass, up to 512 tokens" in text.stdout  # on CPU, packing: auto
 
 
 def test_plan_api_cli_with_cost_fields():

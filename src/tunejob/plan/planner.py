@@ -111,12 +111,13 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     shape = shape_from_path(model_path)
     seq_len = min(hp.max_seq_len, lengths[-1])
     device = "cuda" if gpu_memory_gb is not None else "cpu"
-    # the trainer's own rule: one sequence per forward pass on CPU, batch / accumulation on GPUs
+    # the trainer's own rules: one sequence (or a pack of short ones: train.packing) per forward pass on CPU, batch / accumulation on GPUs
     import torch
 
     from tunejob.train.batches import PACK_TOKENS, micro_batch_size
 
     micro = micro_batch_size(batch, hp.gradient_accumulation, spec.distributed.world_size, torch.device(device))
+    packing = PACK_TOKENS if device == "cpu" and hp.packing == "auto" and spec.method.type == "supervised" else 0  # if the model passes the check
     mixed = _precision(hp.mixed_precision, device, spec.quantization)
     mem = estimate_memory(shape, r=spec.lora.r, target=spec.lora.target_modules, quantization=spec.quantization,
                           dtype="bf16" if mixed == "bf16" else "fp32", micro_batch=micro, seq_len=seq_len,
@@ -133,9 +134,7 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
         "train_examples": len(train_seqs), "validation_examples": len(val_seqs),
         "tokens_per_epoch": tstats.tokens, "trained_tokens_per_epoch": tstats.trained_tokens,
         "tokens_per_example": {"min": lengths[0], "median": lengths[len(lengths) // 2], "max": lengths[-1]},
-        "mixed_precision": mixed, "epochs": epochs, "steps": steps, "batch_size": batch, "micro_batch": micro, "gradient_accumulation": hp.gradient_accumulation,
-        # the trainer's rule (train.packing.choose_packing): it keeps packing only if the model passes its check
-        "packing": PACK_TOKENS if device == "cpu" and hp.packing == "auto" and spec.method.type == "supervised" else 0,
+        "mixed_precision": mixed, "epochs": epochs, "steps": steps, "batch_size": batch, "micro_batch": micro, "packing": packing, "gradient_accumulation": hp.gradient_accumulation,
         "evaluations": evals, "trainable_parameters": mem.trainable_parameters, "total_parameters": mem.total_parameters,
         "trainable_percent": mem.trainable_percent, "memory": mem.to_dict(), "vocabulary": shape.vocab,
         # the loss runs the LM head only where a label is trained; over every position it would cost this
