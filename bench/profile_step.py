@@ -4,8 +4,8 @@ config as bench/train_throughput.py.
     python bench/profile_step.py --steps 4 --out bench/results/profile_step.txt
     python bench/profile_step.py --model /path/to/tiny --steps 1 --examples 16   # smoke size
 
-Runs the trainer's own step (micro_batch_size, forward_loss, backward, clip, AdamW) on the same
-length-grouped batches, one warm-up step unprofiled, then `--steps` profiled. Prints the phases
+Runs the trainer's own step (micro_batch_size or, with --packing auto, the trainer's packs of short
+sequences after its check; forward_loss, backward, clip, AdamW) on the same length-grouped batches, one warm-up step unprofiled, then `--steps` profiled. Prints the phases
 (forward / backward / optimizer, wall time) and the operators by self CPU time.
 """
 
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=200)
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--precision", default="auto", choices=["auto", "no", "bf16"], help="hyperparameters.mixed_precision")
+    ap.add_argument("--packing", default="auto", choices=["auto", "off"], help="hyperparameters.packing")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -39,8 +40,9 @@ def main() -> None:
     from tunejob.data.sequences import encode_examples
     from tunejob.spec import parse_spec
     from tunejob.train.adapter import add_lora, load_model
-    from tunejob.train.batches import as_batch as _batch, autocast, batch_order, make_collator, micro_batch_size
-    from tunejob.train.loss import forward_loss
+    from tunejob.train.batches import autocast, batch_order, forward_batches, make_collator, micro_batch_size
+    from tunejob.train.loss import LossPath
+    from tunejob.train.packing import choose_packing
     from tunejob.train.precision import resolve
 
     model_path = args.model or str(default_model_path())
@@ -58,6 +60,8 @@ def main() -> None:
     order = batch_order([len(s.input_ids) for s in seqs], 4, 42, 0)
 
     micro = micro_batch_size(4, 1, 1, torch.device("cpu"))  # as the trainer splits a step
+    loss_path = LossPath()
+    pack_tokens = choose_packing(args.packing, "supervised", model, seqs, "cpu", loss_path, print)
     phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     tokens = 0
 
@@ -66,11 +70,10 @@ def main() -> None:
         batch_seqs = [seqs[j] for j in order[i]]
         n = sum(s.trained_tokens for s in batch_seqs)
         t_fwd = t_bwd = 0.0
-        for j in range(0, len(batch_seqs), micro):
-            batch = _batch(collate, batch_seqs[j : j + micro], torch.device("cpu"))
+        for batch in forward_batches(collate, batch_seqs, micro, torch.device("cpu"), pack_tokens):
             t0 = time.perf_counter()
             with record_function("forward"), autocast(torch.device("cpu"), mixed == "bf16"):
-                loss, _, _ = forward_loss(model, batch)
+                loss, _, _ = loss_path(model, batch)
             t1 = time.perf_counter()
             with record_function("backward"):
                 (loss / n).backward()
@@ -92,7 +95,8 @@ def main() -> None:
         for i in range(1, args.steps + 1):
             step(i, timed=True)
     total = sum(phases.values())
-    lines = [f"model {model_path}; {'bf16' if mixed == 'bf16' else 'fp32'}; {args.steps} profiled steps, batch 4, {tokens:,} real tokens; torch {torch.__version__}, "
+    lines = [f"model {model_path}; {'bf16' if mixed == 'bf16' else 'fp32'}; {args.steps} profiled steps, batch 4, {tokens:,} real tokens, "
+             f"{f'packed up to {pack_tokens} tokens' if pack_tokens else f'{micro} per forward pass'}; torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads", "",
              "phase       seconds   share"]
     lines += [f"{k:<10} {v:8.2f}   {100 * v / total:5.1f}%" for k, v in phases.items()]

@@ -17,12 +17,16 @@ Configurations (each in its own process, so its peak RSS is its own):
   trl-padding-free SFTConfig(padding_free=True)
   trl-grouped      train_sampling_strategy="group_by_length" (transformers' length-grouped sampler)
   trl-default-bs1  one unpadded sequence per forward pass: per_device_train_batch_size=1 with
-                   gradient_accumulation_steps=4 (the same 4 sequences a step; what tunejob does on CPU)
+                   gradient_accumulation_steps=4 (the same 4 sequences a step; what tunejob did on CPU
+                   before packing)
   *-bf16           the same with bf16=True and the base loaded in bf16 (TRL's strongest CPU setting);
                    run only where this CPU's bf16 matmul beats fp32 (AMX / AVX512-BF16)
   tunejob-fp32     mixed_precision: no
   tunejob-bf16     mixed_precision: bf16 (frozen base stored in bf16)
   tunejob-auto     mixed_precision: auto; resolves per machine (train/precision.py), recorded in the report
+  every tunejob row runs with hyperparameters.packing: auto (the default: short sequences share a
+  forward pass on CPU once the model passes the check, train/packing.py); `packing` in the JSON
+  records the tokens per packed pass, or null where it ran one sequence per pass
 
 Held-out: whole base conversations are held out first (default 100 of the 132 Sales Companion
 ones); training rows are those left plus joins of them (2-4 conversations, 50 to ~1,000 tokens), so
@@ -166,7 +170,8 @@ def run_tunejob(model_path: str, train: list[dict], held: list[dict], max_len: i
             prev = r["tokens_seen"]
     processed = round(summary["tokens_seen"] / (1 - summary["padding_fraction"])) if summary.get("padding_fraction") is not None else None
     return {"seconds": seconds, "real_tokens": summary["tokens_seen"], "processed_tokens": processed,
-            "trained_tokens": summary["trained_tokens"], "adapter": str(out / "run" / "best"), "precision": summary["mixed_precision"]}
+            "trained_tokens": summary["trained_tokens"], "adapter": str(out / "run" / "best"), "precision": summary["mixed_precision"],
+            "packing": summary.get("pack_tokens")}
 
 
 def held_out_loss(model_path: str, adapter: str | None, held: list[dict], max_len: int) -> float:
@@ -233,6 +238,8 @@ def summarise(runs: list[dict], n_params: int, peak: dict) -> dict:
         r["real_tokens_per_s"] = round(r["real_tokens"] / r["seconds"], 1)
     out = {"real_tokens_per_s": ms("real_tokens_per_s"), "final_valid_loss": ms("final_valid_loss"), "peak_rss_mb": ms("peak_rss_mb"),
            "precision": runs[0]["precision"], "trained_tokens": runs[0]["trained_tokens"], "real_tokens": runs[0]["real_tokens"]}
+    if "packing" in runs[0]:  # tunejob rows: tokens per packed forward pass, or None (one sequence per pass)
+        out["packing"] = runs[0]["packing"]
     if runs[0].get("processed_tokens"):
         out["padding_fraction"] = round(1 - runs[0]["real_tokens"] / runs[0]["processed_tokens"], 3)
     own_peak = peak["bf16" if out["precision"] == "bf16" else "fp32"]
