@@ -153,3 +153,10 @@ def test_training_with_and_without_packing_gives_the_same_losses(tmp_path, tiny_
     evals = [[r["valid_loss"] for r in recs if r["kind"] == "eval"] for recs in (precs, rrecs)]
     assert len(evals[0]) == 1 and evals[0] == pytest.approx(evals[1], rel=1e-4)
     assert packed["padding_fraction"] == 0.0 and packed["tokens_seen"] == plain["tokens_seen"]
+
+
+def test_packing_off_is_refused_for_an_api_backend():
+    from tunejob.errors import SpecError
+
+    with pytest.raises(SpecError, match="hyperparameters.packing: the openai service batches its own way"):
+        parse_spec("backend: openai\nmodel: gpt-4o-mini-2024-07-18\ndata: {train: t}\nhyperparameters: {packing: off}\n")
