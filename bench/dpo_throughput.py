@@ -49,15 +49,18 @@ from tunejob.train.precision import cpu_model
 BATCH, LR, BETA = 4, 5e-6, 0.1
 
 
-def make_pairs(n: int, seed: int = 0) -> list[dict]:
+def make_pairs(n: int, seed: int = 0, fits=lambda messages: True) -> list[dict]:
+    """n pairs whose two sides each fit (`fits`: the whole conversation within max_len), so that
+    neither trainer truncates and both train the same tokens."""
     rows = [json.loads(line)["messages"] for line in SAMPLE.read_text().splitlines()]
     rng, pairs = random.Random(seed), []
     while len(pairs) < n:
+        before = len(pairs)
         for i, msgs in enumerate(rows):
             last = max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
             other = rows[(i + rng.randrange(1, len(rows))) % len(rows)]
             wrong = other[max(k for k, m in enumerate(other) if m["role"] == "assistant")]
-            if wrong["content"] == msgs[last]["content"]:
+            if wrong["content"] == msgs[last]["content"] or not (fits(msgs[: last + 1]) and fits(msgs[:last] + [wrong])):
                 continue
             # the copy number keeps repeated prompts distinct (tunejob refuses duplicate lines)
             prompt = [dict(m) for m in msgs[:last]]
@@ -65,7 +68,18 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
             pairs.append({"input": {"messages": prompt}, "preferred_output": [msgs[last]], "non_preferred_output": [wrong]})
             if len(pairs) == n:
                 break
+        if len(pairs) == before:
+            raise SystemExit("no Sales Companion pair fits --max-len: raise it")
     return pairs
+
+
+def fits_within(model_path: str, max_len: int):
+    """Whether a conversation, as the model's chat template renders it (+ 8 tokens of margin for
+    the copy number and either side's special tokens), fits in max_len tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    return lambda messages: len(tok(tok.apply_chat_template(messages, tokenize=False))["input_ids"]) + 8 <= max_len
 
 
 def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path, seed: int, micro: int = BATCH) -> dict:
@@ -108,7 +122,7 @@ def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, ou
     from tunejob.train.trainer import train
 
     write_jsonl(out / "train.jsonl", pairs)
-    write_jsonl(out / "val.jsonl", make_pairs(len(pairs) + 8)[-8:])
+    write_jsonl(out / "val.jsonl", make_pairs(len(pairs) + 8, fits=fits_within(model_path, max_len))[-8:])
     spec = parse_spec(
         f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"
         f"method: {{type: dpo, beta: {BETA}}}\n"
@@ -128,7 +142,7 @@ CONFIGS = {"trl": lambda *a: run_trl(*a, micro=BATCH), "trl-bs1": lambda *a: run
 
 
 def child(config: str, model_path: str, steps: int, max_len: int, seed: int, out: Path) -> None:
-    pairs = make_pairs(steps * BATCH)
+    pairs = make_pairs(steps * BATCH, fits=fits_within(model_path, max_len))
     r = CONFIGS[config](model_path, pairs, steps, max_len, out, seed)
     r["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print("RESULT " + json.dumps(r))
