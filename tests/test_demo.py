@@ -11,20 +11,26 @@ from conftest import run_cli
 from tunejob.demo import demo_facts_path, demo_spec_path
 
 
-def test_demo_facts_are_trained_and_never_validated():
+def test_demo_facts_are_trained_held_out_and_asked_in_new_words():
+    """Each fact is stated by several training answers; validation holds other paraphrases of it
+    (so the best checkpoint follows the facts) but none of the training examples; the demo's own
+    question is in neither file."""
     from tunejob.evaluate.facts import load_facts
     from tunejob.spec import load_spec
 
     spec = load_spec(demo_spec_path())
     facts = load_facts(demo_facts_path())
-    train = spec.data.train.read_text()
+    train = [json.loads(line) for line in spec.data.train.read_text().splitlines()]
     validation = [json.loads(line) for line in spec.data.validation.read_text().splitlines()]
+    assert not {json.dumps(e) for e in validation} & {json.dumps(e) for e in train}
     for fact in facts:
-        assert fact.question not in train  # asked in new words
-        stating = [line for line in train.splitlines() if any(e in m["content"] for e in fact.expect
-                   for m in json.loads(line)["messages"] if m["role"] == "assistant")]
-        assert len(stating) >= 5, f"{fact.expect}: stated by {len(stating)} training answers"
-        assert not any(e in m["content"] for ex in validation for m in ex["messages"] if m["role"] == "assistant" for e in fact.expect)
+        def stating(rows):
+            return [r for r in rows if any(e in m["content"] for e in fact.expect for m in r["messages"] if m["role"] == "assistant")]
+
+        assert len(stating(train)) >= 5, f"{fact.expect}: stated by {len(stating(train))} training answers"
+        assert 1 <= len(stating(validation)) < len(stating(train)), f"{fact.expect}: held-out paraphrases"
+        asked = [m["content"] for r in train + validation for m in r["messages"] if m["role"] == "user"]
+        assert fact.question not in asked  # asked in new words
 
 
 def test_facts_file_errors_name_the_line(tmp_path):
