@@ -130,6 +130,8 @@ def streams_report(args, model: str) -> dict:
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "model": model, "max_tokens": args.max_tokens,
               "requests_per_stream": args.stream_requests, "chat_dtype": args.chat_dtype, "serve_args": args.serve_arg,
               "fine_tuned": args.fine_tuned, "llama_cpp": _llama_cpp_build() if args.llama_cpp else None}
+    for kind in filter(None, args.llama_cpp.split(",")):  # llama.cpp itself on the same file: the bar to reach
+        report[f"llama_cpp_itself_{kind}"] = _llama_cpp_itself(model, kind, args.max_tokens)
     for name, flags in servers.items():
         with tempfile.TemporaryDirectory() as tmp:
             port, log = free_port(), Path(tmp) / "server.log"
@@ -163,6 +165,38 @@ def _llama_cpp_build() -> dict:
     import llama_cpp
 
     return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+
+
+def _llama_cpp_itself(model: str, kind: str, max_tokens: int) -> dict:
+    """One greedy stream in llama-cpp-python's own Llama (its sampler, its loop; the GGUF file the
+    server converts, the prompt the server renders), on all cores, beside the weight-read bound:
+    the tensor bytes each token reads (every weight, the tied or untied head included) over the
+    read bandwidth of a 1 GiB pass measured here (torch sum on every core, best of 5)."""
+    from llama_cpp import Llama
+
+    from tunejob.server.inference.gguf_files import GgufFiles
+    from tunejob.train.models import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = GgufFiles(Path(tmp), kind, log=lambda m: None).base(model)
+        size = path.stat().st_size
+        prompt = load_tokenizer(model).apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+        llm = Llama(str(path), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+        llm.create_completion(prompt, max_tokens=8, temperature=0.0)  # warm-up
+        t = time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+        wall = time.perf_counter() - t
+    import torch
+
+    torch.set_num_threads(os.cpu_count())  # every core reads, as llama.cpp's threads do
+    buf, read = torch.ones(2**28), []
+    for _ in range(5):
+        t = time.perf_counter()
+        buf.sum()
+        read.append(buf.numel() * 4 / (time.perf_counter() - t))
+    tokens = out["usage"]["completion_tokens"]
+    return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1), "gguf_bytes": size,
+            "read_gb_per_s": round(max(read) / 1e9, 2), "weight_read_bound_tokens_per_s": round(max(read) / size, 1)}
 
 
 def _fine_tuned(url: str) -> str:

@@ -24,9 +24,10 @@ Configurations (each in its own process, so its peak RSS is its own):
   tunejob-fp32     mixed_precision: no
   tunejob-bf16     mixed_precision: bf16 (frozen base stored in bf16)
   tunejob-auto     mixed_precision: auto; resolves per machine (train/precision.py), recorded in the report
-  every tunejob row runs with hyperparameters.packing: auto (the default: short sequences share a
-  forward pass on CPU once the model passes the check, train/packing.py); `packing` in the JSON
-  records the tokens per packed pass, or null where it ran one sequence per pass
+  tunejob-auto-unpacked  the same with hyperparameters.packing: off (one sequence per forward pass)
+  every other tunejob row runs with packing: auto (the default: short sequences share a forward
+  pass on CPU once the model passes the check, train/packing.py); `packing` in the JSON records
+  the tokens per packed pass, or null where it ran one sequence per pass
 
 Held-out: whole base conversations are held out first (default 100 of the 132 Sales Companion
 ones); training rows are those left plus joins of them (2-4 conversations, 50 to ~1,000 tokens), so
@@ -66,7 +67,7 @@ TRL = ("trl-default-gc", "trl-default", "trl-padding-free", "trl-grouped", "trl-
 # Batch 1 x accumulation 4 (issue 33) is TRL's fastest fair row on a CPU without bf16 units: it is in.
 MAIN = ("trl-default-gc", "trl-padding-free", "trl-grouped", "trl-default-bs1", "trl-padding-free-bf16", "trl-grouped-bf16",
         "trl-default-bs1-bf16", "tunejob-fp32", "tunejob-auto")
-TUNEJOB = ("tunejob-fp32", "tunejob-bf16", "tunejob-auto")
+TUNEJOB = ("tunejob-fp32", "tunejob-bf16", "tunejob-auto", "tunejob-auto-unpacked")
 
 
 def datasets_for(n_train: int, n_held: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -154,11 +155,12 @@ def run_tunejob(model_path: str, train: list[dict], held: list[dict], max_len: i
 
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", held[:1])  # the in-loop evaluation is not timed; the shared evaluator scores all
-    mp = {"tunejob-fp32": "no", "tunejob-bf16": "bf16", "tunejob-auto": "auto"}[config]
+    mp = {"tunejob-fp32": "no", "tunejob-bf16": "bf16", "tunejob-auto": "auto", "tunejob-auto-unpacked": "auto"}[config]
+    packing = "off" if config.endswith("-unpacked") else "auto"
     spec = parse_spec(
         f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"
         f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, epochs: 1, max_seq_len: {max_len}, warmup: 0, "
-        f"mixed_precision: {mp}, seed: {seed}}}\n"
+        f"mixed_precision: {mp}, seed: {seed}, packing: {packing}}}\n"
         f"lora: {{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}, target_modules: [q_proj, v_proj]}}\n"
         "checkpointing: {eval_steps: 100000, save_steps: 100000, early_stopping_patience: null}\n"
     )
