@@ -119,8 +119,11 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     micro = micro_batch_size(batch, hp.gradient_accumulation, spec.distributed.world_size, torch.device(device))
     packing = PACK_TOKENS if device == "cpu" and hp.packing == "auto" and spec.method.type == "supervised" else 0  # if the model passes the check
     mixed = _precision(hp.mixed_precision, device, spec.quantization)
+    # a pack's activations are those of one row as long as the pack: up to the budget, or the step's
+    # longest sequences together when they fill less (a sequence over the budget still goes alone)
+    forward_len = max(seq_len, min(packing, sum(min(n, hp.max_seq_len) for n in lengths[-batch:]))) if packing else seq_len
     mem = estimate_memory(shape, r=spec.lora.r, target=spec.lora.target_modules, quantization=spec.quantization,
-                          dtype="bf16" if mixed == "bf16" else "fp32", micro_batch=micro, seq_len=seq_len,
+                          dtype="bf16" if mixed == "bf16" else "fp32", micro_batch=micro, seq_len=forward_len,
                           trained_fraction=tstats.trained_tokens / max(tstats.tokens, 1), lora_dropout=spec.lora.dropout,
                           device=device, gpu_memory_gb=gpu_memory_gb)
     train_tokens = tstats.tokens * epochs if not hp.max_steps else int(tstats.tokens * steps / max(math.ceil(len(train_seqs) / batch), 1))
