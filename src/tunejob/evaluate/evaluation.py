@@ -154,7 +154,8 @@ def _side(model, side: str):
 def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
     from tunejob.data.sequences import encode_examples
     from tunejob.train.batches import make_collator, micro_batch_size
-    from tunejob.train.loss import evaluate
+    from tunejob.train.loss import LossPath, evaluate
+    from tunejob.train.packing import choose_packing
 
     hp = spec.hyperparameters
     seqs, _ = encode_examples(tokenizer, examples, hp.max_seq_len, hp.train_on)
@@ -162,11 +163,13 @@ def loss_scores(model, tokenizer, spec, examples: list[dict], device) -> dict:
         raise DataError("no held-out example has a trained token within max_seq_len; check the data")
     # Training's micro-batch: padding differs with the batching, and so would the last digits.
     micro = micro_batch_size(spec.resolved_batch_size(), hp.gradient_accumulation, 1, device)
-    collate = make_collator(tokenizer.pad_token_id)
+    collate, loss_path = make_collator(tokenizer.pad_token_id), LossPath()
+    # and training's packing (train/packing.py: the same check, so the same passes as its validation)
+    pack = choose_packing(hp.packing, spec.method.type, model, seqs, device, loss_path, say=lambda m: None)
     out = {"scored_examples": len(seqs), "scored_tokens": sum(s.trained_tokens for s in seqs)}
     for side in SIDES:
         with _side(model, side):
-            loss, accuracy = evaluate(model, seqs, collate, micro, device)
+            loss, accuracy = evaluate(model, seqs, collate, micro, device, loss_path=loss_path, pack_tokens=pack)
         # exp() overflows a float past 709; a loss that high means "no idea" either way
         out[side] = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "mean_token_accuracy": accuracy}
     return out
