@@ -115,9 +115,10 @@ def _plan_local(spec: JobSpec, gpu_memory_gb: float | None) -> dict:
     import torch
 
     from tunejob.train.batches import PACK_TOKENS, micro_batch_size
+    from tunejob.train.packing import applies
 
     micro = micro_batch_size(batch, hp.gradient_accumulation, spec.distributed.world_size, torch.device(device))
-    packing = PACK_TOKENS if device == "cpu" and hp.packing == "auto" and spec.method.type == "supervised" else 0  # if the model passes the check
+    packing = PACK_TOKENS if applies(hp.packing, spec.method.type, device) else 0  # if the model passes the check
     mixed = _precision(hp.mixed_precision, device, spec.quantization)
     # a pack's activations are those of one row as long as the pack: up to the budget, or the step's
     # longest sequences together when they fill less (a sequence over the budget still goes alone)

@@ -57,13 +57,19 @@ def _alone(seq, device) -> dict:
     return {"input_ids": row(seq.input_ids), "labels": row(seq.labels)}
 
 
+def applies(mode: str, method: str, device) -> bool:
+    """Whether packing is on the table at all (before the check): supervised training on CPU with
+    `hyperparameters.packing: auto`. `tunejob plan` asks the same question."""
+    return mode == "auto" and method == "supervised" and torch.device(device).type == "cpu"
+
+
 def choose_packing(mode: str, method: str, model, seqs: list, device, loss_path: LossPath, say,
                    budget: int = PACK_TOKENS) -> int:
     """Tokens per packed forward pass, or 0 for one sequence per pass. Packing is for supervised
     training on CPU (GPUs already batch: micro_batch_size; DPO and reinforcement need a row per
     sequence for their per-sequence sums) with `hyperparameters.packing: auto`, and only after
     check_packing passes on the shortest sequences (the fullest pack: the strictest check)."""
-    if mode == "off" or method != "supervised" or torch.device(device).type != "cpu":
+    if not applies(mode, method, device):
         return 0
     first = packs(sorted(seqs, key=lambda s: len(s.input_ids)), budget)[0]
     if len(first) < 2:  # no two sequences fit one pack: nothing to gain
