@@ -25,11 +25,13 @@ Each step's effect: `--serve-arg=--chat-batch=1` (one request at a time), `--fin
 adapter, merged from its 2nd request) with and without `--serve-arg=--chat-merge-mb=0`,
 `--chat-dtype bfloat16`, `--serve-arg=--chat-compile`. `--llama-cpp f16,q8_0` adds a row per GGUF type for
 `tunejob serve --engine llama.cpp` (the model converted once by the server, in the warm-up request;
-llama-cpp-python should be built for the machine's CPU, see the README):
+llama-cpp-python should be built for the machine's CPU, see the README), beside llama.cpp itself in
+this process on the same file and prompt (its own loop: no HTTP), and with `--llama-cpp-server`
+llama-cpp-python's OpenAI server on that file (the same client and HTTP as tunejob serve):
 
     python bench/serve_latency.py --streams 1,4,8 --stream-requests 4 --max-tokens 128 --transformers-serve \
         --out bench/results/serve_streams.json
-    python bench/serve_latency.py --streams 1,8 --stream-requests 4 --max-tokens 128 --llama-cpp f16,q8_0 \
+    python bench/serve_latency.py --streams 1,8 --stream-requests 4 --max-tokens 128 --llama-cpp f16,q8_0 --llama-cpp-server \
         --out bench/results/serve_streams_llama_cpp.json
     python bench/serve_latency.py --model /path/to/tiny --streams 1,2 --stream-requests 1 --max-tokens 4 --transformers-serve  # smoke
 """
@@ -47,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import publish
+from report import publish, read_bandwidth
 from tunejob.server.run import free_port, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +129,8 @@ def streams_report(args, model: str) -> dict:
         servers[f"tunejob_serve_llama_cpp_{kind}"] = ["--engine", "llama.cpp", "--chat-gguf-type", kind]
     if args.transformers_serve:
         servers.update({"transformers_serve": [], "transformers_serve_continuous_batching": ["--continuous-batching"]})
+    if args.llama_cpp_server:  # what a user picks instead to serve a GGUF: the same client, over HTTP too
+        servers.update({f"llama_cpp_server_{kind}": [kind] for kind in filter(None, args.llama_cpp.split(","))})
     report = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "model": model, "max_tokens": args.max_tokens,
               "requests_per_stream": args.stream_requests, "chat_dtype": args.chat_dtype, "serve_args": args.serve_arg,
               "fine_tuned": args.fine_tuned, "llama_cpp": _llama_cpp_build() if args.llama_cpp else None}
@@ -142,11 +146,12 @@ def streams_report(args, model: str) -> dict:
                 if args.fine_tuned:
                     name_in_api = _fine_tuned(url)
             else:
-                proc = _start_transformers_serve(model, port, log, flags, args.chat_dtype)
+                start = _start_llama_cpp_server if name.startswith("llama_cpp_server") else _start_transformers_serve
+                proc = start(model, port, log, flags, args.chat_dtype)
                 if isinstance(proc, str):
                     report[name] = {"error": proc}
                     continue
-                url, key, name_in_api = f"http://127.0.0.1:{port}/v1", "unused", model
+                url, key, name_in_api = f"http://127.0.0.1:{port}/v1", "unused", "default" if name.startswith("llama_cpp_server") else model
             try:
                 warm = stream_load(url, key, name_in_api, 1, 1, 2)
                 report[name] = [stream_load(url, key, name_in_api, n, args.stream_requests, args.max_tokens) for n in counts] if warm["requests"] else {"error": warm["failures"]}
@@ -186,17 +191,10 @@ def _llama_cpp_itself(model: str, kind: str, max_tokens: int) -> dict:
         t = time.perf_counter()
         out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
         wall = time.perf_counter() - t
-    import torch
-
-    torch.set_num_threads(os.cpu_count())  # every core reads, as llama.cpp's threads do
-    buf, read = torch.ones(2**28), []
-    for _ in range(5):
-        t = time.perf_counter()
-        buf.sum()
-        read.append(buf.numel() * 4 / (time.perf_counter() - t))
+    read = read_bandwidth()
     tokens = out["usage"]["completion_tokens"]
     return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1), "gguf_bytes": size,
-            "read_gb_per_s": round(max(read) / 1e9, 2), "weight_read_bound_tokens_per_s": round(max(read) / size, 1)}
+            "read_gb_per_s": round(read / 1e9, 2), "weight_read_bound_tokens_per_s": round(read / size, 1)}
 
 
 def _fine_tuned(url: str) -> str:
@@ -227,6 +225,24 @@ def _start_transformers_serve(model: str, port: int, log: Path, flags: list[str]
     return proc
 
 
+def _start_llama_cpp_server(model: str, port: int, log: Path, flags: list[str], dtype: str):
+    """llama-cpp-python's OpenAI server on the GGUF that tunejob serve converts (the `kind` in
+    flags), all cores, the template in the GGUF; or why it did not start. It answers one request at
+    a time (its own lock): N streams queue there, they batch in tunejob serve."""
+    from tunejob.server.inference.gguf_files import GgufFiles
+
+    path = GgufFiles(log.parent / "gguf", flags[0], log=lambda m: None).base(model)
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "default", "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "4096", "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/v1/models", proc, timeout=300)
+    except RuntimeError as exc:
+        proc.kill()
+        return f"{exc}: {log.read_text()[-500:]}"
+    return proc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
@@ -238,6 +254,8 @@ def main() -> None:
     ap.add_argument("--stream-requests", type=int, default=4, help="requests each stream sends, one after the other")
     ap.add_argument("--transformers-serve", action="store_true", help="the same load against `transformers serve` (+ continuous batching)")
     ap.add_argument("--llama-cpp", default="", help="GGUF types to run `tunejob serve --engine llama.cpp` with, a row each, e.g. f16,q8_0")
+    ap.add_argument("--llama-cpp-server", action="store_true", help="with --llama-cpp: a row for llama-cpp-python's own OpenAI server "
+                    "(`python -m llama_cpp.server`, needs its [server] extras) on each GGUF type")
     ap.add_argument("--fine-tuned", action="store_true", help="streams chat with a fine-tuned model (a 2-step job) instead of the base")
     ap.add_argument("--serve-arg", action="append", default=[], help="an extra `tunejob serve` option, e.g. --serve-arg=--chat-batch=1 "
                     "(one at a time), --serve-arg=--chat-merge-mb=0 (unmerged), --serve-arg=--chat-compile")

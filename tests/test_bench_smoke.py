@@ -87,3 +87,12 @@ def test_profile_decode_smoke(tmp_path, tiny_model):
     r = json.loads(run_bench("profile_decode.py", tmp_path / "d.json", "--model", str(tiny_model), "--steps", "2", "--threads", "1", timeout=300))
     assert [b["rows"] for b in r["batch"]] == [1, 8] and all(b["tokens_per_s"] > 0 for b in r["batch"])
     assert "aten::mm" in r["batch"][0]["top_ops_self_cpu_share"] and r["weight_read_ms"] > 0 and r["weights_mb"] > 0
+
+
+def test_profile_decode_llama_cpp_smoke(tmp_path, tiny_model):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the export extra: make setup / pip install -e .[export]")
+    r = json.loads(run_bench("profile_decode.py", tmp_path / "d.json", "--model", str(tiny_model), "--steps", "2", "--threads", "1",
+                             "--engine", "llama.cpp", "--gguf-type", "f32", timeout=300))
+    assert [b["rows"] for b in r["batch"]] == [1, 8] and r["gguf_bytes"] > 0 and r["weight_read_bound_tokens_per_s"] > 0
+    for b in r["batch"]:  # the engine's step and llama.cpp's bare step, each timed
+        assert b["tokens_per_s"] > 0 and b["llama_cpp_bare_tokens_per_s"] > 0 and b["top_functions_own_time_share"]

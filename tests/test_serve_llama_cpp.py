@@ -44,7 +44,7 @@ def served(tmp_path_factory, tiny_model):
     ckpt, _ = adapted_checkpoint(tiny_model, root / "ckpt", scale=0.2)
     unsupported = root / "qwen3"
     Qwen3Config(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).save_pretrained(unsupported)
-    server = Server(root / "data", tiny_model, ("--engine", "llama.cpp", "--chat-gguf-type", "f32", "--chat-threads", "1",
+    server = Server(root / "data", tiny_model, ("--engine", "llama.cpp", "--chat-gguf-type", "f32", "--chat-threads", "1", "--chat-kv-tokens", "1024",
                                                  "--alias", f"{FT}={ckpt}", "--model", f"qwen3={unsupported}")).start()
     try:
         yield server, ckpt, _local_answers(tiny_model, ckpt)
@@ -108,6 +108,19 @@ def test_a_model_llama_cpp_cannot_run_is_a_400_naming_the_model(served):
     body = err.value.body
     assert err.value.status_code == 400 and body["param"] == "model" and "--engine local" in body["message"]
     assert "qwen3" in body["message"]  # the reason: export supports llama, mistral, qwen2, gemma3_text
+
+
+def test_the_kv_pool_is_capped_and_a_chat_longer_than_it_is_openais_400(served):
+    """--chat-kv-tokens 1024 under the tiny model's 2,048-token context: the pool has 1,024 cells, and a
+    chat that fits the model but not the pool is refused before it is queued, not cut off mid-answer."""
+    server, _, _ = served
+    c = client(server)
+    c.chat.completions.create(model="default", **ASK)  # the base is loaded
+    assert "(1024 KV cells" in server.log.read_text()
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="default", messages=ASK["messages"], max_tokens=1500)
+    assert err.value.code == "context_length_exceeded" and "maximum context length is 1024 tokens" in err.value.message
+    assert c.chat.completions.create(model="default", messages=ASK["messages"], max_tokens=4).choices[0].finish_reason == "length"
 
 
 def test_concurrent_clients_share_steps_and_each_gets_its_own_answer(served):

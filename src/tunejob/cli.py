@@ -232,6 +232,7 @@ def serve(
     chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = SERVE.chat_compile,
     engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched), llama.cpp (this process, the model exported to GGUF and run by llama-cpp-python: faster on CPU) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine(SERVE.engine),
     chat_gguf_type: Annotated[GgufType, typer.Option(help="GGUF type the llama.cpp engine converts base models to (once, cached in the data dir): f16, q8_0 (faster, rounder) or f32 (the reference).")] = GgufType(SERVE.chat_gguf_type),
+    chat_kv_tokens: Annotated[int, typer.Option(min=64, help="KV cells the llama.cpp engine allocates per base model, for all its rows (the model's context where smaller); longer chats get 400.")] = SERVE.chat_kv_tokens,
     vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,
     alias: Annotated[Optional[list[str]], typer.Option("--alias", help="Keep an old model name answering: 'ft:...=RUN_DIR' or a migration folder (repeatable).")] = None,
 ) -> None:
@@ -241,7 +242,8 @@ def serve(
     caps = {"max_epochs": max_epochs, "max_steps": max_steps, "max_seq_len": max_seq_len, "max_processes": max_processes,
             "max_batch_size": max_batch_size, "max_body_bytes": int(max_body_mb * 2**20), "chat_batch": chat_batch,
             "chat_dtype": chat_dtype.value, "chat_merged_copies": chat_merged_copies, "chat_merge_mb": chat_merge_mb,
-            "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url, "chat_gguf_type": chat_gguf_type.value}
+            "chat_compile": chat_compile, "engine": engine.value, "vllm_url": vllm_url, "chat_gguf_type": chat_gguf_type.value,
+            "chat_kv_tokens": chat_kv_tokens}
     _serve(host, port, data_dir, api_key or [], keys_file, default_model, model or [], max_upload_mb, caps,
            train_threads=train_threads, chat_threads=chat_threads, chat_queue=chat_queue,
            executor={"executor": executor.value, "slots": slots, "ray_address": ray_address, "node_retries": node_retries}, aliases=alias)

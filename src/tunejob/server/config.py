@@ -54,6 +54,10 @@ class ServerConfig:
     chat_compile: bool = False  # torch.compile chat's forward (server/inference/weights.py); off until measured to pay
     engine: str = "local"  # "local" (this process), "llama.cpp" (this process, llama.cpp's forward: server/inference/llama.py) or "vllm" (chat forwarded to a vLLM server: server/inference/vllm.py)
     chat_gguf_type: str = "f16"  # engine llama.cpp: the GGUF type the base is converted to (f16, q8_0 or f32)
+    # engine llama.cpp: the KV cells a base's context holds for all its rows together, allocated when
+    # the base loads (the model's context where smaller). Not the model's context as such: an 8B model
+    # with a 128k context would take 16 GB in f16 before its first token. A chat longer gets OpenAI's 400.
+    chat_kv_tokens: int = 16384
     vllm_url: str | None = None  # the vLLM server's base URL, e.g. http://127.0.0.1:8001 (engine "vllm")
     aliases: dict[str, str] = field(default_factory=dict)  # old model name -> run dir (server/api/aliases.py)
     # This server's own API, e.g. http://127.0.0.1:8000/v1 (run.serve sets it): score_model graders

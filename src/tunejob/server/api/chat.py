@@ -160,7 +160,7 @@ def _llama_cpp(config, log) -> dict:
     from tunejob.server.inference.llama import LlamaBatch, LlamaWeights
 
     files = GgufFiles(config.data_dir / "gguf", config.chat_gguf_type, log=log)
-    return {"weights": LlamaWeights(files, config.chat_batch, log=log), "batch": LlamaBatch}
+    return {"weights": LlamaWeights(files, config.chat_batch, log=log, kv_tokens=config.chat_kv_tokens), "batch": LlamaBatch}
 
 
 def router(state: ServerState) -> APIRouter:
@@ -173,7 +173,7 @@ def router(state: ServerState) -> APIRouter:
     engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue, log=log, options=options,
                     **_llama_cpp(config, log))
     api.add_event_handler("shutdown", engine.stop)
-    forward = None
+    forward, kv_tokens = None, config.chat_kv_tokens if config.engine == "llama.cpp" else None
     if config.engine == "vllm":
         from tunejob.server.inference.vllm import VllmEngine
 
@@ -188,7 +188,7 @@ def router(state: ServerState) -> APIRouter:
         if forward is not None:  # the vLLM engine: the model is resolved for this key here, generated there
             return await forward.chat(body, name, adapter)
         await run_in_threadpool(engine.weights.check, base_path, adapter)  # llama.cpp's 400 for a model it cannot run
-        chat = await run_in_threadpool(context.fit, base_path, chat, body)  # OpenAI's 400 context_length_exceeded
+        chat = await run_in_threadpool(context.fit, base_path, chat, body, kv_tokens)  # OpenAI's 400 context_length_exceeded
         gen = Generation(base_path, adapter, chat, stream, asyncio.get_running_loop())
         try:
             engine.submit(gen)  # raises the shutdown's 503 once the server is stopping

@@ -55,11 +55,14 @@ def exceeded(limit: int, prompt: int, completion: int | None) -> ApiError:
                     code="context_length_exceeded")
 
 
-def fit(base_path: str, chat: ChatRequest, body: dict) -> ChatRequest:
+def fit(base_path: str, chat: ChatRequest, body: dict, cells: int | None = None) -> ChatRequest:
     """`chat` if it fits the model's context (its max_tokens cut to the room left when the body
-    gave none), else the 400. Tokenizes the whole prompt: call it off the event loop."""
+    gave none), else the 400. `cells`: an engine's own smaller limit (llama.cpp's KV cells, which
+    a row alone must fit). Tokenizes the whole prompt: call it off the event loop."""
     with _lock:
         tokenizer, limit = _model(base_path)
+        if cells is not None:
+            limit = cells if limit is None else min(limit, cells)
         if limit is None:
             return chat
         prompt = int(prompt_inputs(tokenizer, chat, "cpu")["input_ids"].shape[1])

@@ -23,7 +23,8 @@ would hold a private copy of the base.
 Batching: rows decode together as llama.cpp sequences of one context (one `llama_decode` per step
 for the rows of each adapter), up to --chat-batch of them, because on CPU a step is bound by
 reading the weights, which a batch reads once. The KV cache is one pool of cells (`kv_unified`)
-as large as the model's context, allocated up front; a row joins only while the rows in it still
+as large as the model's context or --chat-kv-tokens where smaller (api/context.fit refuses a chat
+longer than the pool with OpenAI's 400), allocated when the base loads; a row joins only while the rows in it still
 fit in the pool at their full prompt + max_tokens, so a decode never runs out of cells mid-answer
 (the oldest waiting row goes first, as in the local engine).
 
@@ -82,10 +83,10 @@ class LoadedBase:
 class LlamaWeights:
     """engine/batch.Weights for llama.cpp: bases and adapters loaded once, for the chat thread."""
 
-    def __init__(self, files: GgufFiles, max_batch: int, log=print):
+    def __init__(self, files: GgufFiles, max_batch: int, log=print, kv_tokens: int = 16384):
         import llama_cpp
 
-        self.llama, self.files, self.max_batch, self.log = llama_cpp, files, max_batch, log
+        self.llama, self.files, self.max_batch, self.log, self.kv_tokens = llama_cpp, files, max_batch, log, kv_tokens
         self._bases: dict[str, LoadedBase] = {}
         self._threads = 1
         self._lock = threading.Lock()
@@ -146,7 +147,7 @@ class LlamaWeights:
         if not model:
             raise RuntimeError(f"llama.cpp could not load {path}")
         params = llama.llama_context_default_params()
-        params.n_ctx = params.n_batch = cells = llama.llama_model_n_ctx_train(model)
+        params.n_ctx = params.n_batch = cells = min(llama.llama_model_n_ctx_train(model), self.kv_tokens)
         params.n_seq_max, params.kv_unified, params.no_perf = self.max_batch, True, True
         params.n_threads = params.n_threads_batch = self._threads
         if self.files.kind == "f32":  # f32 is the reference: an f32 KV cache and no flash attention (f16 inside) keep
