@@ -42,17 +42,22 @@ def _rows(target, n: int):
     return out
 
 
+def _seconds_a_step(step, steps: int) -> float:
+    """Mean seconds of `step()` over `steps` calls, after 5 warm-up calls."""
+    for _ in range(5):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
 def _batch_figures(weights, target, n: int, steps: int) -> dict:
     from tunejob.engine.batch import Batch
 
     batch = Batch(weights, target.key, max(n, 1))
     batch.join(_rows(target, n))
-    for _ in range(5):
-        batch.step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        batch.step()
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = _seconds_a_step(batch.step, steps)
     with torch.profiler.profile() as prof:
         for _ in range(10):
             batch.step()
@@ -90,12 +95,7 @@ def _llama_step_figures(weights, target, n: int, steps: int) -> dict:
 
     batch = LlamaBatch(weights, target.key, n)
     batch.join(_rows(target, n))
-    for _ in range(5):
-        batch.step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        batch.step()
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = _seconds_a_step(batch.step, steps)
     prof = cProfile.Profile()
     prof.runcall(lambda: [batch.step() for _ in range(10)])
     stats = pstats.Stats(prof)
@@ -133,12 +133,7 @@ def _llama_bare(weights, target, n: int, steps: int) -> float:
             tokens[s] = int(np.argmax(np.ctypeslib.as_array(llama.llama_get_logits_ith(base.context, s), shape=(base.vocab,))))
         pos += 1
 
-    for _ in range(5):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - t0) / steps
+    seconds = _seconds_a_step(step, steps)
     llama.llama_memory_clear(base.memory, True)
     return seconds
 

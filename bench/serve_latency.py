@@ -215,10 +215,15 @@ def _fine_tuned(url: str) -> str:
 def _start_transformers_serve(model: str, port: int, log: Path, flags: list[str], dtype: str):
     """`transformers serve MODEL` on loopback, or why it did not start (the report says so)."""
     exe = Path(sys.executable).with_name("transformers")
-    proc = subprocess.Popen([str(exe), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", dtype, *flags],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    cmd = [str(exe), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", dtype, *flags]
+    return _start(cmd, f"http://127.0.0.1:{port}/health", log)
+
+
+def _start(cmd: list[str], ready_url: str, log: Path):
+    """A server process once `ready_url` answers, or why it did not start (the report says so)."""
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/health", proc, timeout=300)
+        wait_until_up(ready_url, proc, timeout=300)
     except RuntimeError as exc:
         proc.kill()
         return f"{exc}: {log.read_text()[-500:]}"
@@ -234,13 +239,7 @@ def _start_llama_cpp_server(model: str, port: int, log: Path, flags: list[str], 
     path = GgufFiles(log.parent / "gguf", flags[0], log=lambda m: None).base(model)
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "default", "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "4096", "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())]
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/v1/models", proc, timeout=300)
-    except RuntimeError as exc:
-        proc.kill()
-        return f"{exc}: {log.read_text()[-500:]}"
-    return proc
+    return _start(cmd, f"http://127.0.0.1:{port}/v1/models", log)
 
 
 def main() -> None:
