@@ -146,10 +146,12 @@ def test_sigterm_stops_the_group_after_the_step_in_flight_and_a_rerun_resumes(tm
     from ray.util.state import list_actors
 
     data = write_chat_data(tmp_path / "d.jsonl", 32)
-    steps, out = 30, tmp_path / "run"  # 5 epochs of 6 steps (0.1-0.3 s each): the stop lands well before the end
+    # 20 epochs of 6 steps: packed, a step of the tiny model takes ~0.05 s, and the stop landed 18 steps
+    # after the SIGTERM (the driver's handler, the workers' poll of the stop file): 30 steps ran out once in CI
+    steps, out = 120, tmp_path / "run"
     # evaluations (each new best is saved) and checkpoints every 12 steps: the stop's checkpoint is its own
     job = tmp_path / "job.yaml"
-    job.write_text(spec_text(tiny_model, data, out, epochs=5).replace("eval_steps: 3, save_steps: 3", "eval_steps: 12, save_steps: 12")
+    job.write_text(spec_text(tiny_model, data, out, epochs=20).replace("eval_steps: 3, save_steps: 3", "eval_steps: 12, save_steps: 12")
                    + "distributed: {processes: 1, nodes: 2}\n")
     command = [sys.executable, "-m", "tunejob", "run", str(job), "--ray-address", gcs(cluster)]
     with (tmp_path / "driver.log").open("w") as log:

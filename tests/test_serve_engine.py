@@ -11,6 +11,7 @@ import threading
 import time
 
 import openai
+import pytest
 
 from conftest import write_chat_data
 from test_serve import KEY_A, Server, client, wait_status
@@ -71,7 +72,19 @@ def _mixed_calls(c: openai.OpenAI, file_id: str, job_id: str, upload, until: flo
 
 
 def test_the_api_answers_while_a_job_trains_and_a_chat_generates(tmp_path, long_context_model):
-    server = Server(tmp_path / "data", long_context_model, ("--chat-queue", "2")).start()
+    _api_under_load(tmp_path, long_context_model)
+
+
+def test_under_the_llama_cpp_engine_too(tmp_path, long_context_model):
+    """The same load with chat's forward passes in llama.cpp (its threads started by the niced chat
+    thread, so they yield to the training child as torch's do). Its KV pool (8,192 cells here) holds
+    one 4,096-token stream: the second waits in the queue, still counted by the 429."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the export extra: make setup / pip install -e .[export]")
+    _api_under_load(tmp_path, long_context_model, ("--engine", "llama.cpp"))
+
+
+def _api_under_load(tmp_path, model, engine: tuple[str, ...] = ()) -> None:
+    server = Server(tmp_path / "data", model, ("--chat-queue", "2", *engine)).start()
     try:
         c = client(server)
         train = write_chat_data(tmp_path / "t.jsonl", 200)
