@@ -47,6 +47,10 @@ class Decoding:
         self.constraint: grammar.Constraint | None = None
         self.counts: torch.Tensor | None = None  # times each token was generated, for the penalties
         self.logprobs: list[TokenLogprob] = []
+        # greedy with no penalty, grammar or logprobs: the token is the logits' argmax as they come
+        # (server/inference/llama.py takes it from llama.cpp's buffer without making a tensor)
+        self.plain_greedy = (getattr(request, "temperature", 0) <= 0 and not self.presence and not self.frequency
+                             and self.schema is None and self.top_logprobs is None)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The logits after the penalties and the grammar's mask."""

@@ -243,5 +243,6 @@ class LlamaBatch:
             if code != 0:
                 raise RuntimeError(f"llama.cpp's decode failed (code {code}) on {n} tokens of {len(group)} rows")
             for row, i in zip(group, last):
+                # a view of llama.cpp's buffer, read before the next decode overwrites it
                 logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(base.context, i), shape=(base.vocab,))
-                row.add(row.decoding.pick(torch.tensor(logits)))
+                row.add(int(logits.argmax()) if row.decoding.plain_greedy else row.decoding.pick(torch.from_numpy(logits)))
