@@ -81,8 +81,9 @@ def percentile(xs: list[float], q: float) -> float:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
 
 
-def stream_load(base_url: str, api_key: str, model: str, streams: int, requests: int, max_tokens: int) -> dict:
-    """`streams` clients at once, each streaming `requests` greedy chats one after the other."""
+def stream_load(base_url: str, api_key: str, model: str, streams: int, requests: int, max_tokens: int, extra: dict | None = None) -> dict:
+    """`streams` clients at once, each streaming `requests` greedy chats one after the other
+    (`extra`: a server's own body fields, sent as extra_body)."""
     from openai import OpenAI
 
     ttft, latency, tokens, failures = [], [], [], []
@@ -93,7 +94,7 @@ def stream_load(base_url: str, api_key: str, model: str, streams: int, requests:
             t, first, used, pieces = time.perf_counter(), None, None, 0
             try:
                 for chunk in c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
-                                                       stream=True, stream_options={"include_usage": True}):
+                                                       stream=True, stream_options={"include_usage": True}, extra_body=extra):
                     if chunk.choices and chunk.choices[0].delta.content:
                         first, pieces = first or time.perf_counter(), pieces + 1
                     if chunk.usage:
@@ -153,8 +154,12 @@ def streams_report(args, model: str) -> dict:
                     continue
                 url, key, name_in_api = f"http://127.0.0.1:{port}/v1", "unused", "default" if name.startswith("llama_cpp_server") else model
             try:
-                warm = stream_load(url, key, name_in_api, 1, 1, 2)
-                report[name] = [stream_load(url, key, name_in_api, n, args.stream_requests, args.max_tokens) for n in counts] if warm["requests"] else {"error": warm["failures"]}
+                # llama-cpp-python's server applies repeat_penalty 1.1 by default, even at temperature 0: off, so
+                # that it decodes the same greedy answers (the others apply none unless asked)
+                extra = {"repeat_penalty": 1.0} if name.startswith("llama_cpp_server") else None
+                warm = stream_load(url, key, name_in_api, 1, 1, 2, extra)
+                report[name] = ([stream_load(url, key, name_in_api, n, args.stream_requests, args.max_tokens, extra) for n in counts]
+                                if warm["requests"] else {"error": warm["failures"]})
             finally:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -233,12 +238,14 @@ def _start(cmd: list[str], ready_url: str, log: Path):
 def _start_llama_cpp_server(model: str, port: int, log: Path, flags: list[str], dtype: str):
     """llama-cpp-python's OpenAI server on the GGUF that tunejob serve converts (the `kind` in
     flags), all cores, the template in the GGUF; or why it did not start. It answers one request at
-    a time (its own lock): N streams queue there, they batch in tunejob serve."""
+    a time (its own lock): N streams queue there (--interrupt_requests false: by default each new
+    request would cut the one generating short), they batch in tunejob serve."""
     from tunejob.server.inference.gguf_files import GgufFiles
 
     path = GgufFiles(log.parent / "gguf", flags[0], log=lambda m: None).base(model)
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "default", "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", "4096", "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())]
+           "--port", str(port), "--n_ctx", "4096", "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count()),
+           "--interrupt_requests", "false"]
     return _start(cmd, f"http://127.0.0.1:{port}/v1/models", log)
 
 

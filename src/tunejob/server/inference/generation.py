@@ -224,6 +224,7 @@ class Engine:
             if gen is None:
                 return False
             if gen.cancel_flag.is_set():  # a client that left while queued costs nothing
+                self.log("chat: the client went away before its generation started")
                 self._done(gen)
                 continue
             try:
