@@ -136,7 +136,7 @@ def streams_report(args, model: str) -> dict:
               "requests_per_stream": args.stream_requests, "chat_dtype": args.chat_dtype, "serve_args": args.serve_arg,
               "fine_tuned": args.fine_tuned, "llama_cpp": _llama_cpp_build() if args.llama_cpp else None}
     for kind in filter(None, args.llama_cpp.split(",")):  # llama.cpp itself on the same file: the bar to reach
-        report[f"llama_cpp_itself_{kind}"] = _llama_cpp_itself(model, kind, args.max_tokens)
+        report[f"llama_cpp_itself_{kind}"] = _llama_cpp_itself(model, kind, args.max_tokens, args.stream_requests)
     for name, flags in servers.items():
         with tempfile.TemporaryDirectory() as tmp:
             port, log = free_port(), Path(tmp) / "server.log"
@@ -177,8 +177,9 @@ def _llama_cpp_build() -> dict:
     return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
 
 
-def _llama_cpp_itself(model: str, kind: str, max_tokens: int) -> dict:
-    """One greedy stream in llama-cpp-python's own Llama (its sampler, its loop; the GGUF file the
+def _llama_cpp_itself(model: str, kind: str, max_tokens: int, requests: int = 4) -> dict:
+    """One greedy stream in llama-cpp-python's own Llama, `requests` completions one after the
+    other as one stream of the load sends them (its sampler, its loop; the GGUF file the
     server converts, the prompt the server renders), on all cores, beside the weight-read bound:
     the tensor bytes each token reads (every weight, the tied or untied head included) over the
     read bandwidth of a 1 GiB pass measured here (torch sum on every core, best of 5)."""
@@ -193,11 +194,11 @@ def _llama_cpp_itself(model: str, kind: str, max_tokens: int) -> dict:
         prompt = load_tokenizer(model).apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
         llm = Llama(str(path), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
         llm.create_completion(prompt, max_tokens=8, temperature=0.0)  # warm-up
-        t = time.perf_counter()
-        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+        t, tokens = time.perf_counter(), 0
+        for _ in range(requests):
+            tokens += llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)["usage"]["completion_tokens"]
         wall = time.perf_counter() - t
     read = read_bandwidth()
-    tokens = out["usage"]["completion_tokens"]
     return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1), "gguf_bytes": size,
             "read_gb_per_s": round(read / 1e9, 2), "weight_read_bound_tokens_per_s": round(read / size, 1)}
 
