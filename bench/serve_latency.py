@@ -138,6 +138,7 @@ def streams_report(args, model: str) -> dict:
     for kind in filter(None, args.llama_cpp.split(",")):  # llama.cpp itself on the same file: the bar to reach
         report[f"llama_cpp_itself_{kind}"] = _llama_cpp_itself(model, kind, args.max_tokens, args.stream_requests)
     for name, flags in servers.items():
+        llama_server = name.startswith("llama_cpp_server")
         with tempfile.TemporaryDirectory() as tmp:
             port, log = free_port(), Path(tmp) / "server.log"
             if name.startswith("tunejob_serve"):
@@ -147,16 +148,16 @@ def streams_report(args, model: str) -> dict:
                 if args.fine_tuned:
                     name_in_api = _fine_tuned(url)
             else:
-                start = _start_llama_cpp_server if name.startswith("llama_cpp_server") else _start_transformers_serve
+                start = _start_llama_cpp_server if llama_server else _start_transformers_serve
                 proc = start(model, port, log, flags, args.chat_dtype)
                 if isinstance(proc, str):
                     report[name] = {"error": proc}
                     continue
-                url, key, name_in_api = f"http://127.0.0.1:{port}/v1", "unused", "default" if name.startswith("llama_cpp_server") else model
+                url, key, name_in_api = f"http://127.0.0.1:{port}/v1", "unused", "default" if llama_server else model
             try:
                 # llama-cpp-python's server applies repeat_penalty 1.1 by default, even at temperature 0: off, so
                 # that it decodes the same greedy answers (the others apply none unless asked)
-                extra = {"repeat_penalty": 1.0} if name.startswith("llama_cpp_server") else None
+                extra = {"repeat_penalty": 1.0} if llama_server else None
                 warm = stream_load(url, key, name_in_api, 1, 1, 2, extra)
                 report[name] = ([stream_load(url, key, name_in_api, n, args.stream_requests, args.max_tokens, extra) for n in counts]
                                 if warm["requests"] else {"error": warm["failures"]})

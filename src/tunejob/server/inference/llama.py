@@ -46,6 +46,7 @@ import torch
 
 from tunejob.data.templates import stop_token_ids
 from tunejob.engine.batch import Row
+from tunejob.server.config import ServerConfig
 from tunejob.server.inference.gguf_files import GgufFiles, check
 from tunejob.train import threads
 
@@ -83,7 +84,7 @@ class LoadedBase:
 class LlamaWeights:
     """engine/batch.Weights for llama.cpp: bases and adapters loaded once, for the chat thread."""
 
-    def __init__(self, files: GgufFiles, max_batch: int, log=print, kv_tokens: int = 16384):
+    def __init__(self, files: GgufFiles, max_batch: int, log=print, kv_tokens: int = ServerConfig.chat_kv_tokens):
         import llama_cpp
 
         self.llama, self.files, self.max_batch, self.log, self.kv_tokens = llama_cpp, files, max_batch, log, kv_tokens
