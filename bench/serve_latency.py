@@ -125,7 +125,7 @@ def stream_load(base_url: str, api_key: str, model: str, streams: int, requests:
 def streams_report(args, model: str) -> dict:
     """The concurrent-streams figures for tunejob serve and (with --transformers-serve) transformers serve."""
     counts = [int(n) for n in args.streams.split(",")]
-    servers: dict[str, list[str] | None] = {"tunejob_serve": None}
+    servers: dict[str, list[str] | None] = {"tunejob_serve": ["--engine", "local"]}  # torch (serve's default engine is auto)
     for kind in filter(None, args.llama_cpp.split(",")):  # the same server, chat's forward passes in llama.cpp
         servers[f"tunejob_serve_llama_cpp_{kind}"] = ["--engine", "llama.cpp", "--chat-gguf-type", kind]
     if args.transformers_serve:

@@ -71,14 +71,15 @@ def tiny_base(family: str, out: Path, tokenizer_dir: Path) -> Path:
     return out
 
 
-def adapted_checkpoint(base: Path, ckpt: Path, data: Path | None = None, scale: float = 0.05):
+def adapted_checkpoint(base: Path, ckpt: Path, data: Path | None = None, scale: float = 0.05, **lora):
     """A checkpoint directory as training writes one (adapter + config.yaml) with a random,
-    non-zero LoRA on every linear layer; returns (dir, the live PEFT model for reference)."""
+    non-zero LoRA on every linear layer (`lora`: more LoraConfig settings); returns (dir, the live
+    PEFT model for reference)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora))
     torch.manual_seed(1)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:

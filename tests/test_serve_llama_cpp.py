@@ -47,19 +47,20 @@ def served(tmp_path_factory, tiny_model):
     server = Server(root / "data", tiny_model, ("--engine", "llama.cpp", "--chat-gguf-type", "f32", "--chat-threads", "1", "--chat-kv-tokens", "1024",
                                                  "--alias", f"{FT}={ckpt}", "--model", f"qwen3={unsupported}")).start()
     try:
-        yield server, ckpt, _local_answers(tiny_model, ckpt)
+        yield server, ckpt, _local_answers(tiny_model, {"default": None, FT: ckpt})
     finally:
         server.stop()
 
 
-def _local_answers(base: Path, ckpt: Path) -> dict:
-    """{(model, prompt): the local engine's greedy answer} for the base and the fine-tuned model."""
+def _local_answers(base: Path, models: dict[str, Path | None]) -> dict:
+    """{(model, prompt): the local engine's greedy answer} for each model name: the base (None) or a checkpoint."""
     from tunejob.engine.answers import answer_all
     from tunejob.engine.chat import ChatRequest
     from tunejob.evaluate.chat import load_for_chat
 
     out = {}
-    for name, (model, tokenizer) in (("default", load_for_chat(base=str(base))), (FT, load_for_chat(ckpt))):
+    for name, ckpt in models.items():
+        model, tokenizer = load_for_chat(base=str(base)) if ckpt is None else load_for_chat(ckpt)
         requests = [ChatRequest(messages=[{"role": "user", "content": p}], max_tokens=ASK["max_tokens"], temperature=0.0) for p in PROMPTS]
         for prompt, choices in zip(PROMPTS, answer_all(model, tokenizer, requests)):
             out[name, prompt] = choices[0]

@@ -51,7 +51,7 @@ _add_subcommands()
 SERVE = server_config.ServerConfig  # `tunejob serve`'s defaults: the dataclass's own (server/config.py)
 Executor = Enum("Executor", {"local": "local", "ray": "ray"}, type=str)
 ChatDtype = Enum("ChatDtype", {"float32": "float32", "bfloat16": "bfloat16", "auto": "auto"}, type=str)
-ChatEngine = Enum("ChatEngine", {"local": "local", "llama.cpp": "llama.cpp", "vllm": "vllm"}, type=str)
+ChatEngine = Enum("ChatEngine", {"auto": "auto", "local": "local", "llama.cpp": "llama.cpp", "vllm": "vllm"}, type=str)
 GgufType = Enum("GgufType", {"f16": "f16", "q8_0": "q8_0", "f32": "f32"}, type=str)
 
 
@@ -230,7 +230,7 @@ def serve(
     chat_merged_copies: Annotated[int, typer.Option(min=0, help="Merged copies of adapters chatted with repeatedly, in copies of the base model in --chat-dtype (local engine); 0 never merges.")] = SERVE.chat_merged_copies,
     chat_merge_mb: Annotated[Optional[int], typer.Option(min=0, help="Also cap those copies' memory (MB); 0 never merges. Default: no cap beyond --chat-merged-copies.")] = None,
     chat_compile: Annotated[bool, typer.Option(help="torch.compile chat's forward for models without unmerged adapters (local engine; compiling takes minutes: measure before using).")] = SERVE.chat_compile,
-    engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: local (this process, batched), llama.cpp (this process, the model exported to GGUF and run by llama-cpp-python: faster on CPU) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine(SERVE.engine),
+    engine: Annotated[ChatEngine, typer.Option(help="Where chat runs: auto (llama.cpp where there is no GPU and llama-cpp-python is installed, torch for what it cannot run), local (torch, this process, batched), llama.cpp (this process, the model exported to GGUF and run by llama-cpp-python: faster on CPU) or vllm (a running vLLM server, --vllm-url).")] = ChatEngine(SERVE.engine),
     chat_gguf_type: Annotated[GgufType, typer.Option(help="GGUF type the llama.cpp engine converts base models to (once, cached in the data dir): f16, q8_0 (faster, rounder) or f32 (the reference).")] = GgufType(SERVE.chat_gguf_type),
     chat_kv_tokens: Annotated[int, typer.Option(min=64, help="KV cells the llama.cpp engine allocates per base model, for all its rows (the model's context where smaller); longer chats get 400.")] = SERVE.chat_kv_tokens,
     vllm_url: Annotated[Optional[str], typer.Option(help="Base URL of a vLLM server started with --enable-lora (engine vllm), e.g. http://127.0.0.1:8001.")] = None,

@@ -52,7 +52,10 @@ class ServerConfig:
     chat_merged_copies: int = 2  # merged copies of adapters chatted with repeatedly, in copies of the base (server/inference/weights.py); 0: never
     chat_merge_mb: int | None = None  # an optional memory cap on those copies as well (the budget before --chat-merged-copies)
     chat_compile: bool = False  # torch.compile chat's forward (server/inference/weights.py); off until measured to pay
-    engine: str = "local"  # "local" (this process), "llama.cpp" (this process, llama.cpp's forward: server/inference/llama.py) or "vllm" (chat forwarded to a vLLM server: server/inference/vllm.py)
+    # "auto" (llama.cpp where there is no GPU and llama-cpp-python is installed, torch for the rest:
+    # server/inference/engine_choice.py), "local" (torch, this process), "llama.cpp" (this process,
+    # llama.cpp's forward: server/inference/llama.py) or "vllm" (chat forwarded to a vLLM server: server/inference/vllm.py)
+    engine: str = "auto"
     chat_gguf_type: str = "f16"  # engine llama.cpp: the GGUF type the base is converted to (f16, q8_0 or f32)
     # engine llama.cpp: the KV cells a base's context holds for all its rows together, allocated when
     # the base loads (the model's context where smaller). Not the model's context as such: an 8B model

@@ -152,15 +152,36 @@ def _ending(gen: Generation, result: ChatResult, chunk) -> list[str]:
     return out
 
 
-def _llama_cpp(config, log) -> dict:
-    """The Engine's weights and batch for --engine llama.cpp (forward passes in llama.cpp); none otherwise."""
-    if config.engine != "llama.cpp":
+def _forward_passes(config, options: EngineOptions, log) -> dict:
+    """The Engine's weights and batch: llama.cpp's for --engine llama.cpp, both engines' for auto
+    where llama.cpp can run here (inference/engine_choice.py), torch's (the Engine's own) otherwise."""
+    if config.engine not in ("llama.cpp", "auto"):
         return {}
+    from tunejob.server.inference import engine_choice
     from tunejob.server.inference.gguf_files import GgufFiles
+    from tunejob.server.inference.generation import torch_weights
     from tunejob.server.inference.llama import LlamaBatch, LlamaWeights
 
+    if config.engine == "auto" and (why := engine_choice.torch_only()):
+        log(f"chat: --engine auto runs chat in torch: {why}")
+        return {}
     files = GgufFiles(config.data_dir / "gguf", config.chat_gguf_type, log=log)
-    return {"weights": LlamaWeights(files, config.chat_batch, log=log, kv_tokens=config.chat_kv_tokens), "batch": LlamaBatch}
+    llama = LlamaWeights(files, config.chat_batch, log=log, kv_tokens=config.chat_kv_tokens)
+    if config.engine == "llama.cpp":
+        return {"weights": llama, "batch": LlamaBatch}
+    log(f"chat: --engine auto runs chat in llama.cpp ({config.chat_gguf_type} GGUF, converted once), "
+        "and in torch what llama.cpp cannot run")
+    return {"weights": engine_choice.AutoWeights(llama, torch_weights(options, log), log), "batch": engine_choice.auto_batch}
+
+
+def _fits(weights, base_path: str, adapter, chat: ChatRequest, body: dict) -> ChatRequest:
+    """The chat, or the 400 of --engine llama.cpp for a model it cannot run, or OpenAI's 400
+    context_length_exceeded (the engine's KV cells where it has a fixed pool). Reads configs: off the
+    loop, and under context's lock, as two threads importing transformers at once can fail (context.py)."""
+    with context.loading:
+        weights.check(base_path, adapter)
+        cells = weights.context_cells(base_path, adapter)
+    return context.fit(base_path, chat, body, cells)
 
 
 def router(state: ServerState) -> APIRouter:
@@ -171,9 +192,9 @@ def router(state: ServerState) -> APIRouter:
                             merge_mb=config.chat_merge_mb, compile=config.chat_compile)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     engine = Engine(budget, training=lambda: state.worker.training, max_pending=config.chat_queue, log=log, options=options,
-                    **_llama_cpp(config, log))
+                    **_forward_passes(config, options, log))
     api.add_event_handler("shutdown", engine.stop)
-    forward, kv_tokens = None, config.chat_kv_tokens if config.engine == "llama.cpp" else None
+    forward = None
     if config.engine == "vllm":
         from tunejob.server.inference.vllm import VllmEngine
 
@@ -187,8 +208,7 @@ def router(state: ServerState) -> APIRouter:
         base_path, adapter = resolve_chat_model(state, owner(request), name)
         if forward is not None:  # the vLLM engine: the model is resolved for this key here, generated there
             return await forward.chat(body, name, adapter)
-        await run_in_threadpool(engine.weights.check, base_path, adapter)  # llama.cpp's 400 for a model it cannot run
-        chat = await run_in_threadpool(context.fit, base_path, chat, body, kv_tokens)  # OpenAI's 400 context_length_exceeded
+        chat = await run_in_threadpool(_fits, engine.weights, base_path, adapter, chat, body)
         gen = Generation(base_path, adapter, chat, stream, asyncio.get_running_loop())
         try:
             engine.submit(gen)  # raises the shutdown's 503 once the server is stopping

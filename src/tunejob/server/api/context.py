@@ -22,7 +22,7 @@ SANE_MAX = 10_000_000  # transformers' "no limit" model_max_length is 1e30; noth
 # can fail with "Already borrowed", and two threads importing transformers for the first time at
 # once failed with "cannot import name 'AutoConfig'" (its package swaps itself for a lazy module
 # at the end of its import, so a second thread sees the half-imported one: 8 concurrent first chats).
-_lock = threading.Lock()
+loading = threading.Lock()  # chat.py reads the engine's model checks under it too
 
 
 def window(config, tokenizer) -> int | None:
@@ -59,7 +59,7 @@ def fit(base_path: str, chat: ChatRequest, body: dict, cells: int | None = None)
     """`chat` if it fits the model's context (its max_tokens cut to the room left when the body
     gave none), else the 400. `cells`: an engine's own smaller limit (llama.cpp's KV cells, which
     a row alone must fit). Tokenizes the whole prompt: call it off the event loop."""
-    with _lock:
+    with loading:
         tokenizer, limit = _model(base_path)
         if cells is not None:
             limit = cells if limit is None else min(limit, cells)

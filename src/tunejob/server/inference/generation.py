@@ -139,6 +139,14 @@ class EngineOptions:
         return getattr(torch, self.dtype)
 
 
+def torch_weights(options: EngineOptions, log=print) -> Weights:
+    """The local engine's weights (weights.py), as the options say."""
+    if options.dtype == "auto":
+        log(f"chat: torch weights in {options.torch_dtype()} (--chat-dtype auto)")
+    return Weights(options.torch_dtype(), merged_copies=options.merged_copies, merge_after=options.merge_after, log=log,
+                   compile=options.compile, merge_bytes=None if options.merge_mb is None else options.merge_mb * 2**20)
+
+
 class Engine:
     """`weights` and `batch` are where forward passes run: torch by default (weights.py, engine/batch.py),
     or llama.cpp (llama.py's LlamaWeights and LlamaBatch, the same interfaces)."""
@@ -146,12 +154,7 @@ class Engine:
     def __init__(self, budget: threads.Budget, training: Callable[[], bool] = lambda: False,
                  max_pending: int = MAX_PENDING, log=print, options: EngineOptions = EngineOptions(), weights=None, batch=Batch):
         self.budget, self.training, self.max_pending, self.log, self.options = budget, training, max_pending, log, options
-        if weights is None:
-            if options.dtype == "auto":
-                log(f"chat: weights in {options.torch_dtype()} (--chat-dtype auto)")
-            weights = Weights(options.torch_dtype(), merged_copies=options.merged_copies, merge_after=options.merge_after, log=log,
-                              compile=options.compile, merge_bytes=None if options.merge_mb is None else options.merge_mb * 2**20)
-        self.weights, self.batch_type = weights, batch
+        self.weights, self.batch_type = weights if weights is not None else torch_weights(options, log), batch
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._pending = 0  # queued + generating
         self._lock = threading.Lock()

@@ -37,7 +37,7 @@ def fingerprint(folder: Path, *extra: str) -> str:
 
 
 @lru_cache(maxsize=32)
-def _refusal(base_path: str, adapter: str | None) -> str | None:
+def refusal(base_path: str, adapter: str | None) -> str | None:
     """Why llama.cpp cannot run this base (+ adapter), from their configs alone; None if it can."""
     from transformers import AutoConfig
 
@@ -56,7 +56,7 @@ def _refusal(base_path: str, adapter: str | None) -> str | None:
 
 def check(base_path: str, adapter: Path | None) -> None:
     """The 400 for a model llama.cpp cannot run (reads configs only: call it off the event loop)."""
-    why = _refusal(base_path, None if adapter is None else str(adapter))
+    why = refusal(base_path, None if adapter is None else str(adapter))
     if why is not None:
         raise ApiError(400, f"This model cannot be served by --engine llama.cpp: {why}. Serve it with --engine local.",
                        param="model", code="model_not_supported")

@@ -95,6 +95,10 @@ class LlamaWeights:
 
     check = staticmethod(check)
 
+    def context_cells(self, base_path: str, adapter: Path | None) -> int:
+        """The KV cells a chat must fit in (api/context.fit): the pool, at most the model's context."""
+        return self.kv_tokens
+
     def target(self, base_path: str, adapter: Path | None) -> LlamaTarget:
         with self._lock:
             base = self._base(base_path)

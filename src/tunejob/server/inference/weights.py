@@ -101,6 +101,10 @@ class Weights:
     def check(base_path: str, adapter: Path | None) -> None:
         """Every model that loads runs here; the llama.cpp engine refuses some (llama.py)."""
 
+    @staticmethod
+    def context_cells(base_path: str, adapter: Path | None) -> None:
+        """No limit of the engine's own: the KV cache grows with the chat, up to the model's context."""
+
     def forward_model(self, target: Target, adapters: list[str | None]):
         """(model, adapter_names or None) for one forward pass over rows of `target.key` with these
         adapters. Asked at every step, not kept: the first adapter wraps a base in a PeftModel
