@@ -4,11 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # llama-cpp-python (the export extra) compiles llama.cpp from source: generic x86-64 (no
-# -march=native, so the build runs anywhere), no multimodal library, tools or tests (the bindings
-# do not load them), and -O1: 6.3 CPU-minutes instead of -O3's 9.4 (about 3 min on 2 cores), and
-# the tests' models are tiny. For fast local inference, install llama.cpp your own way.
+# -march=native, so the build runs anywhere; ggml's generic x86 build still uses AVX2, F16C and
+# FMA), no multimodal library, tools or tests (the bindings do not load them), at the release -O3:
+# 4 min 15 s on 2 cores. It is what `tunejob serve` chats with on a CPU (--engine auto), and -O3
+# pays there: one stream 71.9 tokens/s where -O1 (3 min to build) gave 47.5, 8 streams 154.9
+# where it gave 82.2 (bench/RESULTS.md).
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 .PHONY: setup gemma demo test test-fast bench clean clean-cache
 
@@ -31,8 +33,8 @@ $(STAMP): $(DEMO_STAMP)
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.8
 	touch $(STAMP)
 
-# The export extra (llama.cpp, compiled: ~3 min) only for the tests that read GGUF files back;
-# `make demo` does not wait for it.
+# The export extra (llama.cpp, compiled: ~4 min): serve's chat on a CPU, and the tests that read
+# GGUF files back; `make demo` does not wait for it.
 EXPORT_STAMP := $(VENV)/.export
 $(EXPORT_STAMP): $(STAMP)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[export]"

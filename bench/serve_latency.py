@@ -171,8 +171,8 @@ def streams_report(args, model: str) -> dict:
 
 
 def _llama_cpp_build() -> dict:
-    """Which llama-cpp-python the llama.cpp rows ran: a generic -O1 build (the Makefile's, for tests) is
-    several times slower than one built for the CPU, so the report says which it was."""
+    """Which llama-cpp-python the llama.cpp rows ran: the instruction sets it was built with (a build
+    without AVX2, or at -O1, is several times slower), so the report says which it was."""
     import llama_cpp
 
     return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}

@@ -1,10 +1,10 @@
 """`--engine auto`, serve's default: each model's chat runs where it runs fastest on this machine.
 
-Why: on a CPU, llama.cpp decodes far faster than torch. Measured on a 2-core AVX2 EPYC
-(bench/profile_decode.py, SmolLM2-135M, one row): torch's step (fp32, the only fast precision
-without bf16 units) gives 16.9 tokens/s through serve; llama.cpp on the same model's f16 GGUF gave
-61.7 with the Makefile's generic -O1 build of llama-cpp-python and 90.7 with one built for the CPU.
-On a GPU, torch's CUDA kernels are the fast path, and llama-cpp-python's build here has no GPU.
+Why: on a CPU, llama.cpp decodes far faster than torch. Measured on a 2-core AVX2 EPYC through
+serve (bench/serve_latency.py, SmolLM2-135M, greedy, one run): torch (fp32, the only fast precision
+without bf16 units) 18.5 tokens/s for one stream and 78.5 for 8; llama.cpp on the same model's f16
+GGUF, with the Makefile's build of llama-cpp-python, 71.9 and 154.9. On a GPU, torch's CUDA kernels
+are the fast path, and the Makefile's llama-cpp-python has no GPU backend.
 
 So `auto` is the llama.cpp engine (llama.py) where there is no GPU and llama-cpp-python is
 installed, and the local (torch) engine otherwise. Where it is llama.cpp, a model llama.cpp cannot
