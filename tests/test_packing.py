@@ -19,6 +19,7 @@ from tunejob.monitor.metrics import read_metrics
 from tunejob.spec import parse_spec
 from tunejob.train import loss as CL
 from tunejob.train.batches import packed_batch, packs
+from tunejob.train.attention import NAME, use_packed
 from tunejob.train.packing import check_packing, choose_packing
 
 TOL = 1e-5
@@ -69,22 +70,35 @@ def test_packs_hold_at_most_the_budget_and_a_longer_sequence_alone():
     assert [[len(s.input_ids) for s in g] for g in groups] == [[300, 200], [100], [600], [50, 40]]
 
 
+def attending(model, attention: str):
+    """`model` with transformers' sdpa (the block-diagonal mask) or tunejob's per-sequence attention."""
+    if attention == NAME:
+        CL.base_of(model).set_attn_implementation("sdpa")  # tiny gemma3 is built eager (tiny_families)
+        assert use_packed(CL.base_of(model)) == "sdpa"
+    return model
+
+
+@pytest.mark.parametrize("attention", ["sdpa", NAME])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_packed_losses_are_each_sequences_own_forward(family):
-    """Per sequence, the packed row's summed token losses equal `model(labels=...)` on it alone."""
+def test_packed_losses_are_each_sequences_own_forward(family, attention):
+    """Per sequence, the packed row's summed token losses equal `model(labels=...)` on it alone
+    (gemma3's sliding layers, window 8 < its sequences, take sdpa's masked path inside tunejob's)."""
     model, seqs = F.build(family), sequences()
+    own_model = F.build(family)  # the reference: the model's own attention, each sequence alone
+    model = attending(model, attention)
     with torch.no_grad():
         logps, rows = CL.token_logps(model, packed_batch(seqs, "cpu"), "keep")
         assert rows.eq(0).all()  # one row
         counts = [sum(1 for t in s.labels[1:] if t != IGNORE) for s in seqs]
         got = torch.stack([-part.sum() for part in logps.split(counts)])
-        own = torch.stack([model(**alone(s)).loss * n for s, n in zip(seqs, counts)])
+        own = torch.stack([own_model(**alone(s)).loss * n for s, n in zip(seqs, counts)])
     assert rel(got, own) < TOL, (got, own)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", NAME])
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_lora_gradients_of_a_packed_pass_equal_one_sequence_per_pass(family):
-    model, seqs = with_lora(F.build(family)), sequences()
+def test_lora_gradients_of_a_packed_pass_equal_one_sequence_per_pass(family, attention):
+    model, seqs = with_lora(attending(F.build(family), attention)), sequences()
     model.train()  # lora_dropout 0: train mode draws nothing
     n = sum(s.trained_tokens for s in seqs)
 
@@ -103,6 +117,29 @@ def test_lora_gradients_of_a_packed_pass_equal_one_sequence_per_pass(family):
     assert rel(got, ref) < TOL
 
 
+def test_per_sequence_attention_never_computes_across_sequences(monkeypatch):
+    """What the per-sequence attention saves: with it, every SDPA call of a packed forward spans
+    one sequence (causal, no mask); with sdpa, each spans the whole row under a mask."""
+    seqs, calls = sequences(), []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape[2], attn_mask is None and kw.get("is_causal")))
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    lengths = {len(s.input_ids) for s in seqs}
+    for attention in ("sdpa", NAME):
+        calls.clear()
+        with torch.no_grad():
+            attending(F.build("llama"), attention)(**packed_batch(seqs, "cpu"), use_cache=False)  # as training runs it
+        if attention == NAME:
+            assert calls and all(n in lengths and causal for n, causal in calls), calls
+            assert len(calls) == len(seqs) * F.build("llama").config.num_hidden_layers
+        else:
+            assert calls and all(n == sum(lengths) and not causal for n, causal in calls), calls
+
+
 def test_the_check_refuses_packing_for_a_family_that_carries_state_along_the_row():
     """LFM2's short convolutions read the previous sequence's last tokens across a pack's
     boundary, whatever the mask: a real family where packing is wrong. Llama passes the same check."""
@@ -116,10 +153,12 @@ def test_the_check_refuses_packing_for_a_family_that_carries_state_along_the_row
     said = []
     assert choose_packing("auto", "supervised", lfm2, seqs, "cpu", CL.LossPath(), said.append) == 0
     assert len(said) == 1 and said[0].startswith("note: packing off: Lfm2ForCausalLM") and "one sequence per forward pass" in said[0]
+    assert lfm2.config._attn_implementation == "sdpa"  # tried per sequence, then the model's own: both refused
 
     llama, said = F.build("llama"), []
     assert check_packing(llama, seqs, "cpu", "keep").ok
     assert choose_packing("auto", "supervised", llama, seqs, "cpu", CL.LossPath(), said.append) == 512 and said == []
+    assert llama.config._attn_implementation == NAME  # checked per sequence, and kept
     assert llama.training is False  # F.build's eval mode, as found
     # never for DPO / reinforcement (per-row sums), GPUs (batched already), or when switched off
     for mode, method, device in (("off", "supervised", "cpu"), ("auto", "dpo", "cpu"), ("auto", "reinforcement", "cpu"),
@@ -146,7 +185,8 @@ def test_training_with_and_without_packing_gives_the_same_losses(tmp_path, tiny_
         runs[packing] = (summary, records, said)
     (packed, precs, psaid), (plain, rrecs, rsaid) = runs["auto"], runs["off"]
     assert packed["pack_tokens"] == 512 and plain["pack_tokens"] is None
-    assert any("packed: up to 512 tokens per forward pass" in m for m in psaid)
+    assert any("packed: up to 512 tokens per forward pass, attention per sequence" in m for m in psaid)
+    assert packed["attention"] == NAME and plain["attention"] == "sdpa"
     assert any("1 per forward pass" in m for m in rsaid)
     losses = [[r["train_loss"] for r in recs if r["kind"] == "train"] for recs in (precs, rrecs)]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from tunejob.train.attention import use_packed
 from tunejob.train.batches import PACK_TOKENS, packed_batch, packs
 from tunejob.train.loss import LossPath, base_of, default_tolerance, stored_bf16, token_logps
 
@@ -75,7 +76,11 @@ def choose_packing(mode: str, method: str, model, seqs: list, device, loss_path:
     if len(first) < 2:  # no two sequences fit one pack: nothing to gain
         return 0
     path = loss_path.path_for(model, _alone(first[0], device))  # the loss path the trainer will use
+    before = use_packed(base_of(model))  # each sequence attends by itself (attention.py), if it checks out
     check = check_packing(model, first, device, path)
+    if not check.ok and before is not None:  # the model's own masked attention, as before
+        base_of(model).set_attn_implementation(before)
+        check = check_packing(model, first, device, path)
     if not check.ok:
         say(f"note: packing off: {type(base_of(model)).__name__}'s packed forward differs from one sequence alone "
             f"({check.detail}); one sequence per forward pass")

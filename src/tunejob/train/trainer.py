@@ -38,7 +38,8 @@ from tunejob.train import threads
 from tunejob.train.stop import StopRequest
 from tunejob.train.adapter import add_lora, count_parameters, load_model
 from tunejob.train.batches import EpochOrder, autocast, forward_batches, make_collator, micro_batch_size
-from tunejob.train.loss import LossPath, evaluate
+from tunejob.train.attention import NAME as PACKED
+from tunejob.train.loss import LossPath, base_of, evaluate
 from tunejob.train.packing import choose_packing
 from tunejob.train.models import load_tokenizer, resolve_model_path
 from tunejob.train.preference import Dpo, means
@@ -165,7 +166,9 @@ def _open_stream(run: Run, resuming: bool) -> Stream:
         make_console_sink(run.total_steps),
     ] if run.world.is_main else [])
     world = run.world
-    per_pass = f"packed: up to {run.pack_tokens} tokens per forward pass" if run.pack_tokens else f"{run.micro} per forward pass"
+    attention = getattr(base_of(run.model).config, "_attn_implementation", None)
+    per_pass = (f"packed: up to {run.pack_tokens} tokens per forward pass{', attention per sequence' if attention == PACKED else ''}"
+                if run.pack_tokens else f"{run.micro} per forward pass")
     per_step = f"{run.batch_size // world.size} per process, {per_pass}" if world.distributed else per_pass
     plan_line = (f"training {len(run.train_seqs)} examples, validating on {len(run.val_seqs)}: {run.total_steps} steps of "
                  f"{run.batch_size} ({per_step}), {run.spec.resolved_epochs()} epoch(s), on {run.device} in {'bf16' if run.bf16 else 'fp32'}")
@@ -310,6 +313,7 @@ def _summary(run: Run, stop_reason: str, wall: float) -> dict:
         "train_examples": len(run.train_seqs), "validation_examples": len(run.val_seqs), "device": str(run.device),
         "mixed_precision": "bf16" if run.bf16 else "no",
         "loss_path": run.loss_path.choice.path if run.loss_path.choice else None, "pack_tokens": run.pack_tokens or None,
+        "attention": getattr(base_of(run.model).config, "_attn_implementation", None),
     }
     if run.rl is not None:  # its best is the highest held-out reward, kept negated as a loss while training
         best_loss = summary.pop("best_valid_loss")
