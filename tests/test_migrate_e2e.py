@@ -120,7 +120,10 @@ def test_inventory_record_retrain_compare_and_the_old_name(tmp_path, tiny_model)
         server.stop()
 
     # 5. the old name answers with the retrained model, for code that changed only base_url and key
-    served = Server(tmp_path / "data2", tiny_model, ("--chat-dtype", "float32", "--alias", str(folder))).start()
+    # the torch engine, as compare's answers came from it: the default engine on a CPU, llama.cpp in f16,
+    # changes the tiny model's near-tie noise tokens after the code word (CI: 'RHO ETAposableU |' for
+    # 'RHO ETA Zoroast))[ sorted'), and this step checks which weights answer, token for token
+    served = Server(tmp_path / "data2", tiny_model, ("--engine", "local", "--chat-dtype", "float32", "--alias", str(folder))).start()
     try:
         alias = OpenAI(base_url=served.url, api_key=KEY_A, max_retries=0)
         assert ft in {m.id for m in alias.models.list()}
