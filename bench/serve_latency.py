@@ -81,9 +81,10 @@ def percentile(xs: list[float], q: float) -> float:
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
 
 
-def stream_load(base_url: str, api_key: str, model: str, streams: int, requests: int, max_tokens: int, extra: dict | None = None) -> dict:
-    """`streams` clients at once, each streaming `requests` greedy chats one after the other
-    (`extra`: a server's own body fields, sent as extra_body)."""
+def stream_load(base_url: str, api_key: str, model: str, streams: int, requests: int, max_tokens: int, extra: dict | None = None,
+                messages: list[dict] = MESSAGES) -> dict:
+    """`streams` clients at once, each streaming `requests` greedy chats of `messages` one after the
+    other (`extra`: a server's own body fields, sent as extra_body)."""
     from openai import OpenAI
 
     ttft, latency, tokens, failures = [], [], [], []
@@ -93,7 +94,7 @@ def stream_load(base_url: str, api_key: str, model: str, streams: int, requests:
         for _ in range(requests):
             t, first, used, pieces = time.perf_counter(), None, None, 0
             try:
-                for chunk in c.chat.completions.create(model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
+                for chunk in c.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
                                                        stream=True, stream_options={"include_usage": True}, extra_body=extra):
                     if chunk.choices and chunk.choices[0].delta.content:
                         first, pieces = first or time.perf_counter(), pieces + 1

@@ -96,3 +96,15 @@ def test_profile_decode_llama_cpp_smoke(tmp_path, tiny_model):
     assert [b["rows"] for b in r["batch"]] == [1, 8] and r["gguf_bytes"] > 0 and r["weight_read_bound_tokens_per_s"] > 0
     for b in r["batch"]:  # the engine's step and llama.cpp's bare step, each timed
         assert b["tokens_per_s"] > 0 and b["llama_cpp_bare_tokens_per_s"] > 0 and b["top_functions_own_time_share"]
+
+
+@pytest.mark.slow
+def test_serve_vs_llama_cpp_smoke(tmp_path, tiny_model):
+    """Alternating rounds of llama.cpp itself and serve's llama.cpp engine on one stream, with a system
+    message: every round has both sides, each with its tokens/s, and the prompt is counted."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the export extra: make setup / pip install -e .[export]")
+    r = json.loads(run_bench("serve_vs_llama_cpp.py", tmp_path / "v.json", "--model", str(tiny_model), "--kind", "f32", "--rounds", "2",
+                             "--requests", "1", "--max-tokens", "4", "--system-words", "50"))
+    assert [sorted(x) for x in r["rounds"]] == [["itself", "ratio", "serve", "serve_ttft_p50_s"]] * 2
+    assert all(x["serve"] > 0 and x["itself"] > 0 for x in r["rounds"]) and r["prompt_tokens"] > 50
+    assert r["median_ratio"] > 0 and len(r["weight_read_bound_tokens_per_s"]) == 2

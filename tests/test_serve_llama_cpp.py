@@ -32,6 +32,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is the export extra: m
 FT = "ft:tiny:acme::llama"  # the alias the adapter answers under
 ASK = {"messages": [{"role": "user", "content": "alpha beta"}], "max_tokens": 12, "temperature": 0}
 PROMPTS = ["alpha beta", "gamma delta epsilon", "zeta", "theta iota kappa lambda"]
+REPEATED = "mu nu xi omicron pi"  # asked only by the prompt cache's test
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,9 @@ def _local_answers(base: Path, models: dict[str, Path | None]) -> dict:
     out = {}
     for name, ckpt in models.items():
         model, tokenizer = load_for_chat(base=str(base)) if ckpt is None else load_for_chat(ckpt)
-        requests = [ChatRequest(messages=[{"role": "user", "content": p}], max_tokens=ASK["max_tokens"], temperature=0.0) for p in PROMPTS]
-        for prompt, choices in zip(PROMPTS, answer_all(model, tokenizer, requests)):
+        prompts = [*PROMPTS, REPEATED]
+        requests = [ChatRequest(messages=[{"role": "user", "content": p}], max_tokens=ASK["max_tokens"], temperature=0.0) for p in prompts]
+        for prompt, choices in zip(prompts, answer_all(model, tokenizer, requests)):
             out[name, prompt] = choices[0]
     return out
 
@@ -195,3 +197,60 @@ def test_without_llama_cpp_python_serve_says_what_to_install(tmp_path, tiny_mode
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
     assert "pip install -e .[export]" in done.stderr and "make setup" in done.stderr
     assert json.dumps(done.stdout) == '""'
+
+
+def test_a_repeated_prompt_is_read_from_the_cache_and_answers_the_same(served):
+    """OpenAI's prompt caching: the second time a prompt comes, every prompt token but the last is the
+    first answer's KV (usage.prompt_tokens_details.cached_tokens), and the answer is still the local
+    engine's. The adapter's first ask of that prompt reuses none of the base's cells: a LoRA changes
+    the keys and values, so reading the base's would give the base's answer."""
+    server, _, local = served
+    c = client(server)
+    ask = {**ASK, "messages": [{"role": "user", "content": REPEATED}]}
+    first, again = (c.chat.completions.create(model="default", **ask) for _ in range(2))
+    n = first.usage.prompt_tokens
+    assert first.usage.prompt_tokens_details.cached_tokens < n - 1  # at most the template's shared start
+    assert again.usage.prompt_tokens_details.cached_tokens == n - 1
+    assert first.choices[0].message.content == again.choices[0].message.content == local["default", REPEATED].content
+    tuned = c.chat.completions.create(model=FT, **ask)
+    assert tuned.usage.prompt_tokens_details.cached_tokens < n - 1
+    assert tuned.choices[0].message.content == local[FT, REPEATED].content != local["default", REPEATED].content
+    streamed = list(c.chat.completions.create(model=FT, stream=True, stream_options={"include_usage": True}, **ask))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == n - 1
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices).strip() == local[FT, REPEATED].content
+
+
+def test_cached_prompts_give_their_cells_up_to_a_chat_that_needs_the_whole_pool(served, tiny_model):
+    """In process, on a 512-cell pool: two finished chats stay cached; then a chat that reuses the
+    first one's prompt and fills all 512 cells (its end-of-text ignored, so it runs to max_tokens) joins:
+    the cache drops the other chat's cells for it, and it decodes to the end (llama.cpp's decode fails
+    when no cell is free)."""
+    from tunejob.engine.batch import Row
+    from tunejob.engine.chat import ChatRequest, prompt_inputs
+    from tunejob.server.inference.gguf_files import GgufFiles
+    from tunejob.server.inference.llama import LlamaBatch, LlamaWeights
+
+    server, _, local = served
+    weights = LlamaWeights(GgufFiles(server.data_dir / "gguf", "f32", log=lambda m: None), 2, log=lambda m: None, kv_tokens=512)
+    weights.use_threads(1)
+    target = weights.target(str(tiny_model), None)
+
+    def run(prompt: str, max_tokens: int, eos: set[int] | None = None) -> Row:
+        request = ChatRequest(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0)
+        ids = prompt_inputs(target.tokenizer, request, "cpu")["input_ids"][0].tolist()
+        row = Row(ids, request, target, weights.stop_ids(target) if eos is None else eos)
+        batch = LlamaBatch(weights, target.key, 2)
+        batch.join([row])
+        while batch.rows:
+            batch.finished() or batch.step()
+        return row
+
+    cache = weights.loaded(target.key).cache
+    first, second = run("zeta", ASK["max_tokens"]), run("alpha beta", ASK["max_tokens"])
+    assert [e.tokens for e in cache.entries] == [first.prompt + first.tokens[:-1], second.prompt + second.tokens[:-1]]
+    assert target.tokenizer.decode(first.tokens, skip_special_tokens=True).strip() == local["default", "zeta"].content
+    whole = run("zeta", 512 - len(first.prompt), eos=set())
+    assert whole.cached == len(first.prompt) - 1 and whole.finish == "length" and len(whole.prompt + whole.tokens) == 512
+    assert whole.tokens[:len(first.tokens)] == first.tokens  # the cached prefix gave the same answer
+    assert cache.entries == []  # both gave their cells up; the whole chat is longer than a quarter of the pool
+    assert run("alpha beta", 1).cached < len(second.prompt) - 1

@@ -63,6 +63,7 @@ class Row:
     generator: torch.Generator | None = None
     owner: object = None  # the engine's handle for this row (its Generation and choice index)
     seconds: float | None = None  # answers.decode: from its batch's start to its last token
+    cached: int = 0  # prompt tokens whose KV came from the engine's prompt cache (llama.cpp's: prompt_cache.py)
     decoding: Decoding = field(init=False)
 
     def __post_init__(self) -> None:

@@ -57,6 +57,7 @@ class ChatResult:
     completion_tokens: int
     logprobs: list[dict] | None = None  # OpenAI's choices[].logprobs.content, when asked
     index: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, read from the engine's prompt cache rather than computed
     seconds: float | None = None  # answered in the calling thread (answers.py): its batch's start to its last token
 
 

@@ -19,10 +19,13 @@ def message(result: ChatResult) -> dict:
 
 
 def usage(results: ChatResult | list[ChatResult]) -> dict:
-    """One request's usage: its prompt once, the tokens of all its choices (as OpenAI counts n > 1)."""
+    """One request's usage: its prompt once, the tokens of all its choices (as OpenAI counts n > 1),
+    and how many prompt tokens the prompt cache held (OpenAI's prompt_tokens_details.cached_tokens:
+    the first choice's, as the prompt is counted once)."""
     results = results if isinstance(results, list) else [results]
     done = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": done, "total_tokens": results[0].prompt_tokens + done}
+    return {"prompt_tokens": results[0].prompt_tokens, "completion_tokens": done, "total_tokens": results[0].prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": results[0].cached_tokens}}
 
 
 def logprobs_field(entries: list[dict] | None) -> dict | None:

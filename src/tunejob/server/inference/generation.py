@@ -303,7 +303,7 @@ class Engine:
         gen, index = row.owner
         result = to_result(row.target.tokenizer, row.request, len(row.prompt), row.tokens, row.eos, row.finish == "cancelled",
                            row.decoding.logprobs if row.request.logprobs is not None else None)
-        result.index = index
+        result.index, result.cached_tokens = index, row.cached
         if result.finish_reason == "cancelled":
             self.log(f"chat: the client went away; generation stopped after {result.completion_tokens} of "
                      f"{row.request.max_tokens} tokens")

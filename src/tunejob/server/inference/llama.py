@@ -28,6 +28,11 @@ longer than the pool with OpenAI's 400), allocated when the base loads; a row jo
 fit in the pool at their full prompt + max_tokens, so a decode never runs out of cells mid-answer
 (the oldest waiting row goes first, as in the local engine).
 
+Prompt cache (prompt_cache.py): a finished row's cells stay in the pool under a sequence of their
+own, up to CACHED_CHATS of them per base, and a new row of the same adapter starts from the longest
+prefix they hold, decoding only the rest (usage.prompt_tokens_details.cached_tokens says how many
+it skipped). They give their cells up to rows first.
+
 Threads: llama.cpp's threads are chat's budget (train/threads.py: 1 of 2 cores while a job trains,
 all of them when none does); torch, which now only picks a token from a vector of logits, keeps 1.
 """
@@ -48,11 +53,13 @@ from tunejob.data.templates import stop_token_ids
 from tunejob.engine.batch import Row
 from tunejob.server.config import ServerConfig
 from tunejob.server.inference.gguf_files import GgufFiles, check
+from tunejob.server.inference.prompt_cache import PromptCache
 from tunejob.train import threads
 
 # llama.cpp logs every load to stderr through llama-cpp-python's logger; errors only
 logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
 F32 = 0  # GGML_TYPE_F32
+CACHED_CHATS = 4  # prompt_cache entries per base; they hold at most a quarter of its KV cells
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class LoadedBase:
     vocab: int
     tokenizer: object
     eos: set[int]
+    cache: PromptCache
     adapters: dict[str, object] = field(default_factory=dict)  # checkpoint dir -> llama_adapter_lora
     active: str | None = None  # the adapter set on the context now
     threads: int = 0
@@ -153,7 +161,8 @@ class LlamaWeights:
             raise RuntimeError(f"llama.cpp could not load {path}")
         params = llama.llama_context_default_params()
         params.n_ctx = params.n_batch = cells = min(llama.llama_model_n_ctx_train(model), self.kv_tokens)
-        params.n_seq_max, params.kv_unified, params.no_perf = self.max_batch, True, True
+        slots = max(0, min(CACHED_CHATS, llama.llama_max_parallel_sequences() - self.max_batch))
+        params.n_seq_max, params.kv_unified, params.no_perf = self.max_batch + slots, True, True
         params.n_threads = params.n_threads_batch = self._threads
         if self.files.kind == "f32":  # f32 is the reference: an f32 KV cache and no flash attention (f16 inside) keep
             params.type_k = params.type_v = F32  # llama.cpp's logits within 1e-5 of torch's on the tiny test model (8e-3 without)
@@ -166,12 +175,19 @@ class LlamaWeights:
             generation = GenerationConfig.from_pretrained(base_path)
         except OSError:  # no generation_config.json: the tokenizer's and the template's stops
             generation = None
+        memory = llama.llama_get_memory(context)
         self._bases[base_path] = LoadedBase(
-            model, context, llama.llama_get_memory(context), llama.llama_batch_init(cells, 0, 1), cells,
+            model, context, memory, llama.llama_batch_init(cells, 0, 1), cells,
             llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model)), tokenizer,
-            stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation)), threads=self._threads)
+            stop_token_ids(tokenizer, SimpleNamespace(generation_config=generation)),
+            PromptCache(llama, memory, self.max_batch, slots, cells // 4), threads=self._threads)
         self.log(f"chat: {base_path} runs in llama.cpp from {path} ({cells} KV cells, up to {self.max_batch} rows a step)")
         return self._bases[base_path]
+
+
+def _need(rows: list[Row]) -> int:
+    """KV cells `rows` may fill: each row's prompt and max_tokens."""
+    return sum(len(r.prompt) + r.request.max_tokens for r in rows)
 
 
 class LlamaBatch:
@@ -189,19 +205,22 @@ class LlamaBatch:
         return self.limit - len(self.rows)
 
     def admits(self, rows: list[Row]) -> bool:
-        """Whether `rows` can join with every row's prompt + max_tokens still in the KV cells; a row
-        alone always joins (the server's context check already bounds it by the model's context)."""
-        need = sum(len(r.prompt) + r.request.max_tokens for r in self.rows + rows)
-        return need <= self.base.cells or not (self.rows or rows[:-1])
+        """Whether `rows` can join with every row's prompt + max_tokens still in the KV cells (cached
+        prompts give theirs up); a row alone always joins (the server's context check already bounds
+        it by the model's context)."""
+        return _need(self.rows + rows) <= self.base.cells or not (self.rows or rows[:-1])
 
     def join(self, rows: list[Row]) -> None:
-        """Prefill `rows` (each its own sequence) and add them: each gets its first token."""
+        """Prefill `rows` (each its own sequence, from the longest cached prefix of its prompt on) and
+        add them: each gets its first token."""
         self.base = self.weights.loaded(self.key)
         free = sorted(set(range(self.limit)) - set(self._seq.values()))
         for row, seq in zip(rows, free):
             self._seq[id(row)] = seq
+            row.cached = self.base.cache.reuse(row.target.adapter, row.prompt, seq)
+        self.base.cache.make_room(self.base.cells - _need(self.rows + rows))
         try:
-            self._decode(rows, lambda row: [(t, i) for i, t in enumerate(row.prompt)])
+            self._decode(rows, lambda row: [(t, i) for i, t in enumerate(row.prompt)][row.cached:])
         except BaseException:
             self._forget(rows)
             raise
@@ -217,6 +236,9 @@ class LlamaBatch:
         done = [r for r in self.rows if r.finish]
         if done:
             self.rows = [r for r in self.rows if not r.finish]
+            for row in done:  # its cells hold the prompt and every answer token but the last, never decoded
+                if row.finish != "error":  # a failed step may have left its cells half written
+                    self.base.cache.keep(row.target.adapter, row.prompt + row.tokens[:-1], self._seq[id(row)])
             self._forget(done)
         return done
 
