@@ -6,7 +6,7 @@
 Same base model (embedded SmolLM2-135M-Instruct by default), same pairs, same LoRA (r=16, alpha=32,
 q_proj+v_proj, dropout 0.05), 4 pairs per step, learning rate 5e-6, beta 0.1, sigmoid loss,
 reference = the base with the adapter disabled on both sides, no gradient checkpointing on either
-side, fp32. Each side runs in its own process (its peak RSS is its own) and trains on the same
+side, fp32 (and bf16 rows where the CPU has bf16 units). Each side runs in its own process (its peak RSS is its own) and trains on the same
 steps x 4 pairs, each once, so tunejob's cache of reference log-probabilities saves nothing here.
 Each child counts the tokens it forwards per pair (prompt + chosen and prompt + rejected, from its
 own tokenization); the script asserts that every configuration trained the same total.
@@ -17,6 +17,9 @@ every configuration alike); figures are the mean and spread (half of max - min) 
   trl-bs1    per_device_train_batch_size=1, gradient_accumulation_steps=4: one unpadded pair per
              forward pass, what tunejob does on CPU
   tunejob    method: dpo, mixed_precision: 'no'
+  *-bf16     trl-bs1-bf16: TRL at batch 1 with bf16=True and the base loaded in bf16; tunejob-bf16:
+             mixed_precision: bf16. Run only where this CPU's bf16 matmul beats fp32 (AMX /
+             AVX512-BF16), as in train_throughput.py
 TRL 1.16's `padding_free=True` for DPO is disabled in the trainer itself ("temporarily unavailable
 after a refactor"; it warns and pads), so there is no padding-free row; the report says so.
 
@@ -82,7 +85,8 @@ def fits_within(model_path: str, max_len: int):
     return lambda messages: len(tok(tok.apply_chat_template(messages, tokenize=False))["input_ids"]) + 8 <= max_len
 
 
-def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path, seed: int, micro: int = BATCH) -> dict:
+def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path, seed: int, micro: int = BATCH,
+            bf16: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -101,9 +105,10 @@ def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: P
     args = DPOConfig(output_dir=str(out), per_device_train_batch_size=micro, gradient_accumulation_steps=BATCH // micro,
                      max_steps=steps, learning_rate=LR, beta=BETA,
                      max_length=max_len, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
-                     seed=seed, dataloader_num_workers=0, bf16=False, use_cpu=not torch.cuda.is_available())
+                     seed=seed, dataloader_num_workers=0, bf16=bf16, use_cpu=not torch.cuda.is_available())
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=LORA["targets"], task_type="CAUSAL_LM")
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), args=args, train_dataset=Dataset.from_list(rows),
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, peft_config=lora, callbacks=[StepEnds()])
     # the tokens each pair puts through the model (prompt twice: once before each answer)
     tokens = sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in trainer.train_dataset)
@@ -112,7 +117,7 @@ def run_trl(model_path: str, pairs: list[dict], steps: int, max_len: int, out: P
     return {"first_step_s": ends[0] - t, "seconds": ends[-1] - ends[0], "pairs": (steps - 1) * BATCH, "tokens": tokens}
 
 
-def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path, seed: int) -> dict:
+def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, out: Path, seed: int, precision: str = "no") -> dict:
     from transformers import AutoTokenizer
 
     from tunejob.data.dataset import write_jsonl
@@ -126,7 +131,7 @@ def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, ou
     spec = parse_spec(
         f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"
         f"method: {{type: dpo, beta: {BETA}}}\n"
-        f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, max_steps: {steps}, max_seq_len: {max_len}, warmup: 0, mixed_precision: 'no', seed: {seed}}}\n"
+        f"hyperparameters: {{learning_rate: {LR}, batch_size: {BATCH}, max_steps: {steps}, max_seq_len: {max_len}, warmup: 0, mixed_precision: '{precision}', seed: {seed}}}\n"
         f"lora: {{r: {LORA['r']}, alpha: {LORA['alpha']}, dropout: {LORA['dropout']}, target_modules: [q_proj, v_proj]}}\n"
         f"checkpointing: {{eval_steps: {steps}, save_steps: {steps}, early_stopping_patience: null}}\n")
     encoded, _ = encode_pairs(AutoTokenizer.from_pretrained(model_path), pairs, max_len)
@@ -138,7 +143,8 @@ def run_tunejob(model_path: str, pairs: list[dict], steps: int, max_len: int, ou
             "tokens": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in encoded)}
 
 
-CONFIGS = {"trl": lambda *a: run_trl(*a, micro=BATCH), "trl-bs1": lambda *a: run_trl(*a, micro=1), "tunejob": run_tunejob}
+CONFIGS = {"trl": lambda *a: run_trl(*a, micro=BATCH), "trl-bs1": lambda *a: run_trl(*a, micro=1), "tunejob": run_tunejob,
+           "trl-bs1-bf16": lambda *a: run_trl(*a, micro=1, bf16=True), "tunejob-bf16": lambda *a: run_tunejob(*a, precision="bf16")}
 
 
 def child(config: str, model_path: str, steps: int, max_len: int, seed: int, out: Path) -> None:
@@ -156,6 +162,20 @@ def summarise(runs: list[dict]) -> dict:
     return {"seconds_per_1k_pairs": ms([round(1000 * r["seconds"] / r["pairs"], 1) for r in runs]),
             "peak_rss_mb": ms([r["peak_rss_mb"] for r in runs]), "first_step_s": ms([round(r["first_step_s"], 1) for r in runs]),
             "tokens": runs[0]["tokens"]}
+
+
+def bf16_where_fast(configs: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The configurations to run, and why each bf16 one left out was: this CPU's own GEMM probe
+    (train/precision.py) finds bf16 slower than fp32 (no bf16 units: emulated)."""
+    from tunejob.train.precision import measure_cpu
+
+    if not any(c.endswith("-bf16") for c in configs):
+        return configs, {}
+    probe = measure_cpu(n=2048, repeats=5)
+    print(f"GEMM peak: fp32 {probe['fp32_gflops']:.1f} GFLOP/s, bf16 {probe['bf16_gflops']:.1f} GFLOP/s", flush=True)
+    slow = probe["bf16_gflops"] < probe["fp32_gflops"]
+    why = f"bf16 matmul {probe['bf16_gflops']:.1f} GFLOP/s vs fp32 {probe['fp32_gflops']:.1f}: no bf16 units here"
+    return [c for c in configs if not (slow and c.endswith("-bf16"))], {c: why for c in configs if slow and c.endswith("-bf16")}
 
 
 def main() -> None:
@@ -179,7 +199,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.steps, args.max_len, args.seed, args.workdir)
         return
-    configs = args.configs.split(",")
+    configs, skipped = bf16_where_fast(args.configs.split(","))
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for i in range(args.seeds):
         for config in configs:
@@ -199,7 +219,7 @@ def main() -> None:
     publish({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_model()}", "model": args.model,
              "versions": versions(), "steps": args.steps, "pairs": args.steps * BATCH, "batch_pairs": BATCH, "learning_rate": LR,
              "beta": BETA, "seeds": args.seeds, "max_len": args.max_len, "lora": LORA, "gradient_checkpointing": False,
-             "skipped": {"trl-padding-free": "TRL 1.16 disables padding_free for DPO (it warns and pads)"},
+             "skipped": {"trl-padding-free": "TRL 1.16 disables padding_free for DPO (it warns and pads)", **skipped},
              "best_trl": best, "results": results}, args.out)
 
 

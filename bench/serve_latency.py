@@ -284,8 +284,10 @@ def latency_report(args, model: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         port = free_port()
-        # the direct baseline below runs in fp32: the server chats in --chat-dtype (float32 unless asked), not auto
-        server = start_server(tmp / "data", model, port, tmp / "server.log", ["--chat-dtype", args.chat_dtype])
+        # the direct baseline below is torch in fp32: the server chats on the same engine (serve's default, auto,
+        # picks llama.cpp's f16 on a CPU, whose greedy answer a random tiny model may flip) in --chat-dtype
+        server = start_server(tmp / "data", model, port, tmp / "server.log",
+                              ["--engine", "local", "--chat-dtype", args.chat_dtype])
         try:
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=600)
             f = client.files.create(file=open(DATA, "rb"), purpose="fine-tune")
