@@ -6,8 +6,9 @@
 Same base model (embedded SmolLM2-135M-Instruct by default), same pairs, same LoRA (r=16, alpha=32,
 q_proj+v_proj, dropout 0.05), 4 pairs per step, learning rate 5e-6, beta 0.1, sigmoid loss,
 reference = the base with the adapter disabled on both sides, no gradient checkpointing on either
-side, fp32 (and bf16 rows where the CPU has bf16 units). Each side runs in its own process (its peak RSS is its own) and trains on the same
-steps x 4 pairs, each once, so tunejob's cache of reference log-probabilities saves nothing here.
+side, fp32 (and bf16 rows where the CPU has bf16 units). Each side runs in its own process (its
+peak RSS is its own) and trains on the same steps x 4 pairs, each once, so tunejob's cache of
+reference log-probabilities saves nothing here.
 Each child counts the tokens it forwards per pair (prompt + chosen and prompt + rejected, from its
 own tokenization); the script asserts that every configuration trained the same total.
 
