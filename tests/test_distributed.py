@@ -28,9 +28,11 @@ def parse_spec(raw: dict):
 
 
 def spec_text(model: Path, data: Path, out: Path, extra: str = "", hp: str = "") -> str:
-    # lr 0.02 on the tiny model: the losses move a lot, so equal curves are not equal by accident
+    # lr 0.02 on the tiny model: the losses move a lot, so equal curves are not equal by accident.
+    # fp32 on every CPU: `auto` picks bf16 where the CPU has bf16 units, and bf16 rounding differs
+    # between one process's GEMM shapes and two's (4e-4 on an AMX CPU) by more than the 1e-4 compared
     return (f"model: {model}\ndata: {{train: {data}, val_fraction: 0.25}}\noutput_dir: {out}\n"
-            f"hyperparameters: {{epochs: 3, batch_size: 4, learning_rate: 0.02, max_seq_len: 64, warmup: 0{hp}}}\n"
+            f"hyperparameters: {{epochs: 3, batch_size: 4, learning_rate: 0.02, max_seq_len: 64, warmup: 0, mixed_precision: 'no'{hp}}}\n"
             "lora: {r: 4, dropout: 0.0}\ncheckpointing: {eval_steps: 3, save_steps: 3, early_stopping_patience: null}\n" + extra)
 
 

@@ -5,7 +5,8 @@ server, at the same time, and every answer is the local engine's own (engine.ans
 model, in this process). Without llama-cpp-python, everything runs in torch and the log says why.
 
 f32 GGUF and --chat-threads 1, as in test_serve_llama_cpp.py: f32 keeps llama.cpp's greedy tokens
-those of torch on the tiny random model, and the 2 test cores are shared.
+those of torch on the tiny random model, and the 2 test cores are shared. --chat-dtype float32: the
+reference answers are fp32, and `auto` picks bf16 for torch on a CPU with bf16 units.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def test_llama_cpp_runs_what_it_can_and_torch_the_rest_side_by_side(tmp_path, ti
     lora, _ = adapted_checkpoint(tiny_model, tmp_path / "lora" / "ckpt", scale=0.2)
     rslora, _ = adapted_checkpoint(tiny_model, tmp_path / "rslora" / "ckpt", scale=0.2, use_rslora=True)
     local = _local_answers(tiny_model, {"default": None, FT: lora, RS: rslora})
-    server = Server(tmp_path / "data", tiny_model, ("--chat-gguf-type", "f32", "--chat-threads", "1",
+    server = Server(tmp_path / "data", tiny_model, ("--chat-gguf-type", "f32", "--chat-threads", "1", "--chat-dtype", "float32",
                                                     "--alias", f"{FT}={lora}", "--alias", f"{RS}={rslora}")).start()
     try:
         asks = [(name, prompt) for name in ("default", FT, RS) for prompt in ("alpha beta", "zeta")]
