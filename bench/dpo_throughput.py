@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from report import publish
-from train_throughput import LORA, SAMPLE, child_result, versions
+from train_throughput import LORA, SAMPLE, bf16_where_fast, child_result, versions
 
 from tunejob.train.precision import cpu_model
 
@@ -165,18 +165,16 @@ def summarise(runs: list[dict]) -> dict:
             "tokens": runs[0]["tokens"]}
 
 
-def bf16_where_fast(configs: list[str]) -> tuple[list[str], dict[str, str]]:
-    """The configurations to run, and why each bf16 one left out was: this CPU's own GEMM probe
-    (train/precision.py) finds bf16 slower than fp32 (no bf16 units: emulated)."""
+def configs_to_run(configs: list[str]) -> tuple[list[str], dict[str, str]]:
+    """train_throughput's split of the configurations by this CPU's GEMM probe, probed only when a
+    bf16 row was asked for (the probe takes seconds)."""
     from tunejob.train.precision import measure_cpu
 
     if not any(c.endswith("-bf16") for c in configs):
         return configs, {}
     probe = measure_cpu(n=2048, repeats=5)
     print(f"GEMM peak: fp32 {probe['fp32_gflops']:.1f} GFLOP/s, bf16 {probe['bf16_gflops']:.1f} GFLOP/s", flush=True)
-    slow = probe["bf16_gflops"] < probe["fp32_gflops"]
-    why = f"bf16 matmul {probe['bf16_gflops']:.1f} GFLOP/s vs fp32 {probe['fp32_gflops']:.1f}: no bf16 units here"
-    return [c for c in configs if not (slow and c.endswith("-bf16"))], {c: why for c in configs if slow and c.endswith("-bf16")}
+    return bf16_where_fast(configs, probe)
 
 
 def main() -> None:
@@ -200,7 +198,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.model, args.steps, args.max_len, args.seed, args.workdir)
         return
-    configs, skipped = bf16_where_fast(args.configs.split(","))
+    configs, skipped = configs_to_run(args.configs.split(","))
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for i in range(args.seeds):
         for config in configs:

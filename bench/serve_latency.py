@@ -179,6 +179,16 @@ def _llama_cpp_build() -> dict:
     return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
 
 
+def llama_cpp_completions(llm, prompt: str, requests: int, max_tokens: int) -> tuple[int, float]:
+    """`requests` greedy completions of `prompt`, one after the other, in llama-cpp-python's own
+    `Llama` (its sampler, its loop, its reuse of the prefix it evaluated last): (completion tokens,
+    seconds). serve_vs_llama_cpp.py times llama.cpp's side with it too."""
+    t, tokens = time.perf_counter(), 0
+    for _ in range(requests):
+        tokens += llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)["usage"]["completion_tokens"]
+    return tokens, time.perf_counter() - t
+
+
 def _llama_cpp_itself(model: str, kind: str, max_tokens: int, requests: int = 4) -> dict:
     """One greedy stream in llama-cpp-python's own Llama, `requests` completions one after the
     other as one stream of the load sends them (its sampler, its loop; the GGUF file the
@@ -195,11 +205,8 @@ def _llama_cpp_itself(model: str, kind: str, max_tokens: int, requests: int = 4)
         size = path.stat().st_size
         prompt = load_tokenizer(model).apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
         llm = Llama(str(path), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
-        llm.create_completion(prompt, max_tokens=8, temperature=0.0)  # warm-up
-        t, tokens = time.perf_counter(), 0
-        for _ in range(requests):
-            tokens += llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)["usage"]["completion_tokens"]
-        wall = time.perf_counter() - t
+        llama_cpp_completions(llm, prompt, 1, 8)  # warm-up
+        tokens, wall = llama_cpp_completions(llm, prompt, requests, max_tokens)
     read = read_bandwidth()
     return {"tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1), "gguf_bytes": size,
             "read_gb_per_s": round(read / 1e9, 2), "weight_read_bound_tokens_per_s": round(read / size, 1)}

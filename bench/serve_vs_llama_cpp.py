@@ -26,15 +26,14 @@ import time
 from pathlib import Path
 
 from report import publish, read_bandwidth
-from serve_latency import KEY, MESSAGES, start_server, stream_load
+from serve_latency import KEY, MESSAGES, llama_cpp_completions, start_server, stream_load
 from tunejob.server.run import free_port
 
 
 def itself(llm, prompt: str, requests: int, max_tokens: int) -> float:
-    t, tokens = time.perf_counter(), 0
-    for _ in range(requests):
-        tokens += llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)["usage"]["completion_tokens"]
-    return tokens / (time.perf_counter() - t)
+    """llama.cpp's side of a round, in tokens/s."""
+    tokens, seconds = llama_cpp_completions(llm, prompt, requests, max_tokens)
+    return tokens / seconds
 
 
 def main() -> None:

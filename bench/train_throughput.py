@@ -274,6 +274,16 @@ def main() -> None:
     publish(report, args.out)
 
 
+def bf16_where_fast(configs: list[str], probe: dict) -> tuple[list[str], dict[str, str]]:
+    """The configurations to run, and why each `-bf16` one left out was: `probe`
+    (train/precision.measure_cpu on this CPU) found bf16 matmuls slower than fp32 (no bf16 units:
+    emulated). dpo_throughput.py splits its configurations the same way."""
+    if probe["bf16_gflops"] >= probe["fp32_gflops"]:
+        return configs, {}
+    why = f"bf16 matmul {probe['bf16_gflops']:.1f} GFLOP/s vs fp32 {probe['fp32_gflops']:.1f}: no bf16 units here"
+    return [c for c in configs if not c.endswith("-bf16")], {c: why for c in configs if c.endswith("-bf16")}
+
+
 def run_all(args) -> dict:
     from tunejob.train.precision import measure_cpu
 
@@ -282,12 +292,7 @@ def run_all(args) -> dict:
     peak = {"fp32": probe["fp32_gflops"] * 1e9, "bf16": probe["bf16_gflops"] * 1e9}
     n_params = model_parameters(args.model)
     print(f"GEMM peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s; model {n_params:,} parameters", flush=True)
-    configs, skipped = [], {}
-    for config in args.configs.split(","):
-        if config.endswith("-bf16") and peak["bf16"] < peak["fp32"]:
-            skipped[config] = f"bf16 matmul {peak['bf16'] / 1e9:.1f} GFLOP/s vs fp32 {peak['fp32'] / 1e9:.1f}: no bf16 units here"
-        else:
-            configs.append(config)
+    configs, skipped = bf16_where_fast(args.configs.split(","), probe)
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for i in range(args.seeds):  # seed-major: slow drift of the machine touches every configuration alike
         for config in configs:
