@@ -220,7 +220,7 @@ class LlamaBatch:
             row.cached = self.base.cache.reuse(row.target.adapter, row.prompt, seq)
         self.base.cache.make_room(self.base.cells - _need(self.rows + rows))
         try:
-            self._decode(rows, lambda row: [(t, i) for i, t in enumerate(row.prompt)][row.cached:])
+            self._decode(rows, lambda row: [(t, i) for i, t in enumerate(row.prompt[row.cached:], row.cached)])
         except BaseException:
             self._forget(rows)
             raise

@@ -69,8 +69,7 @@ class PromptCache:
         if best is None or n <= 0:
             return 0
         self.llama.llama_memory_seq_cp(self.memory, best.seq, seq, 0, n)
-        self.entries.remove(best)
-        self.entries.append(best)  # the most recently used
+        self._touch(best)
         return n
 
     def keep(self, adapter: str | None, tokens: list[int], seq: int) -> None:
@@ -83,8 +82,7 @@ class PromptCache:
             if tokens[: len(entry.tokens)] == entry.tokens:  # the new one holds all of it
                 self._drop(entry)
             elif entry.tokens[: len(tokens)] == tokens:  # already held: it is just used again
-                self.entries.remove(entry)
-                self.entries.append(entry)
+                self._touch(entry)
                 return
         while self.entries and (not self.free or self.held() + len(tokens) > self.max_cells):
             self._drop(self.entries[0])
@@ -98,6 +96,11 @@ class PromptCache:
         """Drop entries, oldest first, until they hold at most `cells` (rows need the rest)."""
         while self.entries and self.held() > max(cells, 0):
             self._drop(self.entries[0])
+
+    def _touch(self, entry: Entry) -> None:
+        """Make `entry` the most recently used (the last to be dropped)."""
+        self.entries.remove(entry)
+        self.entries.append(entry)
 
     def _drop(self, entry: Entry) -> None:
         self.llama.llama_memory_seq_rm(self.memory, entry.seq, -1, -1)
