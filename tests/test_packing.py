@@ -166,6 +166,46 @@ def test_the_check_refuses_packing_for_a_family_that_carries_state_along_the_row
         assert choose_packing(mode, method, llama, seqs, device, CL.LossPath(), said.append) == 0
 
 
+def test_a_bf16_base_is_checked_in_fp32_and_given_back_bit_for_bit(monkeypatch):
+    """bf16 rounds the packed row's GEMMs and each sequence's differently: the check upcasts the
+    base to fp32 for its two forwards, so the tolerance can stay fp32's, and casts it back
+    exactly. At 1e-5 tiny gemma3 passes in fp32 and fails in bf16 (the check's own arithmetic)."""
+    from tunejob.train import packing as P
+
+    seqs = sequences((40, 33, 50, 61))
+    model = attending(F.build("gemma3").to(torch.bfloat16), NAME)
+    params, before = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
+    check = check_packing(model, seqs, "cpu", "full", tolerance=1e-5)
+    assert check.ok and check.detail.endswith("(checked in fp32)"), check
+    assert list(model.parameters()) == params  # the same Parameter objects: an optimizer's stay valid
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert CL.stored_bf16(model)
+    monkeypatch.setattr(P, "available_memory", lambda: 0)  # no room for the fp32 copy: checked as stored
+    check = check_packing(model, seqs, "cpu", "full", tolerance=1e-5)
+    assert not check.ok and "fp32" not in check.detail, check
+    lfm2 = F.build("lfm2").to(torch.bfloat16)  # a leak is refused in bf16 as in fp32
+    monkeypatch.setattr(P, "available_memory", lambda: 1 << 40)
+    assert choose_packing("auto", "supervised", lfm2, seqs, "cpu", CL.LossPath(), lambda m: None) == 0
+
+
+def test_the_embedded_model_packs_in_bf16():
+    """The real SmolLM2-135M stored in bf16 (as `auto` trains it on a CPU with bf16 units): the
+    packed row differs from each sequence alone by bf16 rounding alone (2.7e-2 of the mean loss,
+    over the old bf16 tolerance of 1e-2), and within fp32's 1e-4 once checked in fp32."""
+    from transformers import AutoModelForCausalLM
+    from tunejob.train import packing as P
+    from tunejob.train.models import default_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(str(default_model_path()), dtype=torch.bfloat16, attn_implementation="sdpa")
+    seqs = sequences((120, 90, 110, 100))
+    said = []
+    assert choose_packing("auto", "supervised", model, seqs, "cpu", CL.LossPath(), said.append) == 512, said
+    assert said == [] and model.config._attn_implementation == NAME and CL.stored_bf16(model)
+    check = check_packing(model, seqs, "cpu", "keep")
+    assert check.ok and "vs tolerance 1e-04 (checked in fp32)" in check.detail, check
+
+
 def test_training_with_and_without_packing_gives_the_same_losses(tmp_path, tiny_model, monkeypatch):
     """Same seed, dropout 0, fp32: per-step train losses within 1e-4 and the same validation loss;
     the packed run forwards no padding either."""
