@@ -25,6 +25,8 @@ Configurations (each in its own process, so its peak RSS is its own):
   tunejob-bf16     mixed_precision: bf16 (frozen base stored in bf16)
   tunejob-auto     mixed_precision: auto; resolves per machine (train/precision.py), recorded in the report
   tunejob-auto-unpacked  the same with hyperparameters.packing: off (one sequence per forward pass)
+  tunejob-auto-torch-dropout  tunejob-auto with torch's own LoRA dropout (peft's nn.Dropout) left
+                   in place of train/dropout.py's cheaper mask: what that mask gives
   every other tunejob row runs with packing: auto (the default: short sequences share a forward
   pass on CPU once the model passes the check, train/packing.py); `packing` in the JSON records
   the tokens per packed pass, or null where it ran one sequence per pass
@@ -67,7 +69,7 @@ TRL = ("trl-default-gc", "trl-default", "trl-padding-free", "trl-grouped", "trl-
 # Batch 1 x accumulation 4 (issue 33) is TRL's fastest fair row on a CPU without bf16 units: it is in.
 MAIN = ("trl-default-gc", "trl-padding-free", "trl-grouped", "trl-default-bs1", "trl-padding-free-bf16", "trl-grouped-bf16",
         "trl-default-bs1-bf16", "tunejob-fp32", "tunejob-auto")
-TUNEJOB = ("tunejob-fp32", "tunejob-bf16", "tunejob-auto", "tunejob-auto-unpacked")
+TUNEJOB = ("tunejob-fp32", "tunejob-bf16", "tunejob-auto", "tunejob-auto-unpacked", "tunejob-auto-torch-dropout")
 
 
 def datasets_for(n_train: int, n_held: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -155,7 +157,11 @@ def run_tunejob(model_path: str, train: list[dict], held: list[dict], max_len: i
 
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", held[:1])  # the in-loop evaluation is not timed; the shared evaluator scores all
-    mp = {"tunejob-fp32": "no", "tunejob-bf16": "bf16", "tunejob-auto": "auto", "tunejob-auto-unpacked": "auto"}[config]
+    mp = {"tunejob-fp32": "no", "tunejob-bf16": "bf16"}.get(config, "auto")
+    if config == "tunejob-auto-torch-dropout":  # this child process only: peft's nn.Dropout stays
+        import tunejob.train.dropout
+
+        tunejob.train.dropout.use_mask_dropout = lambda model: 0
     packing = "off" if config.endswith("-unpacked") else "auto"
     spec = parse_spec(
         f"model: {model_path}\ndata: {{train: {out / 'train.jsonl'}, validation: {out / 'val.jsonl'}}}\noutput_dir: {out / 'run'}\n"

@@ -52,6 +52,7 @@ def load_base(model_path: str, quantization: str, device: torch.device, dtype: t
 
 
 def add_lora(spec: JobSpec, model):
+    from tunejob.train.dropout import use_mask_dropout
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if spec.quantization == "4bit":
@@ -65,6 +66,7 @@ def add_lora(spec: JobSpec, model):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
+    use_mask_dropout(model)  # the same dropout, its mask drawn 4 elements a draw (train/dropout.py)
     if spec.quantization == "4bit":
         disable_bnb_avx512bf16(model)
     return model
