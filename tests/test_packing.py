@@ -140,6 +140,36 @@ def test_per_sequence_attention_never_computes_across_sequences(monkeypatch):
             assert calls and all(n == sum(lengths) and not causal for n, causal in calls), calls
 
 
+@pytest.mark.parametrize("up_to", [0, 64])
+def test_short_bf16_sequences_attend_in_fp32_when_training_where_this_machine_measured_it_faster(monkeypatch, up_to):
+    """precision.attention_fp32_up_to: on this CPU, a bf16 sequence no longer than it attends on
+    fp32 copies in training (autocast off for the call, else it casts them back to bf16); longer
+    ones, and every no-grad forward, attend in bf16."""
+    from tunejob.train import attention as A
+
+    seqs, seen = sequences((40, 50, 80)), []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):  # the dtype it computed in: autocast would cast fp32 inputs to bf16 inside
+        out = real(q, k, v, **kw)
+        seen.append((q.shape[2], out.dtype))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(A, "fp32_up_to", lambda: up_to)
+    model = with_lora(attending(F.build("llama").to(torch.bfloat16), NAME)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = CL.forward_loss(model, packed_batch(seqs, "cpu"), "keep")[0]
+    loss.backward()
+    fp32 = {n for n, dtype in seen if dtype == torch.float32}
+    assert fp32 == ({40, 50} if up_to else set()) and {n for n, _ in seen} == {40, 50, 80}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**packed_batch(seqs, "cpu"), use_cache=False)
+    assert seen and all(dtype == torch.bfloat16 for _, dtype in seen)
+
+
 def test_the_check_refuses_packing_for_a_family_that_carries_state_along_the_row():
     """LFM2's short convolutions read the previous sequence's last tokens across a pack's
     boundary, whatever the mask: a real family where packing is wrong. Llama passes the same check."""

@@ -36,6 +36,28 @@ def test_the_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert len(json.loads(cache.read_text())) == 1
 
 
+def test_a_probe_cached_before_attention_was_timed_is_measured_again(tmp_path, monkeypatch):
+    cache = tmp_path / "precision.json"
+    key = f"{precision.cpu_model()}|avx512_bf16|torch {torch.__version__}"
+    cache.write_text(json.dumps({key: {"fp32_gflops": 90.0, "bf16_gflops": 360.0, "bf16_fast": True, "threads": 2}}))
+    fresh = {"fp32_gflops": 91.0, "bf16_gflops": 361.0, "bf16_fast": True, "attention_fp32_up_to": 128}
+    monkeypatch.setattr(precision, "measure_cpu", lambda: fresh)
+    assert precision.cached_cpu_probe(["avx512_bf16"], cache)["attention_fp32_up_to"] == 128
+    assert json.loads(cache.read_text())[key]["bf16_gflops"] == 361.0
+
+
+def test_attention_runs_in_fp32_up_to_the_longest_length_it_won_from_the_shortest():
+    """fp32 must beat bf16 by ATTENTION_MIN_RATIO at every length up to the answer: the first
+    length where it does not ends the search (a longer win after it is noise, not a crossover)."""
+    ms = {(32, True): 1.0, (32, False): 0.3, (64, True): 1.4, (64, False): 0.5, (128, True): 2.0, (128, False): 1.9,
+          (256, True): 4.0, (256, False): 1.0}
+    assert precision.attention_fp32_up_to((32, 64, 128, 256), repeats=1) in (0, 32, 64, 128, 256)  # the real timing runs
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(precision, "attention_ms", lambda n, bf16, repeats: ms[(n, bf16)])
+        assert precision.attention_fp32_up_to((32, 64, 128, 256)) == 64
+        assert precision.attention_fp32_up_to((128, 256)) == 0
+
+
 def test_this_machines_verdict_agrees_with_its_flags_and_its_measurement():
     flags = precision.cpu_bf16_flags()
     fast = precision.bf16_is_fast(torch.device("cpu"))
@@ -157,7 +179,8 @@ def test_plan_and_auto_read_one_probe(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TUNEJOB_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(precision, "measure_cpu", lambda: calls.append(1) or {"fp32_gflops": 90.0, "bf16_gflops": 360.0, "bf16_fast": True})
+    monkeypatch.setattr(precision, "measure_cpu", lambda: calls.append(1) or {"fp32_gflops": 90.0, "bf16_gflops": 360.0, "bf16_fast": True,
+                                                                  "attention_fp32_up_to": 64})
     assert measure_cpu_peak_flops("fp32") == 90.0e9 and measure_cpu_peak_flops("bf16") == 360.0e9
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # another thread count: the same probe, not a new one

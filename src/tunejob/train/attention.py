@@ -9,6 +9,10 @@ training step. Here, per sequence, torch's SDPA runs causal (no mask) on that se
 of q, k, v: the same arithmetic on what each token may see (losses within 1e-6 of the masked
 forward, gradients within 1e-6 relative, on the real model).
 
+In training on a CPU with bf16 units, a bf16 sequence no longer than precision.py's measured
+attention_fp32_up_to attends on fp32 copies: torch's bf16 flash-attention backward carries a fixed
+cost that fp32's does not (the demo's ~70-token packs trained 1.13x faster, bench/RESULTS.md).
+
 Registered with transformers' AttentionInterface as "tunejob_packed", with sdpa's mask builder,
 so whatever is not one packed row (a batch of rows, a KV cache, a single sequence, a sliding
 window shorter than a sequence, a bidirectional layer) takes sdpa's own path with sdpa's own
@@ -17,6 +21,8 @@ still matches each sequence alone.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +40,28 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                       is_causal=is_causal, **kwargs)
     ends = starts[1:] + [query.shape[2]]
     gqa = getattr(module, "num_key_value_groups", 1) > 1
-    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                                    dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    out = torch.cat([_causal(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling, enable_gqa=gqa)
                      for a, b in zip(starts, ends)], dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _causal(q, k, v, **kwargs):
+    """Causal SDPA over one sequence; in training, a bf16 sequence on CPU no longer than this
+    machine's attention_fp32_up_to runs on fp32 copies (precision.py: bf16's backward is slower
+    there), its output cast back."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled() and q.shape[2] <= fp32_up_to():
+        with torch.autocast("cpu", enabled=False):  # else autocast casts the copies back to bf16
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+
+
+@functools.cache
+def fp32_up_to() -> int:
+    """This machine's attention_fp32_up_to (precision.cached_cpu_probe), 0 without bf16 units."""
+    from tunejob.train.precision import cached_cpu_probe, cpu_bf16_flags
+
+    flags = cpu_bf16_flags()
+    return cached_cpu_probe(flags).get("attention_fp32_up_to", 0) if flags else 0
 
 
 def _sequence_starts(module, query, key, position_ids, is_causal, kwargs) -> list[int] | None:

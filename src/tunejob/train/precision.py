@@ -8,6 +8,10 @@ another CPU without bf16 units ran bf16 at 1.3 GFLOP/s (emulated, 160x slower th
 
 The CPU measurement takes about a second, so it is cached per machine (CPU model, its bf16 flags,
 torch version) in the cache folder, in `precision.json`; `tunejob plan` reads its GFLOP/s too.
+Where bf16 is fast it also times attention (attention_fp32_up_to): torch's CPU flash attention
+backward in bf16 pays a fixed cost that fp32's does not (on a 2-core AMX CPU, forward and backward
+of one 64-token sequence, 9 heads: 1.38 ms in bf16, 0.49 ms in fp32), so train/attention.py runs
+short packed sequences' attention in fp32 up to the length this machine measures it faster.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 BF16_MIN_RATIO = 1.5  # bf16 must beat fp32 matmul by this much: a weight cast per step eats some of it
 CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 CACHE_NAME = "precision.json"
+ATTENTION_LENGTHS = (32, 64, 128, 256, 512)  # sequence lengths attention_fp32_up_to tries, shortest first
+ATTENTION_MIN_RATIO = 1.25  # fp32 must beat bf16 attention by this much: a margin against timing noise
 
 
 def resolve(setting: str, device: torch.device | str, quantization: str = "none") -> str:
@@ -84,7 +90,7 @@ def cached_cpu_probe(flags: list[str] | None = None, cache: Path | None = None) 
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    if key in known:
+    if "attention_fp32_up_to" in known.get(key, {}):  # an entry from before that field is measured again
         return known[key]
     threads = torch.get_num_threads()
     torch.set_num_threads(available_cores())
@@ -111,7 +117,37 @@ def measure_cpu(n: int = 1024, repeats: int = 3) -> dict:
     bf16 = gemm_gflops(torch.bfloat16, n // 4, 2)
     if bf16 > fp32 / 4:
         bf16 = gemm_gflops(torch.bfloat16, n, repeats)
-    return {"fp32_gflops": fp32, "bf16_gflops": bf16, "bf16_fast": bf16 >= BF16_MIN_RATIO * fp32}
+    fast = bf16 >= BF16_MIN_RATIO * fp32
+    return {"fp32_gflops": fp32, "bf16_gflops": bf16, "bf16_fast": fast, "attention_fp32_up_to": attention_fp32_up_to() if fast else 0}
+
+
+def attention_fp32_up_to(lengths=ATTENTION_LENGTHS, repeats: int = 3) -> int:
+    """The longest of `lengths` (shortest first, stopping at the first that fails) at which causal
+    attention's forward and backward on bf16 inputs runs ATTENTION_MIN_RATIO faster on fp32 copies
+    than in bf16 (SmolLM2-135M's shape: 9 query heads over 3 key/value heads of 64); 0 where none."""
+    best = 0
+    for n in lengths:
+        if attention_ms(n, True, repeats) < ATTENTION_MIN_RATIO * attention_ms(n, False, repeats):
+            break
+        best = n
+    return best
+
+
+def attention_ms(n: int, bf16: bool, repeats: int) -> float:
+    """Best-of-`repeats` milliseconds of one causal attention forward and backward over n tokens of
+    bf16 inputs, in bf16 or (bf16=False) on fp32 copies, as train/attention.py would run it."""
+    import torch.nn.functional as F
+
+    q, k, v = (torch.randn(1, h, n, 64, dtype=torch.bfloat16, requires_grad=True) for h in (9, 3, 3))
+    grad = torch.randn(1, 9, n, 64, dtype=torch.bfloat16)
+    best = float("inf")
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        args = (q, k, v) if bf16 else (q.float(), k.float(), v.float())
+        F.scaled_dot_product_attention(*args, is_causal=True, enable_gqa=True).to(torch.bfloat16).backward(grad)
+        if i:  # the first is a warm-up
+            best = min(best, time.perf_counter() - t)
+    return best * 1e3
 
 
 def gemm_gflops(dtype: torch.dtype, n: int, repeats: int) -> float:
