@@ -131,7 +131,8 @@ def forward_loss(model, batch: dict, path: str = "keep", aux_loss: bool = True) 
     mask = labels != IGNORE
     logits, aux = _logits(model, batch, mask, path)
     targets = labels[mask]
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    logits = logits.float()  # one fp32 copy for the loss and the argmax (bf16's CPU argmax: 2.4x fp32's)
+    loss = F.cross_entropy(logits, targets, reduction="sum")
     if aux_loss and aux is not None:
         coef = getattr(base_of(model), "router_aux_loss_coef", None) or getattr(base_of(model).config, "router_aux_loss_coef", 0.0)
         loss = loss + coef * aux.to(loss.device).float() * int(mask.sum())
@@ -148,7 +149,8 @@ def sequence_logps(model, batch: dict, path: str = "keep") -> tuple[torch.Tensor
     mask = labels != IGNORE
     logits, _ = _logits(model, batch, mask, path)
     targets = labels[mask]
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    logits = logits.float()  # one fp32 copy for the log-probabilities and the argmax (as forward_loss)
+    token_logps = -F.cross_entropy(logits, targets, reduction="none")
     rows = mask.nonzero(as_tuple=True)[0]
     logps = torch.zeros(labels.shape[0], device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
     with torch.no_grad():
