@@ -93,6 +93,40 @@ def test_bf16_stores_the_frozen_base_in_bf16_and_the_adapter_in_fp32(tiny_model)
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
 
 
+def test_a_bf16_adapter_takes_its_input_in_bf16_with_the_same_gradients_as_peft_casting_it(tiny_model):
+    """Under bf16 autocast peft's cast of each adapted layer's input up to the fp32 adapter's dtype
+    is undone by autocast at once; add_lora switches it off for a bf16 base. The reference is peft's
+    own casting: the same loss and LoRA gradients, bit for bit (dropout 0: no RNG either side)."""
+    from peft.tuners.lora import LoraLayer
+    from tunejob.train.adapter import add_lora, load_model
+    from tunejob.train.loss import forward_loss
+
+    spec = parse_spec(f"model: {tiny_model}\ndata: {{train: t}}\nlora: {{target_modules: all-linear, dropout: 0.0}}\n")
+    ids = torch.randint(3, 200, (1, 40))
+    batch = {"input_ids": ids, "labels": ids}
+    results = []
+    for peft_casts in (False, True):
+        torch.manual_seed(0)
+        model = add_lora(spec, load_model(spec, str(tiny_model), torch.device("cpu"), "bf16")).train()
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        assert layers and all(m.cast_input_dtype_enabled is False for m in layers)
+        for m in layers:
+            m.cast_input_dtype_enabled = peft_casts
+        with torch.no_grad():  # lora_B starts at 0, which would leave lora_A's gradient 0 either way
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = forward_loss(model, batch, "full")[0]
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert torch.equal(loss, ref_loss) and all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+    assert any(g.abs().sum() > 0 for g in grads)
+    fp32 = add_lora(spec, load_model(spec, str(tiny_model), torch.device("cpu"), "no"))
+    assert all(getattr(m, "cast_input_dtype_enabled", True) for m in fp32.modules() if isinstance(m, LoraLayer))
+
+
 def _final_valid_loss(run: Path) -> float:
     return [r["valid_loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
 
