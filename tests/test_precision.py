@@ -36,6 +36,14 @@ def test_the_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert len(json.loads(cache.read_text())) == 1
 
 
+def test_measuring_the_probe_leaves_a_seeded_runs_generator_where_it_was(tmp_path):
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    precision.cached_cpu_probe(["avx512_bf16"], tmp_path / "precision.json")  # measured: random matrices
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_a_probe_cached_before_attention_was_timed_is_measured_again(tmp_path, monkeypatch):
     cache = tmp_path / "precision.json"
     key = f"{precision.cpu_model()}|avx512_bf16|torch {torch.__version__}"

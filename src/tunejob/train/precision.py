@@ -94,8 +94,9 @@ def cached_cpu_probe(flags: list[str] | None = None, cache: Path | None = None) 
         return known[key]
     threads = torch.get_num_threads()
     torch.set_num_threads(available_cores())
-    try:
-        result = {**measure_cpu(), "threads": torch.get_num_threads()}
+    try:  # fork_rng: its random matrices must not move a seeded run's generator (the first run on a machine would differ)
+        with torch.random.fork_rng(devices=[]):
+            result = {**measure_cpu(), "threads": torch.get_num_threads()}
     finally:
         torch.set_num_threads(threads)
     known[key] = result
