@@ -53,13 +53,14 @@ def load_base(model_path: str, quantization: str, device: torch.device, dtype: t
 
 def add_lora(spec: JobSpec, model):
     from tunejob.train.dropout import use_mask_dropout
+    from tunejob.train.loss import stored_bf16
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from peft.tuners.lora import LoraLayer
 
     if spec.quantization == "4bit":
         # Gradient checkpointing trades ~30% speed for activation memory; off unless memory needs it.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    base_in_bf16 = model.get_output_embeddings().weight.dtype == torch.bfloat16
+    base_in_bf16 = stored_bf16(model)
     config = LoraConfig(
         r=spec.lora.r,
         lora_alpha=spec.lora.resolved_alpha,

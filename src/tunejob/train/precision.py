@@ -145,22 +145,26 @@ def attention_ms(n: int, bf16: bool, repeats: int) -> float:
 
     q, k, v = (torch.randn(1, h, n, 64, dtype=torch.bfloat16, requires_grad=True) for h in (9, 3, 3))
     grad = torch.randn(1, 9, n, 64, dtype=torch.bfloat16)
-    best = float("inf")
-    for i in range(repeats + 1):
-        t = time.perf_counter()
+
+    def step() -> None:
         args = (q, k, v) if bf16 else (q.float(), k.float(), v.float())
         F.scaled_dot_product_attention(*args, is_causal=True, enable_gqa=True).to(torch.bfloat16).backward(grad)
-        if i:  # the first is a warm-up
-            best = min(best, time.perf_counter() - t)
-    return best * 1e3
+
+    return best_seconds(step, repeats) * 1e3
 
 
 def gemm_gflops(dtype: torch.dtype, n: int, repeats: int) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)  # warm-up: first call allocates and picks kernels
+    return round(2 * n**3 / best_seconds(lambda: torch.matmul(a, b), repeats) / 1e9, 1)
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed call (the first allocates and
+    picks kernels)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        torch.matmul(a, b)
+        fn()
         best = min(best, time.perf_counter() - t)
-    return round(2 * n**3 / best / 1e9, 1)
+    return best
